@@ -1,0 +1,136 @@
+//! The command line: `wshost serve` and `wshost check`, every flag also read from a
+//! `WSHOST_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::Config;
+
+/// Environment variable for `--listen`.
+pub const ENV_LISTEN: &str = "WSHOST_LISTEN";
+/// Environment variable for `--plugins`.
+pub const ENV_PLUGINS: &str = "WSHOST_PLUGINS";
+
+/// wshost: a WebSocket server whose handlers are plugins.
+#[derive(Debug, Parser)]
+#[command(name = "wshost")]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve WebSocket upgrades and plain requests with the plugins of a directory.
+    Serve(ServeArgs),
+    /// Load plugin files as the host would and report each one; exits non-zero if any is refused.
+    Check(CheckArgs),
+}
+
+/// `wshost serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port (the real address is printed).
+    #[arg(long, env = ENV_LISTEN, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Directory of plugin files (`*.so`).
+    #[arg(long, env = ENV_PLUGINS, default_value = "plugins")]
+    pub plugins: PathBuf,
+    /// Largest message accepted from a client, in bytes (close 1009 past it).
+    #[arg(long, env = "WSHOST_MAX_MESSAGE_SIZE", default_value_t = Config::default().max_message_size)]
+    pub max_message_size: usize,
+    /// Largest frame accepted from a client, in bytes.
+    #[arg(long, env = "WSHOST_MAX_FRAME_SIZE", default_value_t = Config::default().max_frame_size)]
+    pub max_frame_size: usize,
+    /// Most bytes queued for sending to one connection.
+    #[arg(long, env = "WSHOST_MAX_SEND_QUEUE", default_value_t = Config::default().max_send_queue)]
+    pub max_send_queue: usize,
+    /// Largest plain-request body, in bytes (413 past it).
+    #[arg(long, env = "WSHOST_MAX_BODY_SIZE", default_value_t = Config::default().max_body_size)]
+    pub max_body_size: usize,
+    /// How long a plain request's body may take (408 past it).
+    #[arg(long, env = "WSHOST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub body_timeout: Duration,
+    /// How long a client may take to send its request head.
+    #[arg(long, env = "WSHOST_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub header_read_timeout: Duration,
+    /// Log a warning when a plugin callback runs longer than this.
+    #[arg(long, env = "WSHOST_SLOW_CALLBACK", default_value = "50ms", value_parser = duration)]
+    pub slow_callback: Duration,
+    /// How long to wait for the peer's close frame after sending ours.
+    #[arg(long, env = "WSHOST_CLOSE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    pub close_timeout: Duration,
+    /// On shutdown, how long to wait for connections to close.
+    #[arg(long, env = "WSHOST_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub shutdown_timeout: Duration,
+}
+
+impl ServeArgs {
+    /// The host configuration these flags describe.
+    pub fn config(&self) -> Config {
+        Config {
+            plugins_dir: self.plugins.clone(),
+            max_body_size: self.max_body_size,
+            body_timeout: self.body_timeout,
+            header_read_timeout: self.header_read_timeout,
+            max_message_size: self.max_message_size,
+            max_frame_size: self.max_frame_size,
+            max_send_queue: self.max_send_queue,
+            slow_callback: self.slow_callback,
+            close_timeout: self.close_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            ..Config::default()
+        }
+    }
+}
+
+/// `wshost check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Plugin files to check.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 5s, 1m)"))
+}
+
+/// The version line: the host's and the plugin interface's.
+pub fn version() -> String {
+    format!(
+        "{} (plugin-api {})",
+        env!("CARGO_PKG_VERSION"),
+        plugin_api::API_VERSION
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_defaults_match_config_defaults() {
+        let cli = Cli::try_parse_from(["wshost", "serve"]).unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("serve expected")
+        };
+        let (a, b) = (args.config(), Config::default());
+        assert_eq!(a.body_timeout, b.body_timeout);
+        assert_eq!(a.header_read_timeout, b.header_read_timeout);
+        assert_eq!(a.slow_callback, b.slow_callback);
+        assert_eq!(a.close_timeout, b.close_timeout);
+        assert_eq!(a.shutdown_timeout, b.shutdown_timeout);
+    }
+}

@@ -1,0 +1,56 @@
+//! `Config`: every limit and interval of the host, with the default and the reason for it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the host runs. `Default` gives values that are safe on the open internet.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The directory whose `*.so` files are loaded as plugins.
+    pub plugins_dir: PathBuf,
+    /// Largest plain-request body (413 past it). Default 1 MiB: plugins answer small requests;
+    /// bulk uploads do not belong in a WebSocket host.
+    pub max_body_size: usize,
+    /// How long a plain request's body may take to arrive (408 past it). Default 30 s.
+    pub body_timeout: Duration,
+    /// How long a client may take to send its request head; a client that trickles it byte by
+    /// byte is dropped. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Largest message accepted from a client (close 1009 past it), unless the plugin's 101
+    /// response sets its own. Default 1 MiB.
+    pub max_message_size: usize,
+    /// Largest frame accepted from a client (close 1009 past it). Default 1 MiB.
+    pub max_frame_size: usize,
+    /// Most bytes queued for sending to one connection; sends past it fail with `QueueFull`.
+    /// Default 1 MiB.
+    pub max_send_queue: usize,
+    /// Bytes tungstenite reads from the socket at once. Default 4 KiB: its own 128 KiB default
+    /// costs 138 KB of RSS per idle connection, 4 KiB costs 6.8 KB and is as fast.
+    pub read_buffer_size: usize,
+    /// A callback that runs longer than this is logged as blocking the connection. Default 50 ms.
+    pub slow_callback: Duration,
+    /// After a close frame is sent, how long to wait for the peer's before dropping the TCP
+    /// connection. Default 5 s.
+    pub close_timeout: Duration,
+    /// On shutdown, how long to wait for connections to finish their close handshakes.
+    /// Default 10 s.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            plugins_dir: PathBuf::from("plugins"),
+            max_body_size: 1 << 20,
+            body_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
+            max_message_size: 1 << 20,
+            max_frame_size: 1 << 20,
+            max_send_queue: 1 << 20,
+            read_buffer_size: 4 << 10,
+            slow_callback: Duration::from_millis(50),
+            close_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Routing of requests: WebSocket handshakes go to the plugin's `upgrade`, plain requests to its
+//! `request`, by the longest matching route prefix; everything else is answered here.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use abi_stable::std_types::{RString, RVec, Tuple2};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+
+use crate::plugin::{Answer, HostRequest};
+use crate::server::Ctx;
+use crate::ws::session;
+use crate::ws::upgrade::{self, Handshake};
+
+type Body = Full<Bytes>;
+
+/// Answers one request of a client connection.
+pub(crate) async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let response = match upgrade::inspect(req.method(), req.headers()) {
+        Handshake::Plain => plain(req, &ctx, peer, local).await,
+        Handshake::Invalid(status, why) => {
+            tracing::debug!(%peer, path = req.uri().path(), %status, why, "handshake refused");
+            let mut r = text(status, why);
+            if status == StatusCode::UPGRADE_REQUIRED {
+                r.headers_mut()
+                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            r
+        }
+        Handshake::Valid { key, subprotocols } => {
+            websocket(req, &ctx, peer, local, &key, subprotocols)
+        }
+    };
+    Ok(response)
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn not_found() -> Response<Body> {
+    text(StatusCode::NOT_FOUND, "no plugin serves this path")
+}
+
+fn internal_error() -> Response<Body> {
+    text(StatusCode::INTERNAL_SERVER_ERROR, "internal server error")
+}
+
+/// The ring request map of `parts`.
+fn request_map(
+    parts: &hyper::http::request::Parts,
+    peer: SocketAddr,
+    local: SocketAddr,
+    is_upgrade: bool,
+    subprotocols: Vec<String>,
+    body: Vec<u8>,
+) -> HostRequest {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(strip_port)
+        .unwrap_or_default();
+    let server_name = if host.is_empty() {
+        local.ip().to_string()
+    } else {
+        host.to_owned()
+    };
+    HostRequest {
+        method: RString::from(parts.method.as_str()),
+        path: RString::from(parts.uri.path()),
+        query: RString::from(parts.uri.query().unwrap_or("")),
+        scheme: RString::from(if is_upgrade { "ws" } else { "http" }),
+        server_name: RString::from(server_name),
+        server_port: local.port(),
+        remote_addr: RString::from(peer.ip().to_string()),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                Tuple2(
+                    RString::from(k.as_str()),
+                    RString::from(String::from_utf8_lossy(v.as_bytes()).as_ref()),
+                )
+            })
+            .collect(),
+        subprotocols: subprotocols.into_iter().map(RString::from).collect(),
+        body: RVec::from(body),
+        is_upgrade,
+    }
+}
+
+/// `host[:port]` → `host`, keeping bracketed IPv6 literals whole.
+fn strip_port(host: &str) -> &str {
+    if let Some(end) = host.find(']') {
+        return &host[..=end];
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+/// A plain request: read the body (bounded in size and time), then ask the plugin.
+async fn plain(
+    req: Request<Incoming>,
+    ctx: &Ctx,
+    peer: SocketAddr,
+    local: SocketAddr,
+) -> Response<Body> {
+    let table = ctx.registry.table();
+    let Some(plugin) = table.route(req.uri().path()).cloned() else {
+        return not_found();
+    };
+    let (parts, body) = req.into_parts();
+    let limit = ctx.config.max_body_size;
+    let read = tokio::time::timeout(ctx.config.body_timeout, Limited::new(body, limit).collect());
+    let body = match read.await {
+        Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "request body timed out"),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            tracing::debug!(%peer, limit, "request body too large");
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body larger than {limit} bytes"),
+            );
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "request body unreadable");
+            return text(StatusCode::BAD_REQUEST, "request body unreadable");
+        }
+        Ok(Ok(collected)) => collected.to_bytes().to_vec(),
+    };
+    let map = request_map(&parts, peer, local, false, Vec::new(), body);
+    match plugin.request(&map) {
+        Ok(answer) => plain_response(answer, &plugin.name),
+        Err(panic) => {
+            tracing::error!(plugin = %plugin.name, generation = plugin.generation, %panic,
+                path = parts.uri.path(), "plugin request handler panicked; answered 500");
+            internal_error()
+        }
+    }
+}
+
+/// A plugin's answer as an HTTP response (any status but 1xx).
+fn plain_response(answer: Answer, plugin: &str) -> Response<Body> {
+    let status = match StatusCode::from_u16(answer.status) {
+        Ok(s) if !s.is_informational() => s,
+        _ => {
+            tracing::error!(%plugin, status = answer.status,
+                "plugin answered with a status that cannot end a request; answered 500");
+            return internal_error();
+        }
+    };
+    let mut r = Response::new(Full::new(Bytes::from(answer.body)));
+    *r.status_mut() = status;
+    for (name, value) in &answer.headers {
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            (Ok(n), Ok(v)) if n != header::CONTENT_LENGTH && n != header::TRANSFER_ENCODING => {
+                r.headers_mut().append(n, v);
+            }
+            _ => tracing::warn!(%plugin, header = %name, "plugin set an invalid header; ignored"),
+        }
+    }
+    r
+}
+
+/// A valid WebSocket handshake: the plugin decides; on 101 the session starts.
+fn websocket(
+    req: Request<Incoming>,
+    ctx: &Arc<Ctx>,
+    peer: SocketAddr,
+    local: SocketAddr,
+    key: &str,
+    subprotocols: Vec<String>,
+) -> Response<Body> {
+    let table = ctx.registry.table();
+    let Some(plugin) = table.route(req.uri().path()).cloned() else {
+        return not_found();
+    };
+    let (parts, body) = req.into_parts();
+    let map = request_map(&parts, peer, local, true, subprotocols, Vec::new());
+    let mut answer = match plugin.upgrade(&map) {
+        Ok(a) => a,
+        Err(panic) => {
+            tracing::error!(plugin = %plugin.name, generation = plugin.generation, %panic,
+                path = parts.uri.path(), "plugin upgrade handler panicked; answered 500");
+            return internal_error();
+        }
+    };
+    if answer.status != 101 {
+        return plain_response(answer, &plugin.name);
+    }
+    let Some(handler) = answer.handler.take() else {
+        tracing::error!(plugin = %plugin.name, "plugin answered 101 without callbacks; answered 500");
+        return internal_error();
+    };
+    let offered: Vec<String> = map
+        .subprotocols
+        .iter()
+        .map(|s| s.as_str().to_owned())
+        .collect();
+    let response = match upgrade::switching_protocols(key, &offered, &answer.headers) {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::error!(plugin = %plugin.name, ?refusal, ?offered,
+                "plugin's 101 is not a valid handshake answer; answered 500");
+            return internal_error();
+        }
+    };
+    let id = ctx.next_conn_id();
+    let start = session::Start {
+        id,
+        peer,
+        plugin,
+        handler,
+        settings: answer.settings,
+        hub: Arc::clone(ctx.registry.hub()),
+        shutdown: ctx.shutdown.child_token(),
+    };
+    let req = Request::from_parts(parts, body);
+    let task_ctx = Arc::clone(ctx);
+    ctx.tracker.spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => session::run(upgraded, start, &task_ctx.config).await,
+            Err(e) => tracing::debug!(conn_id = id, error = %e, "upgrade did not complete"),
+        }
+    });
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_header_port_is_stripped() {
+        assert_eq!(strip_port("example.com:8080"), "example.com");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+}

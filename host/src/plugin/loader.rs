@@ -1,0 +1,133 @@
+//! Maps a plugin file into the process: a private copy, `dlopen`, and abi_stable's checks.
+//!
+//! The other module (beside plugin-api's ABI module) allowed to use `unsafe`. Libraries are never
+//! unmapped: abi_stable keeps type layouts that point into them.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use abi_stable::library::{AbiHeaderRef, LibraryError, RootModule};
+use plugin_api::abi::{PluginModRef, ROOT_SYMBOL};
+
+use super::LoadError;
+
+/// A plugin library, mapped and checked.
+#[derive(Debug)]
+pub(crate) struct Mapped {
+    /// The root module, valid for the rest of the process.
+    pub(crate) module: PluginModRef,
+    /// The plugin-api version the plugin was built against.
+    pub(crate) api_version: String,
+    /// The private copy that was mapped.
+    pub(crate) private_path: PathBuf,
+}
+
+static COPIES: AtomicU64 = AtomicU64::new(0);
+
+/// Copies `file` into `private_dir` under a name never used before and maps that copy.
+///
+/// A private copy gives every load its own path and inode, so glibc never hands back an already
+/// mapped library, and a user overwriting `file` later cannot change mapped code.
+pub(crate) fn map(file: &Path, private_dir: &Path) -> Result<Mapped, LoadError> {
+    let io = |source| LoadError::Io {
+        file: file.to_owned(),
+        source,
+    };
+    let meta = std::fs::metadata(file).map_err(io)?;
+    if !meta.is_file() {
+        return Err(LoadError::NotAPlugin {
+            file: file.to_owned(),
+            reason: "not a regular file".into(),
+        });
+    }
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "plugin".into());
+    let n = COPIES.fetch_add(1, Ordering::Relaxed);
+    let private_path = private_dir.join(format!("{stem}.{}.{n}.so", std::process::id()));
+    std::fs::copy(file, &private_path).map_err(io)?;
+
+    let open_flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
+    // SAFETY: loading a library runs its initialisers. The file is a private copy nobody else
+    // writes to; RTLD_NOW makes a library with unresolved symbols fail here instead of at a
+    // later call. Whether the library is a wshost plugin is checked below before any of its
+    // functions is called.
+    let library = unsafe { libloading::os::unix::Library::open(Some(&private_path), open_flags) }
+        .map_err(|e| LoadError::NotAPlugin {
+            file: file.to_owned(),
+            // dlerror names the private copy; the user knows the file by its own name.
+            reason: dlerror_text(&e)
+                .replace(&*private_path.to_string_lossy(), &file.to_string_lossy()),
+        })?;
+
+    let symbol = format!("{ROOT_SYMBOL}\0");
+    // SAFETY: abi_stable exports its root module header under this name as a `static` whose
+    // first field is the `AbiHeader`, so the symbol's address is a valid `AbiHeaderRef`
+    // (a `#[repr(transparent)]` reference), as in abi_stable's own `abi_header_from_raw_library`.
+    // The library is never unloaded (below), so the reference stays valid.
+    let header: AbiHeaderRef = match unsafe { library.get::<AbiHeaderRef>(symbol.as_bytes()) } {
+        Ok(sym) => *sym,
+        Err(_) => {
+            std::mem::forget(library);
+            return Err(LoadError::NotAPlugin {
+                file: file.to_owned(),
+                reason: "it exports no plugin root module (was it built with \
+                         `plugin_api::export_plugin!`?)"
+                    .into(),
+            });
+        }
+    };
+    // Never unmap: abi_stable keeps type layouts pointing into the library.
+    std::mem::forget(library);
+
+    let lib_header = header.upgrade().map_err(|e| LoadError::Abi {
+        file: file.to_owned(),
+        reason: library_error_text(&e),
+    })?;
+
+    let strings = lib_header.version_strings();
+    let api_version = strings.version.as_str().to_owned();
+    let theirs = plugin_api::parse_version(&api_version);
+    let ours = plugin_api::api_version();
+    let name_matches = lib_header.root_mod_consts().name().as_str() == PluginModRef::NAME;
+    if !name_matches || !theirs.is_some_and(|t| plugin_api::is_compatible(ours, t)) {
+        return Err(LoadError::Incompatible {
+            file: file.to_owned(),
+            plugin_api: api_version,
+        });
+    }
+
+    let module = lib_header
+        .init_root_module::<PluginModRef>()
+        .map_err(|e| LoadError::Abi {
+            file: file.to_owned(),
+            reason: library_error_text(&e),
+        })?;
+    Ok(Mapped {
+        module,
+        api_version,
+        private_path,
+    })
+}
+
+fn dlerror_text(e: &libloading::Error) -> String {
+    match e {
+        libloading::Error::DlOpen { desc } => format!("{desc:?}")
+            .trim_start_matches('"')
+            .trim_end_matches('"')
+            .to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn library_error_text(e: &LibraryError) -> String {
+    // abi_stable's layout errors span many lines; keep the log line readable.
+    let text = e.to_string();
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let first = lines.next().unwrap_or("").trim().to_owned();
+    match lines.next() {
+        Some(second) => format!("{first} {}", second.trim()),
+        None => first,
+    }
+}

@@ -1,0 +1,450 @@
+//! Plugins as the host sees them: loading a file into a checked, running instance, and the
+//! host-side halves of the ABI (services, requests) that instances call back into.
+//!
+//! - [`loader`]: maps a file (the only `unsafe` module of the host).
+//! - [`registry`]: which plugins are loaded and which routes they serve.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::sabi_types::RRef;
+use abi_stable::std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
+use plugin_api::abi::{
+    self, HandlerBox, HeaderPair, HostFfi, HostFfi_TO, PluginBox, RequestFfi, RequestFfi_TO,
+    ResponseBox,
+};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::channels::Hub;
+
+#[allow(unsafe_code, reason = "maps plugin libraries; every block has a SAFETY comment")]
+mod loader;
+pub mod registry;
+
+/// Why a plugin file was not loaded. Each message names the file and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read or copied.
+    #[error("{}: cannot read: {source}", file.display())]
+    Io {
+        /// The plugin file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not a wshost plugin library.
+    #[error("{}: not a wshost plugin: {reason}", file.display())]
+    NotAPlugin {
+        /// The plugin file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The plugin was built against an incompatible plugin-api.
+    #[error(
+        "{}: built against plugin-api {plugin_api}; this host speaks {}.x: rebuild it against \
+         plugin-api {}.x",
+        file.display(), host_major(), host_major()
+    )]
+    Incompatible {
+        /// The plugin file.
+        file: PathBuf,
+        /// The plugin-api version it was built against.
+        plugin_api: String,
+    },
+    /// abi_stable refused the library (another abi_stable, or a layout mismatch).
+    #[error("{}: its interface does not match this host's ({reason}): rebuild it against \
+             plugin-api {}.x", file.display(), host_major())]
+    Abi {
+        /// The plugin file.
+        file: PathBuf,
+        /// abi_stable's reason.
+        reason: String,
+    },
+    /// The plugin declares an unusable identity.
+    #[error("plugin `{name}` ({}): {reason}", file.display())]
+    BadIdentity {
+        /// The plugin's name.
+        name: String,
+        /// The plugin file.
+        file: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The plugin's constructor failed or panicked.
+    #[error("plugin `{name}` ({}) failed to start: {reason}", file.display())]
+    Create {
+        /// The plugin's name.
+        name: String,
+        /// The plugin file.
+        file: PathBuf,
+        /// The plugin's error or panic message.
+        reason: String,
+    },
+    /// Another plugin already has this name or one of these routes.
+    #[error("plugin `{name}` ({}) refused: {reason}", file.display())]
+    Conflict {
+        /// The plugin's name.
+        name: String,
+        /// The plugin file.
+        file: PathBuf,
+        /// Which name or route clashes, with which file.
+        reason: String,
+    },
+}
+
+fn host_major() -> u64 {
+    plugin_api::api_version().0
+}
+
+/// A plugin instance, loaded, checked and created.
+pub struct LoadedPlugin {
+    /// The plugin's name.
+    pub name: String,
+    /// The plugin's own version.
+    pub version: String,
+    /// The route prefixes it serves.
+    pub routes: Vec<String>,
+    /// The plugin-api version it was built against.
+    pub api_version: String,
+    /// The file it was loaded from.
+    pub file: PathBuf,
+    /// The private copy that is mapped.
+    pub mapped_copy: PathBuf,
+    /// Which load of this plugin's name this is (1 for the first).
+    pub generation: u64,
+    instance: PluginBox,
+    open_conns: AtomicU64,
+    shut_down: AtomicBool,
+}
+
+impl fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoadedPlugin")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("routes", &self.routes)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a plugin answered to a request.
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Vec<u8>,
+    pub(crate) handler: Option<HandlerBox>,
+    pub(crate) settings: Settings,
+}
+
+/// Per-connection settings a 101 response may carry; `None` means the host's default.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Settings {
+    pub(crate) max_message_size: Option<u64>,
+    pub(crate) max_frame_size: Option<u64>,
+    pub(crate) max_send_queue: Option<u64>,
+}
+
+impl LoadedPlugin {
+    /// Loads `file` through a private copy in `private_dir`, checks it and creates the instance.
+    pub(crate) fn load(
+        file: &Path,
+        private_dir: &Path,
+        generation: u64,
+        hub: &Arc<Hub>,
+        config: BTreeMap<String, String>,
+    ) -> Result<Self, LoadError> {
+        let mapped = loader::map(file, private_dir)?;
+        let module = mapped.module;
+        let name = module.name()().as_str().to_owned();
+        let version = module.version()().as_str().to_owned();
+        let routes: Vec<String> = module
+            .routes()()
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect();
+        let bad = |reason: String| LoadError::BadIdentity {
+            name: name.clone(),
+            file: file.to_owned(),
+            reason,
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("the name must be non-empty printable ASCII".into()));
+        }
+        if routes.is_empty() {
+            return Err(bad("it declares no routes".into()));
+        }
+        for r in &routes {
+            if !valid_route(r) {
+                return Err(bad(format!(
+                    "route `{r}` must start with `/`, not end with `/` (except `/` itself) \
+                     and have no `?` or `#`"
+                )));
+            }
+        }
+        let services = HostServices(Arc::new(HostInner {
+            plugin: name.clone(),
+            generation,
+            hub: Arc::clone(hub),
+            config: config.into_iter().collect(),
+        }));
+        let instance = match module.create()(HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque)) {
+            RResult::ROk(instance) => instance,
+            RResult::RErr(reason) => {
+                return Err(LoadError::Create {
+                    name,
+                    file: file.to_owned(),
+                    reason: reason.into_string(),
+                })
+            }
+        };
+        Ok(Self {
+            name,
+            version,
+            routes,
+            api_version: mapped.api_version,
+            file: file.to_owned(),
+            mapped_copy: mapped.private_path,
+            generation,
+            instance,
+            open_conns: AtomicU64::new(0),
+            shut_down: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks the plugin to decide an upgrade; `Err` carries its panic message.
+    pub(crate) fn upgrade(&self, req: &HostRequest) -> Result<Answer, String> {
+        let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
+        into_answer(self.instance.upgrade(req))
+    }
+
+    /// Asks the plugin to answer a plain request; `Err` carries its panic message.
+    pub(crate) fn request(&self, req: &HostRequest) -> Result<Answer, String> {
+        let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
+        into_answer(self.instance.request(req))
+    }
+
+    /// Tells the plugin it gets no more calls; runs once. `Err` carries its panic message.
+    pub(crate) fn shutdown(&self) -> Result<(), String> {
+        if self.shut_down.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.instance.shutdown().into_result().map_err(RString::into_string)
+    }
+
+    /// Connections open on this instance.
+    pub fn open_connections(&self) -> u64 {
+        self.open_conns.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.open_conns.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.open_conns.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Whether this plugin serves `path` through route `route`: whole segments only.
+    pub(crate) fn route_matches(route: &str, path: &str) -> bool {
+        route == "/"
+            || path
+                .strip_prefix(route)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+}
+
+fn valid_route(r: &str) -> bool {
+    r.starts_with('/') && (r == "/" || !r.ends_with('/')) && !r.contains(['?', '#'])
+}
+
+fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> {
+    let mut resp = result.into_result().map_err(RString::into_string)?;
+    let setting = |key: &str| match resp.setting(RStr::from_str(key)) {
+        ROption::RSome(v) => Some(v),
+        ROption::RNone => None,
+    };
+    let settings = Settings {
+        max_message_size: setting(abi::setting::MAX_MESSAGE_SIZE),
+        max_frame_size: setting(abi::setting::MAX_FRAME_SIZE),
+        max_send_queue: setting(abi::setting::MAX_SEND_QUEUE),
+    };
+    Ok(Answer {
+        status: resp.status(),
+        headers: resp
+            .take_headers()
+            .into_iter()
+            .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
+            .collect(),
+        body: resp.take_body().into_vec(),
+        handler: resp.take_handler().into_option(),
+        settings,
+    })
+}
+
+impl Drop for LoadedPlugin {
+    fn drop(&mut self) {
+        if let Err(panic) = self.shutdown() {
+            tracing::error!(plugin = %self.name, generation = self.generation, %panic,
+                "plugin shutdown panicked");
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Host services, as a plugin instance calls them.
+
+#[derive(Debug)]
+struct HostInner {
+    plugin: String,
+    generation: u64,
+    hub: Arc<Hub>,
+    config: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone)]
+struct HostServices(Arc<HostInner>);
+
+macro_rules! plugin_event {
+    ($level:expr, $inner:expr, $msg:expr) => {
+        tracing::event!(target: "plugin", $level, plugin = %$inner.plugin,
+            generation = $inner.generation, "{}", $msg)
+    };
+}
+
+impl HostFfi for HostServices {
+    fn log(&self, level: u8, message: RStr<'_>) {
+        let m = message.as_str();
+        let i = &self.0;
+        match level {
+            abi::level::ERROR => plugin_event!(tracing::Level::ERROR, i, m),
+            abi::level::WARN => plugin_event!(tracing::Level::WARN, i, m),
+            abi::level::INFO => plugin_event!(tracing::Level::INFO, i, m),
+            abi::level::DEBUG => plugin_event!(tracing::Level::DEBUG, i, m),
+            _ => plugin_event!(tracing::Level::TRACE, i, m),
+        }
+    }
+
+    fn log_enabled(&self, level: u8) -> bool {
+        match level {
+            abi::level::ERROR => tracing::enabled!(target: "plugin", tracing::Level::ERROR),
+            abi::level::WARN => tracing::enabled!(target: "plugin", tracing::Level::WARN),
+            abi::level::INFO => tracing::enabled!(target: "plugin", tracing::Level::INFO),
+            abi::level::DEBUG => tracing::enabled!(target: "plugin", tracing::Level::DEBUG),
+            _ => tracing::enabled!(target: "plugin", tracing::Level::TRACE),
+        }
+    }
+
+    fn config(&self) -> RVec<Tuple2<RString, RString>> {
+        self.0
+            .config
+            .iter()
+            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
+            .collect()
+    }
+
+    fn publish_text(&self, channel: RStr<'_>, text: RStr<'_>) -> u64 {
+        let msg = Message::text(text.as_str());
+        self.0.hub.publish(&self.0.plugin, channel.as_str(), &msg)
+    }
+
+    fn publish_binary(&self, channel: RStr<'_>, data: RSlice<'_, u8>) -> u64 {
+        let msg = Message::Binary(bytes::Bytes::copy_from_slice(data.as_slice()));
+        self.0.hub.publish(&self.0.plugin, channel.as_str(), &msg)
+    }
+
+    fn subscribers(&self, channel: RStr<'_>) -> u64 {
+        self.0.hub.subscribers(&self.0.plugin, channel.as_str())
+    }
+
+    fn host_version(&self) -> RString {
+        RString::from(env!("CARGO_PKG_VERSION"))
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Requests, as a plugin reads them.
+
+/// A request as handed to a plugin (the ring request map).
+#[derive(Debug, Default)]
+pub(crate) struct HostRequest {
+    pub(crate) method: RString,
+    pub(crate) path: RString,
+    pub(crate) query: RString,
+    pub(crate) scheme: RString,
+    pub(crate) server_name: RString,
+    pub(crate) server_port: u16,
+    pub(crate) remote_addr: RString,
+    pub(crate) headers: RVec<HeaderPair>,
+    pub(crate) subprotocols: RVec<RString>,
+    pub(crate) body: RVec<u8>,
+    pub(crate) is_upgrade: bool,
+}
+
+impl RequestFfi for HostRequest {
+    fn method(&self) -> RStr<'_> {
+        self.method.as_rstr()
+    }
+    fn path(&self) -> RStr<'_> {
+        self.path.as_rstr()
+    }
+    fn query(&self) -> RStr<'_> {
+        self.query.as_rstr()
+    }
+    fn protocol(&self) -> RStr<'_> {
+        RStr::from_str("HTTP/1.1")
+    }
+    fn scheme(&self) -> RStr<'_> {
+        self.scheme.as_rstr()
+    }
+    fn server_name(&self) -> RStr<'_> {
+        self.server_name.as_rstr()
+    }
+    fn server_port(&self) -> u16 {
+        self.server_port
+    }
+    fn remote_addr(&self) -> RStr<'_> {
+        self.remote_addr.as_rstr()
+    }
+    fn headers(&self) -> RSlice<'_, HeaderPair> {
+        self.headers.as_rslice()
+    }
+    fn subprotocols(&self) -> RSlice<'_, RString> {
+        self.subprotocols.as_rslice()
+    }
+    fn body(&self) -> RSlice<'_, u8> {
+        self.body.as_rslice()
+    }
+    fn is_upgrade(&self) -> bool {
+        self.is_upgrade
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_match_whole_segments() {
+        assert!(LoadedPlugin::route_matches("/echo", "/echo"));
+        assert!(LoadedPlugin::route_matches("/echo", "/echo/x"));
+        assert!(!LoadedPlugin::route_matches("/echo", "/echoes"));
+        assert!(!LoadedPlugin::route_matches("/echo", "/ech"));
+        assert!(LoadedPlugin::route_matches("/", "/anything"));
+    }
+
+    #[test]
+    fn route_syntax() {
+        assert!(valid_route("/"));
+        assert!(valid_route("/chat"));
+        assert!(valid_route("/a/b"));
+        assert!(!valid_route("chat"));
+        assert!(!valid_route("/chat/"));
+        assert!(!valid_route("/chat?x"));
+    }
+}

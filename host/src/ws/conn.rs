@@ -1,0 +1,217 @@
+//! The connection handle: what a plugin's `Conn` calls into. Sends queue and never block.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use abi_stable::std_types::{RSlice, RStr, RString};
+use plugin_api::abi::ConnFfi;
+use plugin_api::SendError;
+use tokio::sync::{mpsc, Notify};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::channels::Hub;
+
+const OPEN: u8 = 0;
+const CLOSING: u8 = 1;
+const CLOSED: u8 = 2;
+
+/// A frame for the writer, with the bytes it counts against the send queue.
+pub(crate) type Outgoing = (Message, u64);
+
+/// The state a connection shares between its reader, its writer, the hub and plugin handles.
+#[derive(Debug)]
+pub(crate) struct ConnShared {
+    pub(crate) id: u64,
+    pub(crate) remote: String,
+    plugin: Arc<str>,
+    hub: Arc<Hub>,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    state: AtomicU8,
+    buffered: AtomicU64,
+    max_send_queue: u64,
+    drain_wanted: AtomicBool,
+    /// Woken when the queue empties after a send was refused as full.
+    pub(crate) drain: Notify,
+    /// Woken when a close was queued.
+    pub(crate) closing: Notify,
+    channels: Mutex<Vec<String>>,
+}
+
+impl ConnShared {
+    pub(crate) fn new(
+        id: u64,
+        remote: String,
+        plugin: Arc<str>,
+        hub: Arc<Hub>,
+        max_send_queue: u64,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Outgoing>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Self {
+            id,
+            remote,
+            plugin,
+            hub,
+            tx,
+            state: AtomicU8::new(OPEN),
+            buffered: AtomicU64::new(0),
+            max_send_queue,
+            drain_wanted: AtomicBool::new(false),
+            drain: Notify::new(),
+            closing: Notify::new(),
+            channels: Mutex::new(Vec::new()),
+        });
+        (shared, rx)
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.state.load(Ordering::Acquire) == OPEN
+    }
+
+    /// Queues a data or ping frame, counting it against the send queue. One message is always
+    /// accepted into an empty queue, so a message larger than the queue can still be sent.
+    pub(crate) fn enqueue(&self, msg: Message) -> Result<(), SendError> {
+        if !self.is_open() {
+            return Err(SendError::Closed);
+        }
+        let n = msg.len() as u64;
+        let before = self.buffered.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.max_send_queue {
+            self.buffered.fetch_sub(n, Ordering::AcqRel);
+            self.drain_wanted.store(true, Ordering::Release);
+            return Err(SendError::QueueFull);
+        }
+        self.tx.send((msg, n)).map_err(|_| {
+            self.buffered.fetch_sub(n, Ordering::AcqRel);
+            SendError::Closed
+        })
+    }
+
+    /// The writer wrote `n` bytes to the socket.
+    pub(crate) fn written(&self, n: u64) {
+        let left = self.buffered.fetch_sub(n, Ordering::AcqRel) - n;
+        if left == 0 && self.drain_wanted.swap(false, Ordering::AcqRel) {
+            self.drain.notify_one();
+        }
+    }
+
+    pub(crate) fn buffered(&self) -> u64 {
+        self.buffered.load(Ordering::Acquire)
+    }
+
+    /// Starts the close handshake: no sends after this one.
+    pub(crate) fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
+        if !plugin_api::is_sendable_close_code(code) {
+            return Err(SendError::InvalidCloseCode);
+        }
+        if reason.len() > plugin_api::MAX_CLOSE_REASON {
+            return Err(SendError::ReasonTooLong);
+        }
+        self.close_unchecked(code, reason)
+    }
+
+    /// As `close`, for codes the host itself chooses.
+    pub(crate) fn close_unchecked(&self, code: u16, reason: &str) -> Result<(), SendError> {
+        if self
+            .state
+            .compare_exchange(OPEN, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(SendError::Closed);
+        }
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_owned().into(),
+        };
+        let _ = self.tx.send((Message::Close(Some(frame)), 0));
+        self.closing.notify_one();
+        Ok(())
+    }
+
+    /// The peer sent its close frame: no more sends.
+    pub(crate) fn peer_closed(&self) {
+        let _ = self
+            .state
+            .compare_exchange(OPEN, CLOSING, Ordering::AcqRel, Ordering::Acquire);
+    }
+
+    /// The connection is over: no more sends, and it leaves all its channels.
+    pub(crate) fn finish(&self) {
+        self.state.store(CLOSED, Ordering::Release);
+        let channels = std::mem::take(
+            &mut *self.channels.lock().unwrap_or_else(PoisonError::into_inner),
+        );
+        for channel in channels {
+            self.hub.unsubscribe(&self.plugin, &channel, self.id);
+        }
+    }
+
+    fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), SendError> {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the lock that `finish` takes, so a closed connection never stays
+        // subscribed.
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Err(SendError::Closed);
+        }
+        if self.hub.subscribe(&self.plugin, channel, self) {
+            channels.push(channel.to_owned());
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(&self, channel: &str) -> bool {
+        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        channels.retain(|c| c != channel);
+        self.hub.unsubscribe(&self.plugin, channel, self.id)
+    }
+}
+
+/// The host's implementation of a plugin's connection handle.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnRef(pub(crate) Arc<ConnShared>);
+
+fn code(r: Result<(), SendError>) -> u32 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => e.code(),
+    }
+}
+
+impl ConnFfi for ConnRef {
+    fn id(&self) -> u64 {
+        self.0.id
+    }
+    fn remote_addr(&self) -> RString {
+        RString::from(self.0.remote.as_str())
+    }
+    fn is_open(&self) -> bool {
+        self.0.is_open()
+    }
+    fn send_text(&self, text: RStr<'_>) -> u32 {
+        code(self.0.enqueue(Message::text(text.as_str())))
+    }
+    fn send_binary(&self, data: RSlice<'_, u8>) -> u32 {
+        let bytes = bytes::Bytes::copy_from_slice(data.as_slice());
+        code(self.0.enqueue(Message::Binary(bytes)))
+    }
+    fn ping(&self, payload: RSlice<'_, u8>) -> u32 {
+        if payload.len() > 125 {
+            return SendError::PayloadTooLong.code();
+        }
+        let bytes = bytes::Bytes::copy_from_slice(payload.as_slice());
+        code(self.0.enqueue(Message::Ping(bytes)))
+    }
+    fn close(&self, close_code: u16, reason: RStr<'_>) -> u32 {
+        code(self.0.close(close_code, reason.as_str()))
+    }
+    fn buffered_amount(&self) -> u64 {
+        self.0.buffered()
+    }
+    fn subscribe(&self, channel: RStr<'_>) -> u32 {
+        code(self.0.subscribe(channel.as_str()))
+    }
+    fn unsubscribe(&self, channel: RStr<'_>) -> bool {
+        self.0.unsubscribe(channel.as_str())
+    }
+}

@@ -1,0 +1,6 @@
+//! WebSocket connections: the handshake ([`upgrade`]), the session that drives a plugin's
+//! callbacks ([`session`]), and the handle plugins send through ([`conn`]).
+
+pub(crate) mod conn;
+pub(crate) mod session;
+pub(crate) mod upgrade;

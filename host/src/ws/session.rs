@@ -1,0 +1,276 @@
+//! A WebSocket session: the reader task turns socket events into the plugin's callbacks, one at
+//! a time and in order; a writer task drains the connection's send queue, feeding every queued
+//! frame before a single flush.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RArc, RResult, RSlice, RStr, RString};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use plugin_api::abi::{ConnFfi_TO, ConnHandle, HandlerBox};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::conn::{ConnRef, ConnShared, Outgoing};
+use crate::channels::Hub;
+use crate::config::Config;
+use crate::plugin::{LoadedPlugin, Settings};
+
+type Ws = WebSocketStream<TokioIo<Upgraded>>;
+
+/// Most bytes the writer feeds before it flushes, so one flush never waits on an unbounded batch.
+const MAX_BATCH: u64 = 256 << 10;
+
+/// Everything a session needs besides its socket.
+pub(crate) struct Start {
+    pub(crate) id: u64,
+    pub(crate) peer: std::net::SocketAddr,
+    pub(crate) plugin: Arc<LoadedPlugin>,
+    pub(crate) handler: HandlerBox,
+    pub(crate) settings: Settings,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// Runs a session on an upgraded connection until it closes.
+pub(crate) async fn run(upgraded: Upgraded, start: Start, config: &Config) {
+    let span = tracing::info_span!("conn", conn_id = start.id, peer = %start.peer,
+        plugin = %start.plugin.name, generation = start.plugin.generation);
+    session(upgraded, start, config).instrument(span).await;
+}
+
+async fn session(upgraded: Upgraded, start: Start, config: &Config) {
+    let Start {
+        id,
+        peer,
+        plugin,
+        handler,
+        settings,
+        hub,
+        shutdown,
+    } = start;
+    let max_message = settings
+        .max_message_size
+        .map_or(config.max_message_size, clamp_usize);
+    let max_frame = settings
+        .max_frame_size
+        .map_or(config.max_frame_size, clamp_usize)
+        .min(max_message);
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(config.read_buffer_size)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_frame));
+    let ws = WebSocketStream::from_raw_socket(
+        TokioIo::new(upgraded),
+        Role::Server,
+        Some(ws_config),
+    )
+    .await;
+    let max_send_queue = settings
+        .max_send_queue
+        .unwrap_or(config.max_send_queue as u64);
+    let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
+    let (conn, rx) = ConnShared::new(id, peer.to_string(), plugin_name, hub, max_send_queue);
+    let handle: ConnHandle = ConnFfi_TO::from_ptr(RArc::new(ConnRef(Arc::clone(&conn))), TD_Opaque);
+    let (sink, stream) = ws.split();
+    let mut writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&conn)).in_current_span());
+
+    tracing::debug!("connection open");
+    plugin.connection_opened();
+    let mut s = Session {
+        handler,
+        handle,
+        conn,
+        slow: config.slow_callback,
+        failed: false,
+    };
+    s.call("on_connect", |h, c| h.on_connect(c));
+    let (code, reason) = s
+        .read_loop(stream, &shutdown, config.close_timeout)
+        .await;
+    s.conn.finish();
+    s.call_always("on_close", |h, c| {
+        h.on_close(c, code, RStr::from_str(&reason))
+    });
+    plugin.connection_closed();
+    tracing::debug!(code, %reason, "connection closed");
+    // Give the writer the chance to put a pending close frame on the wire.
+    if tokio::time::timeout(config.close_timeout, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+fn clamp_usize(v: u64) -> usize {
+    usize::try_from(v).unwrap_or(usize::MAX)
+}
+
+struct Session {
+    handler: HandlerBox,
+    handle: ConnHandle,
+    conn: Arc<ConnShared>,
+    slow: Duration,
+    /// A callback panicked: no more callbacks but `on_close`.
+    failed: bool,
+}
+
+impl Session {
+    /// Reads until the connection ends; returns the peer's close code and reason.
+    async fn read_loop(
+        &mut self,
+        mut stream: SplitStream<Ws>,
+        shutdown: &CancellationToken,
+        close_timeout: Duration,
+    ) -> (u16, String) {
+        let mut peer_close: Option<(u16, String)> = None;
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut shutting_down = false;
+        let conn = Arc::clone(&self.conn);
+        loop {
+            let close_wait = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                item = stream.next() => match item {
+                    None => break,
+                    Some(Ok(msg)) => match msg {
+                        Message::Text(t) => self.call("on_text", |h, c| {
+                            h.on_text(c, RStr::from_str(t.as_str()))
+                        }),
+                        Message::Binary(b) => self.call("on_binary", |h, c| {
+                            h.on_binary(c, RSlice::from_slice(&b))
+                        }),
+                        Message::Ping(p) => self.call("on_ping", |h, c| {
+                            h.on_ping(c, RSlice::from_slice(&p))
+                        }),
+                        Message::Pong(p) => self.call("on_pong", |h, c| {
+                            h.on_pong(c, RSlice::from_slice(&p))
+                        }),
+                        Message::Close(frame) => {
+                            peer_close = Some(frame.map_or((1005, String::new()), |f| {
+                                (u16::from(f.code), f.reason.as_str().to_owned())
+                            }));
+                            conn.peer_closed();
+                            deadline.get_or_insert_with(|| {
+                                tokio::time::Instant::now() + close_timeout
+                            });
+                        }
+                        Message::Frame(_) => {}
+                    },
+                    Some(Err(e)) => {
+                        self.read_error(e);
+                        break;
+                    }
+                },
+                () = conn.drain.notified() => self.call("on_drain", |h, c| h.on_drain(c)),
+                () = conn.closing.notified() => {
+                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + close_timeout);
+                }
+                () = shutdown.cancelled(), if !shutting_down => {
+                    shutting_down = true;
+                    let _ = conn.close_unchecked(1001, "going away");
+                }
+                () = close_wait => {
+                    tracing::debug!("close handshake timed out; dropping the connection");
+                    break;
+                }
+            }
+        }
+        peer_close.unwrap_or((1006, String::new()))
+    }
+
+    /// The socket failed: tell the plugin, and close with the code RFC 6455 asks for.
+    fn read_error(&mut self, e: WsError) {
+        let code = match &e {
+            WsError::ConnectionClosed | WsError::AlreadyClosed => return,
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::Io(_) => None,
+            WsError::Protocol(_) => Some(1002),
+            WsError::Utf8(_) => Some(1007),
+            WsError::Capacity(_) => Some(1009),
+            _ => Some(1011),
+        };
+        tracing::debug!(error = %e, close_code = ?code, "connection error");
+        let text = e.to_string();
+        self.call("on_error", |h, c| h.on_error(c, RStr::from_str(&text)));
+        if let Some(code) = code {
+            let _ = self.conn.close_unchecked(code, "");
+        }
+    }
+
+    fn call(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+    ) {
+        if !self.failed {
+            self.call_always(name, f);
+        }
+    }
+
+    fn call_always(
+        &mut self,
+        name: &'static str,
+        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+    ) {
+        let started = Instant::now();
+        let result = f(&mut self.handler, &self.handle);
+        let elapsed = started.elapsed();
+        if elapsed >= self.slow {
+            tracing::warn!(
+                callback = name,
+                elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                "slow callback: callbacks run on the connection's task and must not block; \
+                 move blocking work to a plugin thread"
+            );
+        }
+        if let RResult::RErr(panic) = result {
+            tracing::error!(callback = name, %panic,
+                "plugin callback panicked; closing the connection with 1011");
+            self.failed = true;
+            let _ = self.conn.close_unchecked(1011, "internal error");
+        }
+    }
+}
+
+/// Drains the send queue: feeds every frame that is ready, then flushes once.
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    conn: Arc<ConnShared>,
+) {
+    while let Some((first, n)) = rx.recv().await {
+        let mut batch = n;
+        let mut closing = matches!(first, Message::Close(_));
+        let mut ok = sink.feed(first).await.is_ok();
+        while ok && !closing && batch < MAX_BATCH {
+            let Ok((msg, n)) = rx.try_recv() else { break };
+            batch += n;
+            closing = matches!(msg, Message::Close(_));
+            ok = sink.feed(msg).await.is_ok();
+        }
+        ok = ok && sink.flush().await.is_ok();
+        conn.written(batch);
+        if !ok {
+            conn.peer_closed();
+            tracing::debug!("write failed; the connection is gone");
+            return;
+        }
+        if closing {
+            return;
+        }
+    }
+}

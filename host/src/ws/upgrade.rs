@@ -1,0 +1,244 @@
+//! The WebSocket handshake (RFC 6455 §4.2): checking the client's request before any plugin is
+//! asked, and building the 101 answer from the plugin's response.
+
+use base64::Engine as _;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Response, StatusCode};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
+/// What a request is, as far as the WebSocket handshake goes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Handshake {
+    /// Not an upgrade attempt: a plain request.
+    Plain,
+    /// An upgrade attempt that must be refused with this status and reason.
+    Invalid(StatusCode, &'static str),
+    /// A valid handshake with the client's key and offered subprotocols.
+    Valid {
+        key: String,
+        subprotocols: Vec<String>,
+    },
+}
+
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Classifies a request: a request with `Upgrade: websocket` is a WebSocket handshake, which is
+/// either valid or refused (400, or 426 for a version other than 13).
+pub(crate) fn inspect(method: &Method, headers: &HeaderMap) -> Handshake {
+    if !has_token(headers, header::UPGRADE, "websocket") {
+        return Handshake::Plain;
+    }
+    if method != Method::GET {
+        return Handshake::Invalid(StatusCode::BAD_REQUEST, "a WebSocket handshake must be a GET");
+    }
+    if !has_token(headers, header::CONNECTION, "upgrade") {
+        return Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake needs `Connection: Upgrade`",
+        );
+    }
+    let version = headers.get(header::SEC_WEBSOCKET_VERSION);
+    if version.is_none_or(|v| v.as_bytes() != b"13") {
+        return Handshake::Invalid(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version: this server speaks 13",
+        );
+    }
+    let key = match headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.to_str()) {
+        Some(Ok(k)) if is_valid_key(k) => k.to_owned(),
+        _ => {
+            return Handshake::Invalid(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Key must be 16 random bytes in base64",
+            )
+        }
+    };
+    let subprotocols = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    Handshake::Valid { key, subprotocols }
+}
+
+fn is_valid_key(key: &str) -> bool {
+    base64::engine::general_purpose::STANDARD
+        .decode(key.trim())
+        .is_ok_and(|k| k.len() == 16)
+}
+
+/// Headers a plugin may not set on a 101: the host owns the handshake, and permessage-deflate
+/// is never negotiated.
+fn is_reserved(name: &str) -> bool {
+    matches!(
+        name,
+        "upgrade"
+            | "connection"
+            | "sec-websocket-accept"
+            | "sec-websocket-extensions"
+            | "content-length"
+            | "transfer-encoding"
+    )
+}
+
+/// Why the host refuses a plugin's 101.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The plugin picked a subprotocol the client did not offer.
+    UnofferedSubprotocol(String),
+    /// The plugin set a header that is not valid HTTP.
+    BadHeader(String),
+}
+
+/// The 101 answer for `key`, with the plugin's extra headers.
+pub(crate) fn switching_protocols(
+    key: &str,
+    offered: &[String],
+    extra: &[(String, String)],
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    let accept = derive_accept_key(key.as_bytes());
+    headers.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+    );
+    let mut chose_protocol = false;
+    for (name, value) in extra {
+        let lower = name.to_ascii_lowercase();
+        if is_reserved(&lower) {
+            tracing::warn!(header = %lower, "plugin set a header the host owns on a 101; ignored");
+            continue;
+        }
+        if lower == "sec-websocket-protocol" {
+            if chose_protocol || !offered.iter().any(|p| p == value) {
+                return Err(Refusal::UnofferedSubprotocol(value.clone()));
+            }
+            chose_protocol = true;
+        }
+        let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(lower.as_bytes()),
+            HeaderValue::from_str(value),
+        ) else {
+            return Err(Refusal::BadHeader(name.clone()));
+        };
+        headers.append(n, v);
+    }
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    const GOOD: &[(&str, &str)] = &[
+        ("upgrade", "websocket"),
+        ("connection", "keep-alive, Upgrade"),
+        ("sec-websocket-version", "13"),
+        ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ("sec-websocket-protocol", "chat, superchat"),
+        ("sec-websocket-protocol", "v3"),
+    ];
+
+    #[test]
+    fn valid_handshake_with_subprotocols() {
+        let h = inspect(&Method::GET, &headers(GOOD));
+        assert_eq!(
+            h,
+            Handshake::Valid {
+                key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+                subprotocols: vec!["chat".into(), "superchat".into(), "v3".into()],
+            }
+        );
+    }
+
+    #[test]
+    fn plain_requests_are_not_handshakes() {
+        assert_eq!(inspect(&Method::GET, &HeaderMap::new()), Handshake::Plain);
+    }
+
+    #[test]
+    fn refused_handshakes() {
+        let without = |name: &str| {
+            let pairs: Vec<_> = GOOD.iter().copied().filter(|(k, _)| *k != name).collect();
+            inspect(&Method::GET, &headers(&pairs))
+        };
+        assert!(matches!(
+            inspect(&Method::POST, &headers(GOOD)),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+        assert!(matches!(
+            without("connection"),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+        assert!(matches!(
+            without("sec-websocket-version"),
+            Handshake::Invalid(StatusCode::UPGRADE_REQUIRED, _)
+        ));
+        assert!(matches!(
+            without("sec-websocket-key"),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+        let mut bad_key: Vec<_> = GOOD.to_vec();
+        bad_key[3] = ("sec-websocket-key", "c2hvcnQ=");
+        assert!(matches!(
+            inspect(&Method::GET, &headers(&bad_key)),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+    }
+
+    #[test]
+    fn accept_key_is_rfc_example() {
+        let r = switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &[], &[]).unwrap();
+        assert_eq!(
+            r.headers()[header::SEC_WEBSOCKET_ACCEPT],
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn subprotocol_must_be_offered() {
+        let offered = vec!["chat".to_owned()];
+        let pick = |p: &str| vec![("Sec-WebSocket-Protocol".to_owned(), p.to_owned())];
+        assert!(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &offered, &pick("chat")).is_ok());
+        assert_eq!(
+            switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &offered, &pick("other")).err(),
+            Some(Refusal::UnofferedSubprotocol("other".into()))
+        );
+    }
+
+    #[test]
+    fn plugin_cannot_negotiate_extensions() {
+        let extra = vec![(
+            "sec-websocket-extensions".to_owned(),
+            "permessage-deflate".to_owned(),
+        )];
+        let r = switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &[], &extra).unwrap();
+        assert!(r.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).is_none());
+    }
+}
