@@ -31,8 +31,10 @@ pub(crate) async fn handle(
             tracing::debug!(%peer, path = req.uri().path(), %status, why, "handshake refused");
             let mut r = text(status, why);
             if status == StatusCode::UPGRADE_REQUIRED {
-                r.headers_mut()
-                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+                r.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
             }
             r
         }

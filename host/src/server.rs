@@ -97,7 +97,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
         return;
     };
     let svc_ctx = Arc::clone(&ctx);
-    let service = service_fn(move |req| crate::http::handle(req, Arc::clone(&svc_ctx), peer, local));
+    let service =
+        service_fn(move |req| crate::http::handle(req, Arc::clone(&svc_ctx), peer, local));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.config.header_read_timeout)

@@ -195,8 +195,7 @@ pub trait HandlerFfi: Send + 'static {
     fn on_error(&mut self, conn: &ConnHandle, error: RStr<'_>) -> RResult<(), RString>;
     /// The connection closed, with the peer's code and reason (1005/1006 where none).
     #[sabi(last_prefix_field)]
-    fn on_close(&mut self, conn: &ConnHandle, code: u16, reason: RStr<'_>)
-        -> RResult<(), RString>;
+    fn on_close(&mut self, conn: &ConnHandle, code: u16, reason: RStr<'_>) -> RResult<(), RString>;
 }
 
 /// A plugin instance. Implemented by the plugin. An `RErr` means the call panicked.
@@ -314,19 +313,13 @@ pub(crate) struct PluginShell<P: crate::Plugin>(pub(crate) Guarded<P>);
 impl<P: crate::Plugin> PluginFfi for PluginShell<P> {
     fn upgrade(&self, req: RequestRef<'_>) -> RResult<ResponseBox, RString> {
         guard("upgrade", || {
-            self.0
-                .get()
-                .upgrade(&crate::Request::new(req))
-                .into_ffi()
+            self.0.get().upgrade(&crate::Request::new(req)).into_ffi()
         })
     }
 
     fn request(&self, req: RequestRef<'_>) -> RResult<ResponseBox, RString> {
         guard("request", || {
-            self.0
-                .get()
-                .request(&crate::Request::new(req))
-                .into_ffi()
+            self.0.get().request(&crate::Request::new(req)).into_ffi()
         })
     }
 
@@ -339,7 +332,9 @@ pub(crate) struct HandlerShell<H: crate::Handler>(pub(crate) Guarded<H>);
 
 impl<H: crate::Handler> HandlerFfi for HandlerShell<H> {
     fn on_connect(&mut self, conn: &ConnHandle) -> RResult<(), RString> {
-        guard("on_connect", || self.0.get_mut().on_connect(Conn::from_ref(conn)))
+        guard("on_connect", || {
+            self.0.get_mut().on_connect(Conn::from_ref(conn))
+        })
     }
     fn on_text(&mut self, conn: &ConnHandle, text: RStr<'_>) -> RResult<(), RString> {
         guard("on_text", || {
@@ -370,7 +365,9 @@ impl<H: crate::Handler> HandlerFfi for HandlerShell<H> {
         })
     }
     fn on_drain(&mut self, conn: &ConnHandle) -> RResult<(), RString> {
-        guard("on_drain", || self.0.get_mut().on_drain(Conn::from_ref(conn)))
+        guard("on_drain", || {
+            self.0.get_mut().on_drain(Conn::from_ref(conn))
+        })
     }
     fn on_error(&mut self, conn: &ConnHandle, error: RStr<'_>) -> RResult<(), RString> {
         guard("on_error", || {
@@ -379,12 +376,7 @@ impl<H: crate::Handler> HandlerFfi for HandlerShell<H> {
                 .on_error(Conn::from_ref(conn), error.as_str())
         })
     }
-    fn on_close(
-        &mut self,
-        conn: &ConnHandle,
-        code: u16,
-        reason: RStr<'_>,
-    ) -> RResult<(), RString> {
+    fn on_close(&mut self, conn: &ConnHandle, code: u16, reason: RStr<'_>) -> RResult<(), RString> {
         guard("on_close", || {
             self.0
                 .get_mut()

@@ -81,7 +81,10 @@ use std::time::Duration;
 
 use abi_stable::std_types::{RSlice, RStr, RString, RVec, Tuple2};
 
-#[allow(unsafe_code, reason = "the ABI module: sabi_trait impls, the Conn ref-cast, the header")]
+#[allow(
+    unsafe_code,
+    reason = "the ABI module: sabi_trait impls, the Conn ref-cast, the header"
+)]
 pub mod abi;
 
 pub use abi::{Conn, API_VERSION};

@@ -55,11 +55,10 @@ pub(crate) fn map(file: &Path, private_dir: &Path) -> Result<Mapped, LoadError> 
     // functions is called.
     let library = unsafe { libloading::os::unix::Library::open(Some(&private_path), open_flags) }
         .map_err(|e| LoadError::NotAPlugin {
-            file: file.to_owned(),
-            // dlerror names the private copy; the user knows the file by its own name.
-            reason: dlerror_text(&e)
-                .replace(&*private_path.to_string_lossy(), &file.to_string_lossy()),
-        })?;
+        file: file.to_owned(),
+        // dlerror names the private copy; the user knows the file by its own name.
+        reason: dlerror_text(&e).replace(&*private_path.to_string_lossy(), &file.to_string_lossy()),
+    })?;
 
     let symbol = format!("{ROOT_SYMBOL}\0");
     // SAFETY: abi_stable exports its root module header under this name as a `static` whose

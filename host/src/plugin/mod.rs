@@ -21,7 +21,10 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::channels::Hub;
 
-#[allow(unsafe_code, reason = "maps plugin libraries; every block has a SAFETY comment")]
+#[allow(
+    unsafe_code,
+    reason = "maps plugin libraries; every block has a SAFETY comment"
+)]
 mod loader;
 pub mod registry;
 
@@ -163,8 +166,7 @@ impl LoadedPlugin {
         let module = mapped.module;
         let name = module.name()().as_str().to_owned();
         let version = module.version()().as_str().to_owned();
-        let routes: Vec<String> = module
-            .routes()()
+        let routes: Vec<String> = module.routes()()
             .iter()
             .map(|r| r.as_str().to_owned())
             .collect();
@@ -234,7 +236,10 @@ impl LoadedPlugin {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.instance.shutdown().into_result().map_err(RString::into_string)
+        self.instance
+            .shutdown()
+            .into_result()
+            .map_err(RString::into_string)
     }
 
     /// Connections open on this instance.

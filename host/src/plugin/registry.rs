@@ -56,7 +56,7 @@ impl RouteTable {
         for route in &plugin.routes {
             self.routes.push((route.clone(), Arc::clone(&plugin)));
         }
-        self.routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        self.routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.len()));
         self.plugins.insert(plugin.name.clone(), plugin);
         Ok(())
     }
@@ -73,7 +73,9 @@ pub struct Registry {
 impl Registry {
     /// An empty registry whose mapped copies go into a new private temporary directory.
     pub fn new(hub: Arc<Hub>) -> std::io::Result<Self> {
-        let private_dir = tempfile::Builder::new().prefix("wshost-plugins-").tempdir()?;
+        let private_dir = tempfile::Builder::new()
+            .prefix("wshost-plugins-")
+            .tempdir()?;
         Ok(Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
             hub,

@@ -139,9 +139,8 @@ impl ConnShared {
     /// The connection is over: no more sends, and it leaves all its channels.
     pub(crate) fn finish(&self) {
         self.state.store(CLOSED, Ordering::Release);
-        let channels = std::mem::take(
-            &mut *self.channels.lock().unwrap_or_else(PoisonError::into_inner),
-        );
+        let channels =
+            std::mem::take(&mut *self.channels.lock().unwrap_or_else(PoisonError::into_inner));
         for channel in channels {
             self.hub.unsubscribe(&self.plugin, &channel, self.id);
         }

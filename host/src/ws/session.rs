@@ -69,12 +69,9 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         .read_buffer_size(config.read_buffer_size)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_frame));
-    let ws = WebSocketStream::from_raw_socket(
-        TokioIo::new(upgraded),
-        Role::Server,
-        Some(ws_config),
-    )
-    .await;
+    let ws =
+        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
+            .await;
     let max_send_queue = settings
         .max_send_queue
         .unwrap_or(config.max_send_queue as u64);
@@ -94,9 +91,7 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         failed: false,
     };
     s.call("on_connect", |h, c| h.on_connect(c));
-    let (code, reason) = s
-        .read_loop(stream, &shutdown, config.close_timeout)
-        .await;
+    let (code, reason) = s.read_loop(stream, &shutdown, config.close_timeout).await;
     s.conn.finish();
     s.call_always("on_close", |h, c| {
         h.on_close(c, code, RStr::from_str(&reason))

@@ -36,7 +36,10 @@ pub(crate) fn inspect(method: &Method, headers: &HeaderMap) -> Handshake {
         return Handshake::Plain;
     }
     if method != Method::GET {
-        return Handshake::Invalid(StatusCode::BAD_REQUEST, "a WebSocket handshake must be a GET");
+        return Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake must be a GET",
+        );
     }
     if !has_token(headers, header::CONNECTION, "upgrade") {
         return Handshake::Invalid(

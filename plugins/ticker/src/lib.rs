@@ -54,7 +54,11 @@ impl Plugin for Ticker {
     }
 
     fn shutdown(&self) {
-        *self.shared.stop.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        *self
+            .shared
+            .stop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
         self.shared.wake.notify_all();
         let thread = self
             .thread

@@ -1,0 +1,398 @@
+//! The test harness: builds the plugins once, starts real `wshost` processes on 127.0.0.1:0,
+//! reads the address they print, watches their logs, and talks to them as clients do.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+/// How long a test waits for something it expects before failing: a guard against hangs, not a
+/// performance assertion.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ is inside the workspace")
+        .to_owned()
+}
+
+/// Where the harness builds plugins: its own target dir, since a nested cargo on the outer
+/// build's target dir would wait for the outer cargo's lock.
+pub fn plugin_target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("test-plugins")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+    cmd.env_remove("CARGO_TARGET_DIR");
+    cmd
+}
+
+/// The workspace's plugins, built once per test process.
+pub fn plugin(name: &str) -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        let status = cargo()
+            .current_dir(workspace_root())
+            .args([
+                "build", "-p", "echo", "-p", "chat", "-p", "ticker", "-p", "testkit",
+            ])
+            .arg("--target-dir")
+            .arg(plugin_target_dir())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the plugins failed");
+        plugin_target_dir().join("debug")
+    });
+    let path = dir.join(format!("lib{name}.so"));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Builds the `variant` test plugin with an identity set at build time (see its source), against
+/// plugin-api `api_version` (a generated copy of plugin-api for any version but this one).
+/// `key` names the build; equal keys must mean equal settings.
+pub fn variant(key: &str, api_version: &str, env: &[(&str, &str)]) -> PathBuf {
+    static LOCK: Mutex<()> = Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let root = workspace_root();
+    let base = plugin_target_dir().join("variants");
+    let api_dir = api_copy(&root, &base, api_version);
+    let crate_dir = base.join(key);
+    std::fs::create_dir_all(&crate_dir).unwrap();
+    let lib = format!("variant_{}", key.replace('-', "_"));
+    std::fs::write(
+        crate_dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"variant-{key}\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [lib]\nname = \"{lib}\"\npath = \"{src}\"\ncrate-type = [\"cdylib\"]\n\n\
+             [dependencies]\nplugin-api = {{ path = \"{api}\" }}\n\n[workspace]\n",
+            src = root.join("tests/plugins/variant/src/lib.rs").display(),
+            api = api_dir.display(),
+        ),
+    )
+    .unwrap();
+    // The workspace's lock file keeps every dependency at the version the host uses, so the
+    // build reuses the artifacts in the shared target dir.
+    std::fs::copy(root.join("Cargo.lock"), crate_dir.join("Cargo.lock")).unwrap();
+    let mut cmd = cargo();
+    cmd.current_dir(&crate_dir)
+        .arg("build")
+        .arg("--target-dir")
+        .arg(plugin_target_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let status = cmd.status().expect("cargo runs");
+    assert!(status.success(), "building variant {key} failed");
+    let built = plugin_target_dir()
+        .join("debug")
+        .join(format!("lib{lib}.so"));
+    // Keep each build under its own name: a later build of another key must not change it.
+    let kept = base.join(format!("{key}.so"));
+    std::fs::copy(&built, &kept).unwrap();
+    kept
+}
+
+/// plugin-api as a standalone crate at `version` (the real one for the current version).
+fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
+    let real = root.join("plugin-api");
+    if version == plugin_api_version() {
+        return real;
+    }
+    let dir = base.join(format!("plugin-api-{version}"));
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    for f in ["lib.rs", "abi.rs"] {
+        std::fs::copy(real.join("src").join(f), dir.join("src").join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n\
+             [dependencies]\nabi_stable = \"0.11\"\nform_urlencoded = \"1\"\nthiserror = \"2\"\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// The plugin-api version of this workspace.
+pub fn plugin_api_version() -> String {
+    let toml = std::fs::read_to_string(workspace_root().join("plugin-api/Cargo.toml")).unwrap();
+    toml.lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("plugin-api/Cargo.toml has a version")
+        .to_owned()
+}
+
+/// How to start a host.
+#[derive(Default)]
+pub struct HostBuilder {
+    files: Vec<(String, Vec<u8>)>,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl HostBuilder {
+    /// Adds a workspace plugin to the plugins dir.
+    pub fn plugin(self, name: &str) -> Self {
+        let path = plugin(name);
+        self.plugin_file(&path, &format!("lib{name}.so"))
+    }
+
+    /// Adds a file to the plugins dir under `as_name`.
+    pub fn plugin_file(self, path: &Path, as_name: &str) -> Self {
+        let bytes = std::fs::read(path).unwrap();
+        self.file(as_name, bytes)
+    }
+
+    /// Adds raw bytes to the plugins dir.
+    pub fn file(mut self, name: &str, bytes: impl Into<Vec<u8>>) -> Self {
+        self.files.push((name.to_owned(), bytes.into()));
+        self
+    }
+
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
+        self
+    }
+
+    pub fn env(mut self, k: &str, v: &str) -> Self {
+        self.env.push((k.to_owned(), v.to_owned()));
+        self
+    }
+
+    pub fn start(self) -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in &self.files {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshost"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
+            .arg(dir.path())
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("wshost starts");
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().unwrap();
+        let log2 = Arc::clone(&log);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log2.push(line);
+            }
+        });
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("listening on ws://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().expect("a socket address"));
+                    break;
+                }
+            }
+            for _ in lines {}
+        });
+        let addr = match rx.recv_timeout(PATIENCE) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("wshost printed no address; its log:\n{}", log.text());
+            }
+        };
+        Host {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Log {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+impl Log {
+    fn push(&self, line: String) {
+        let mut t = self.text.lock().unwrap();
+        t.push_str(&line);
+        t.push('\n');
+        self.grew.notify_all();
+    }
+    fn text(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+}
+
+/// A running `wshost` process; killed when dropped.
+pub struct Host {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Log>,
+    _dir: tempfile::TempDir,
+}
+
+impl Host {
+    pub fn builder() -> HostBuilder {
+        HostBuilder::default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        self.log.text()
+    }
+
+    /// Waits until a log line contains every one of `needles`; returns that line.
+    pub fn wait_for_log(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + PATIENCE;
+        let mut text = self.log.text.lock().unwrap();
+        loop {
+            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_owned();
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "no log line with {needles:?}; the log:\n{}",
+                *text
+            );
+            text = self.log.grew.wait_timeout(text, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "wshost did not exit after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens a WebSocket to `url`.
+pub async fn connect(url: &str) -> Ws {
+    let (ws, _) = tokio::time::timeout(PATIENCE, tokio_tungstenite::connect_async(url))
+        .await
+        .expect("connect timed out")
+        .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    ws
+}
+
+/// The next data or close message.
+pub async fn next(ws: &mut Ws) -> Message {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, ws.next())
+            .await
+            .expect("no message arrived")
+            .expect("the connection ended")
+            .expect("a message");
+        if !matches!(msg, Message::Ping(_) | Message::Pong(_)) {
+            return msg;
+        }
+    }
+}
+
+/// The next message, which must be text.
+pub async fn text(ws: &mut Ws) -> String {
+    match next(ws).await {
+        Message::Text(t) => t.as_str().to_owned(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// Sends `msg` as text and returns the reply.
+pub async fn ask(ws: &mut Ws, msg: &str) -> String {
+    ws.send(Message::text(msg)).await.unwrap();
+    text(ws).await
+}
+
+/// Waits for the server's close frame; returns its code and reason.
+pub async fn closed_with(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match next(ws).await {
+            Message::Close(Some(f)) => return (u16::from(f.code), f.reason.as_str().to_owned()),
+            Message::Close(None) => return (1005, String::new()),
+            _ => {}
+        }
+    }
+}
+
+/// A raw HTTP/1.1 exchange: sends `request` as is, returns status, head and body.
+pub fn http(addr: SocketAddr, request: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {:?}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status code");
+    (status, head, raw[split + 4..].to_vec())
+}
+
+/// A plain GET, with the connection closed after it.
+pub fn get(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
+    http(
+        addr,
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+        b"",
+    )
+}

@@ -1,0 +1,11 @@
+//! Integration tests: each starts the real `wshost` binary on 127.0.0.1:0 with real plugins and
+//! talks to it with real clients (tokio-tungstenite, raw HTTP).
+
+mod harness;
+
+mod callbacks;
+mod channels;
+mod chat;
+mod echo;
+mod loading;
+mod routing;

@@ -1,0 +1,200 @@
+//! `testkit`: a plugin for the integration tests, at `/testkit`. Each text message is a
+//! command that makes the plugin misbehave or exercise one part of the interface.
+//!
+//! Every connection's `on_connect` and `on_close` are published to the channel `events` as
+//! `connect ID` and `close ID CODE REASON`; `/testkit/observe` subscribes to it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use plugin_api::{export_plugin, Conn, Handler, Host, Plugin, PluginError, Request, Response};
+
+/// The test plugin.
+#[derive(Debug)]
+pub struct Testkit {
+    host: Host,
+    closes: Arc<AtomicU64>,
+}
+
+impl Plugin for Testkit {
+    const NAME: &'static str = "testkit";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const ROUTES: &'static [&'static str] = &["/testkit"];
+
+    fn new(host: Host) -> Result<Self, PluginError> {
+        host.info("testkit started");
+        Ok(Testkit {
+            host,
+            closes: Arc::default(),
+        })
+    }
+
+    fn upgrade(&self, req: &Request<'_>) -> Response {
+        match req.path() {
+            "/testkit/reject" => Response::reject(403, "go away").header("x-reason", "testing"),
+            "/testkit/panic" => panic!("testkit: upgrade panics on request"),
+            path => {
+                let observe = path == "/testkit/observe";
+                let mut response = Response::accept(Kit {
+                    host: self.host.clone(),
+                    closes: Arc::clone(&self.closes),
+                    observe,
+                    panic_on_drop: false,
+                })
+                .header("set-cookie", "testkit=1");
+                if let Some(p) = req.query_param("proto") {
+                    response = response.protocol(&p);
+                } else if let Some(p) = req.subprotocols().next() {
+                    response = response.protocol(p);
+                }
+                if let Some(n) = req.query_param("max_message").and_then(|n| n.parse().ok()) {
+                    response = response.max_message_size(n);
+                }
+                response
+            }
+        }
+    }
+
+    fn request(&self, req: &Request<'_>) -> Response {
+        match req.path() {
+            "/testkit/panic" => panic!("testkit: request panics on request"),
+            "/testkit/body" => Response::status(200)
+                .header("content-type", "application/octet-stream")
+                .body(req.body()),
+            "/testkit/info" => {
+                let headers: Vec<String> = req
+                    .headers()
+                    .filter(|(k, _)| k.starts_with("x-"))
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                Response::text(&format!(
+                    "method={} path={} query={} scheme={} protocol={} server_name={} \
+                     server_port={} remote_addr={} upgrade={} headers={}",
+                    req.method(),
+                    req.path(),
+                    req.query(),
+                    req.scheme(),
+                    req.protocol(),
+                    req.server_name(),
+                    req.server_port(),
+                    req.remote_addr(),
+                    req.is_upgrade(),
+                    headers.join(",")
+                ))
+            }
+            _ => Response::not_found(),
+        }
+    }
+}
+
+struct Kit {
+    host: Host,
+    closes: Arc<AtomicU64>,
+    observe: bool,
+    panic_on_drop: bool,
+}
+
+impl Kit {
+    fn event(&self, line: &str) {
+        self.host.publish_text("events", line);
+    }
+}
+
+impl Handler for Kit {
+    fn on_connect(&mut self, conn: &Conn) {
+        if self.observe {
+            conn.subscribe("events")
+                .expect("an open connection can subscribe");
+        }
+        self.event(&format!("connect {}", conn.id()));
+    }
+
+    fn on_text(&mut self, conn: &Conn, text: &str) {
+        let (cmd, arg) = text.split_once(':').unwrap_or((text, ""));
+        let reply = match cmd {
+            "panic" => panic!("testkit: on_text panics on request"),
+            "drop-panic" => {
+                self.panic_on_drop = true;
+                "armed".to_owned()
+            }
+            "sleep" => {
+                std::thread::sleep(Duration::from_millis(arg.parse().unwrap_or(100)));
+                "slept".to_owned()
+            }
+            "sub" => format!("{:?}", conn.subscribe(arg)),
+            "unsub" => format!("{}", conn.unsubscribe(arg)),
+            "pub" => {
+                let (channel, msg) = arg.split_once(':').unwrap_or((arg, ""));
+                format!("published {}", self.host.publish_text(channel, msg))
+            }
+            "pubbin" => format!(
+                "published {}",
+                self.host.publish_binary(arg, &[0, 1, 2, 255])
+            ),
+            "subscribers" => format!("subscribers {}", self.host.subscribers(arg)),
+            "close" => {
+                let (code, reason) = arg.split_once(':').unwrap_or((arg, ""));
+                match conn.close(code.parse().unwrap_or(0), reason) {
+                    Ok(()) => {
+                        // Sends after close are refused.
+                        let after = conn.send_text("after close");
+                        self.event(&format!("send-after-close {} {after:?}", conn.id()));
+                        return;
+                    }
+                    Err(e) => format!("close refused: {e:?}"),
+                }
+            }
+            "spawn" => {
+                let n: u32 = arg.parse().unwrap_or(10);
+                let conn = conn.clone();
+                std::thread::spawn(move || {
+                    for i in 0..n {
+                        if conn.send_text(&format!("bg {i}")).is_err() {
+                            return;
+                        }
+                    }
+                });
+                return;
+            }
+            "info" => format!(
+                "id={} open={} remote={} buffered={}",
+                conn.id(),
+                conn.is_open(),
+                conn.remote_addr(),
+                conn.buffered_amount()
+            ),
+            "log" => {
+                self.host.warn(&format!("testkit says {arg}"));
+                "logged".to_owned()
+            }
+            "ping" => format!("{:?}", conn.ping(arg.as_bytes())),
+            "closes" => format!("closes {}", self.closes.load(Ordering::SeqCst)),
+            _ => text.to_owned(),
+        };
+        let _ = conn.send_text(&reply);
+    }
+
+    fn on_binary(&mut self, conn: &Conn, data: &[u8]) {
+        let _ = conn.send_binary(data);
+    }
+
+    fn on_pong(&mut self, conn: &Conn, payload: &[u8]) {
+        let _ = conn.send_text(&format!("pong {}", String::from_utf8_lossy(payload)));
+    }
+
+    fn on_close(&mut self, conn: &Conn, code: u16, reason: &str) {
+        self.closes.fetch_add(1, Ordering::SeqCst);
+        self.event(&format!("close {} {code} {reason}", conn.id()));
+    }
+}
+
+impl Drop for Kit {
+    fn drop(&mut self) {
+        if self.panic_on_drop {
+            panic!("testkit: Drop panics on request");
+        }
+    }
+}
+
+export_plugin!(Testkit);

@@ -1,0 +1,50 @@
+//! `variant`: an echo plugin whose identity is set when it is built, so that tests can build
+//! plugins with other names, routes, tags and plugin-api versions from one source.
+//!
+//! Build-time environment: `WSHOST_VARIANT_NAME` (default `variant`), `WSHOST_VARIANT_ROUTE`
+//! (default `/variant`), `WSHOST_VARIANT_TAG` (default `v`; replies are `TAG:message`).
+
+use plugin_api::{export_plugin, Conn, Handler, Host, Plugin, PluginError, Request, Response};
+
+const TAG: &str = match option_env!("WSHOST_VARIANT_TAG") {
+    Some(t) => t,
+    None => "v",
+};
+
+/// The variant plugin.
+#[derive(Debug)]
+pub struct Variant;
+
+impl Plugin for Variant {
+    const NAME: &'static str = match option_env!("WSHOST_VARIANT_NAME") {
+        Some(n) => n,
+        None => "variant",
+    };
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const ROUTES: &'static [&'static str] = &[match option_env!("WSHOST_VARIANT_ROUTE") {
+        Some(r) => r,
+        None => "/variant",
+    }];
+
+    fn new(_host: Host) -> Result<Self, PluginError> {
+        Ok(Variant)
+    }
+
+    fn upgrade(&self, _req: &Request<'_>) -> Response {
+        Response::accept(Tagged)
+    }
+
+    fn request(&self, _req: &Request<'_>) -> Response {
+        Response::text(TAG)
+    }
+}
+
+struct Tagged;
+
+impl Handler for Tagged {
+    fn on_text(&mut self, conn: &Conn, text: &str) {
+        let _ = conn.send_text(&format!("{TAG}:{text}"));
+    }
+}
+
+export_plugin!(Variant);
