@@ -5,7 +5,7 @@
 //! slow subscriber never slows the publisher or the others.
 
 use std::collections::HashMap;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tokio_tungstenite::tungstenite::Message;
 
@@ -13,20 +13,43 @@ use crate::ws::conn::ConnShared;
 
 type Subscribers = HashMap<u64, Arc<ConnShared>>;
 
+/// One channel. Its lock is held for the whole of a publish, so every subscriber sees the
+/// channel's messages in the same order (a reply published after a message is never delivered
+/// before it). Enqueueing never blocks, so the lock is short.
+#[derive(Debug, Default)]
+struct Channel {
+    subs: Mutex<Subscribers>,
+}
+
+impl Channel {
+    fn subs(&self) -> std::sync::MutexGuard<'_, Subscribers> {
+        self.subs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// All channels of all plugins.
 #[derive(Debug, Default)]
 pub struct Hub {
-    /// plugin name → channel → connection id → connection.
-    plugins: RwLock<HashMap<String, HashMap<String, Subscribers>>>,
+    /// plugin name → channel name → channel.
+    plugins: RwLock<HashMap<String, HashMap<String, Arc<Channel>>>>,
 }
 
 impl Hub {
+    fn channel(&self, plugin: &str, channel: &str) -> Option<Arc<Channel>> {
+        let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
+        plugins.get(plugin).and_then(|c| c.get(channel)).cloned()
+    }
+
     /// Subscribes `conn` to `channel` of `plugin`; returns false if it already was.
     pub(crate) fn subscribe(&self, plugin: &str, channel: &str, conn: &Arc<ConnShared>) -> bool {
         let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
-        let channels = plugins.entry(plugin.to_owned()).or_default();
-        let subs = channels.entry(channel.to_owned()).or_default();
-        subs.insert(conn.id, Arc::clone(conn)).is_none()
+        let ch = plugins
+            .entry(plugin.to_owned())
+            .or_default()
+            .entry(channel.to_owned())
+            .or_default();
+        let added = ch.subs().insert(conn.id, Arc::clone(conn)).is_none();
+        added
     }
 
     /// Unsubscribes connection `id` from `channel` of `plugin`; returns whether it was there.
@@ -35,11 +58,14 @@ impl Hub {
         let Some(channels) = plugins.get_mut(plugin) else {
             return false;
         };
-        let Some(subs) = channels.get_mut(channel) else {
+        let Some(ch) = channels.get(channel) else {
             return false;
         };
+        let mut subs = ch.subs();
         let was = subs.remove(&id).is_some();
-        if subs.is_empty() {
+        let empty = subs.is_empty();
+        drop(subs);
+        if empty {
             channels.remove(channel);
         }
         was
@@ -47,10 +73,10 @@ impl Hub {
 
     /// Queues `msg` to every subscriber of `channel` of `plugin`; returns how many took it.
     pub(crate) fn publish(&self, plugin: &str, channel: &str, msg: &Message) -> u64 {
-        let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(subs) = plugins.get(plugin).and_then(|c| c.get(channel)) else {
+        let Some(ch) = self.channel(plugin, channel) else {
             return 0;
         };
+        let subs = ch.subs();
         subs.values()
             .filter(|conn| conn.enqueue(msg.clone()).is_ok())
             .count() as u64
@@ -58,11 +84,8 @@ impl Hub {
 
     /// How many connections are subscribed to `channel` of `plugin`.
     pub(crate) fn subscribers(&self, plugin: &str, channel: &str) -> u64 {
-        let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
-        plugins
-            .get(plugin)
-            .and_then(|c| c.get(channel))
-            .map_or(0, |s| s.len() as u64)
+        self.channel(plugin, channel)
+            .map_or(0, |ch| ch.subs().len() as u64)
     }
 
     /// How many channels `plugin` has with at least one subscriber.

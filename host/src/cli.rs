@@ -7,12 +7,17 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::plugin::probe::Probe;
 use crate::Config;
 
 /// Environment variable for `--listen`.
 pub const ENV_LISTEN: &str = "WSHOST_LISTEN";
 /// Environment variable for `--plugins`.
 pub const ENV_PLUGINS: &str = "WSHOST_PLUGINS";
+/// Environment variable for `--admin-listen` (serve) and `--admin` (status, reload).
+pub const ENV_ADMIN: &str = "WSHOST_ADMIN_LISTEN";
+/// The admin endpoint's default address: loopback only.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:8181";
 
 /// wshost: a WebSocket server whose handlers are plugins.
 #[derive(Debug, Parser)]
@@ -30,6 +35,35 @@ pub enum Command {
     Serve(ServeArgs),
     /// Load plugin files as the host would and report each one; exits non-zero if any is refused.
     Check(CheckArgs),
+    /// Show a running host's plugins, generations and connections (asks its admin endpoint).
+    Status(AdminArgs),
+    /// Make a running host rescan its plugins directory now (asks its admin endpoint).
+    Reload(AdminArgs),
+    /// Load one plugin file completely in this process and report; the host runs this in a
+    /// child process before it maps a plugin.
+    #[command(hide = true)]
+    Probe(ProbeArgs),
+}
+
+/// `wshost status` and `wshost reload`.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The host's admin address.
+    #[arg(long, env = ENV_ADMIN, default_value = DEFAULT_ADMIN)]
+    pub admin: SocketAddr,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `wshost probe`.
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The file name to use in messages (the file the user put in the plugins directory).
+    #[arg(long)]
+    pub display_name: PathBuf,
+    /// The file to load.
+    pub file: PathBuf,
 }
 
 /// `wshost serve`.
@@ -68,11 +102,40 @@ pub struct ServeArgs {
     /// On shutdown, how long to wait for connections to close.
     #[arg(long, env = "WSHOST_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub shutdown_timeout: Duration,
+    /// Address of the admin endpoint (`wshost status`, `wshost reload`), or `off`.
+    #[arg(long, env = ENV_ADMIN, default_value = DEFAULT_ADMIN)]
+    pub admin_listen: AdminListen,
+    /// Do not watch the plugins directory (reload with SIGHUP or `wshost reload` instead).
+    #[arg(long, env = "WSHOST_NO_WATCH")]
+    pub no_watch: bool,
+    /// Map plugins without loading them in a probe process first (faster, not crash-safe).
+    #[arg(long, env = "WSHOST_NO_PROBE")]
+    pub no_probe: bool,
+    /// How long the probe process may take to load a plugin.
+    #[arg(long, env = "WSHOST_PROBE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub probe_timeout: Duration,
+}
+
+/// Where the admin endpoint listens, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "off" {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("`{s}`: {e} (an address like 127.0.0.1:8181, or off)"))
+    }
 }
 
 impl ServeArgs {
-    /// The host configuration these flags describe.
-    pub fn config(&self) -> Config {
+    /// The host configuration these flags describe; `exe` is the binary to probe plugins with.
+    pub fn config(&self, exe: Option<PathBuf>) -> Config {
         Config {
             plugins_dir: self.plugins.clone(),
             max_body_size: self.max_body_size,
@@ -84,6 +147,11 @@ impl ServeArgs {
             slow_callback: self.slow_callback,
             close_timeout: self.close_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            watch: !self.no_watch,
+            probe: exe.filter(|_| !self.no_probe).map(|exe| Probe {
+                exe,
+                timeout: self.probe_timeout,
+            }),
             ..Config::default()
         }
     }
@@ -126,11 +194,12 @@ mod tests {
         let Command::Serve(args) = cli.command else {
             panic!("serve expected")
         };
-        let (a, b) = (args.config(), Config::default());
+        let (a, b) = (args.config(None), Config::default());
         assert_eq!(a.body_timeout, b.body_timeout);
         assert_eq!(a.header_read_timeout, b.header_read_timeout);
         assert_eq!(a.slow_callback, b.slow_callback);
         assert_eq!(a.close_timeout, b.close_timeout);
         assert_eq!(a.shutdown_timeout, b.shutdown_timeout);
+        assert_eq!(a.watch, b.watch);
     }
 }

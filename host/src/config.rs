@@ -1,6 +1,8 @@
 //! `Config`: every limit and interval of the host, with the default and the reason for it.
 
 use std::path::PathBuf;
+
+use crate::plugin::probe::Probe;
 use std::time::Duration;
 
 /// How the host runs. `Default` gives values that are safe on the open internet.
@@ -35,6 +37,13 @@ pub struct Config {
     /// On shutdown, how long to wait for connections to finish their close handshakes.
     /// Default 10 s.
     pub shutdown_timeout: Duration,
+    /// Watch the plugins directory and reload on changes. Default on; turn it off where file
+    /// events are unreliable (network filesystems) and reload with SIGHUP or `wshost reload`.
+    pub watch: bool,
+    /// Load each plugin in a short-lived child process before mapping it, so that a plugin that
+    /// crashes or aborts while loading cannot take the host down. The binary sets this to
+    /// itself; `None` (the library's default) maps plugins directly.
+    pub probe: Option<Probe>,
 }
 
 impl Default for Config {
@@ -51,6 +60,8 @@ impl Default for Config {
             slow_callback: Duration::from_millis(50),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            watch: true,
+            probe: None,
         }
     }
 }

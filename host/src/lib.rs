@@ -13,7 +13,9 @@
 //! - `ws`: the handshake, the session (socket events → callbacks, send queue → socket) and
 //!   the connection handle plugins hold.
 //! - [`channels`]: host-owned publish/subscribe.
-//! - [`plugin`]: loading (the only `unsafe` module), the registry and route table.
+//! - [`plugin`]: loading (the only `unsafe` module), the probe process, the registry and
+//!   route table, hot reload.
+//! - [`admin`]: the admin endpoint (`/status`, `/reload`) and its client.
 //!
 //! The binary (`main.rs`) parses the command line, installs logging, binds, and calls
 //! [`Server::serve`].
@@ -24,6 +26,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
+pub mod admin;
 pub mod channels;
 pub mod cli;
 pub mod config;
@@ -34,6 +37,7 @@ mod ws;
 
 pub use config::Config;
 pub use plugin::registry::Registry;
+pub use plugin::watcher::Reloader;
 pub use plugin::LoadError;
 
 /// Why the host could not start.
@@ -57,6 +61,11 @@ pub enum Error {
 pub struct Server {
     config: Config,
     registry: Arc<Registry>,
+    reloader: Reloader,
+    reload_rx: tokio::sync::mpsc::UnboundedReceiver<
+        Option<tokio::sync::oneshot::Sender<plugin::registry::ReloadReport>>,
+    >,
+    admin: Option<TcpListener>,
 }
 
 impl Server {
@@ -64,17 +73,27 @@ impl Server {
     /// and skipped.
     pub fn new(config: Config) -> Result<Self, Error> {
         let hub = Arc::new(channels::Hub::default());
-        let registry = Registry::new(hub).map_err(Error::PrivateDir)?;
+        let registry = Registry::new(hub, config.probe.clone()).map_err(Error::PrivateDir)?;
         registry
-            .load_dir(&config.plugins_dir)
+            .reconcile(&config.plugins_dir)
             .map_err(|source| Error::PluginsDir {
                 dir: config.plugins_dir.clone(),
                 source,
             })?;
+        let (reloader, reload_rx) = Reloader::new();
         Ok(Self {
             config,
             registry: Arc::new(registry),
+            reloader,
+            reload_rx,
+            admin: None,
         })
+    }
+
+    /// Also serves the admin endpoint (`/status`, `/reload`) on `listener`.
+    pub fn with_admin(mut self, listener: TcpListener) -> Self {
+        self.admin = Some(listener);
+        self
     }
 
     /// The loaded plugins.
@@ -82,11 +101,44 @@ impl Server {
         &self.registry
     }
 
+    /// A handle that asks the server to rescan its plugins directory (e.g. on SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// Serves `listener` until `shutdown` resolves, then closes every connection with 1001,
     /// waits for their close handshakes (up to `shutdown_timeout`) and shuts the plugins down.
+    /// Meanwhile it reloads plugins when the directory changes (if `watch`) or when asked.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        let ctx = Arc::new(server::Ctx::new(self.config, self.registry));
+        let dir = self.config.plugins_dir.clone();
+        let reloads = tokio::spawn(plugin::watcher::run(
+            Arc::clone(&self.registry),
+            dir.clone(),
+            self.reload_rx,
+        ));
+        let _watcher = if self.config.watch {
+            match plugin::watcher::watch(&dir, self.reloader.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!(dir = %dir.display(), error = %e,
+                        "cannot watch the plugins directory; reload with SIGHUP or `wshost reload`");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let ctx = Arc::new(server::Ctx::new(self.config, Arc::clone(&self.registry)));
+        if let Some(admin) = self.admin {
+            tokio::spawn(admin::serve(
+                admin,
+                Arc::clone(&self.registry),
+                self.reloader.clone(),
+                ctx.shutdown.clone(),
+            ));
+        }
         server::run(ctx, listener, shutdown).await;
+        reloads.abort();
     }
 }
 

@@ -7,7 +7,8 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use wshost::cli::{CheckArgs, Cli, Command, ServeArgs};
+use wshost::cli::{AdminArgs, CheckArgs, Cli, Command, ServeArgs};
+use wshost::plugin::registry::{ReloadReport, Status};
 use wshost::{Registry, Server};
 
 fn main() -> ExitCode {
@@ -27,6 +28,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Check(args) => check(&args),
+        Command::Status(args) => status(&args),
+        Command::Reload(args) => reload(&args),
+        Command::Probe(args) => {
+            return wshost::plugin::probe::probe_main(&args.display_name, &args.file)
+        }
     };
     match result {
         Ok(code) => code,
@@ -40,17 +46,30 @@ fn main() -> ExitCode {
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
-        let server = Server::new(args.config()).context("starting wshost")?;
+        let exe = std::env::current_exe().context("finding the wshost binary for the probe")?;
+        let mut server = Server::new(args.config(Some(exe))).context("starting wshost")?;
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
+        let mut out = std::io::stdout().lock();
+        if let Some(admin_addr) = args.admin_listen.0 {
+            let admin = TcpListener::bind(admin_addr).await.with_context(|| {
+                format!("cannot listen on {admin_addr} for the admin endpoint (--admin-listen)")
+            })?;
+            let admin_addr = admin.local_addr().context("reading the admin address")?;
+            if !admin_addr.ip().is_loopback() {
+                tracing::warn!(%admin_addr, "the admin endpoint is reachable from other hosts");
+            }
+            writeln!(out, "admin on http://{admin_addr}").context("writing to stdout")?;
+            server = server.with_admin(admin);
+        }
         tracing::info!(%addr, "listening");
         // Tests and scripts read this line to learn the real address.
-        let mut out = std::io::stdout().lock();
         writeln!(out, "listening on ws://{addr}").context("writing to stdout")?;
         out.flush().context("writing to stdout")?;
         drop(out);
+        reload_on_sighup(server.reloader());
         server.serve(listener, shutdown_signal()).await;
         Ok(ExitCode::SUCCESS)
     })
@@ -81,8 +100,106 @@ async fn shutdown_signal() {
     });
 }
 
+/// Rescans the plugins directory on every SIGHUP.
+fn reload_on_sighup(reloader: wshost::Reloader) {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: rescanning the plugins directory");
+                    reloader.request();
+                }
+            });
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot handle SIGHUP; reload with `wshost reload`"),
+    }
+}
+
+fn admin_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn status(args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let status: Status = admin_runtime()?.block_on(wshost::admin::request(
+        args.admin,
+        hyper::Method::GET,
+        "/status",
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "wshost {} (plugin-api {}): {} plugin(s), {} libraries mapped, {} old generation(s) serving",
+        status.host_version,
+        status.plugin_api,
+        status.plugins.len(),
+        status.mapped_libraries,
+        status.old_generations_serving
+    );
+    for p in &status.plugins {
+        println!(
+            "{} {} routes {} plugin-api {} file {}",
+            p.name,
+            p.version,
+            p.routes.join(","),
+            p.plugin_api,
+            p.file
+        );
+        for g in &p.generations {
+            println!(
+                "  generation {}{} version {}: {} open connection(s)",
+                g.generation,
+                if g.current { " (current)" } else { "" },
+                g.version,
+                g.open_connections
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn reload(args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let report: ReloadReport = admin_runtime()?.block_on(wshost::admin::request(
+        args.admin,
+        hyper::Method::POST,
+        "/reload",
+    ))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for l in &report.loaded {
+            println!("loaded {l}");
+        }
+        for u in &report.unloaded {
+            println!("unloaded {u}");
+        }
+        for r in &report.refused {
+            println!("refused {r}");
+        }
+        if report.loaded.is_empty() && report.unloaded.is_empty() && report.refused.is_empty() {
+            println!("no changes");
+        }
+    }
+    Ok(if report.refused.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
-    let registry = Registry::new(Default::default()).context("creating a private directory")?;
+    let exe = std::env::current_exe().context("finding the wshost binary for the probe")?;
+    let probe = wshost::plugin::probe::Probe {
+        exe,
+        timeout: std::time::Duration::from_secs(10),
+    };
+    let registry =
+        Registry::new(Default::default(), Some(probe)).context("creating a private directory")?;
     let mut refused = 0;
     for file in &args.files {
         match registry.check_file(file) {

@@ -222,6 +222,12 @@ pub struct PluginMod {
     pub version: extern "C" fn() -> RStr<'static>,
     /// The route prefixes the plugin serves.
     pub routes: extern "C" fn() -> RVec<RStr<'static>>,
+    /// Whether the plugin was built with `panic = "unwind"`: only then can its panics be caught.
+    pub panic_unwinds: extern "C" fn() -> bool,
+    /// Panics inside the plugin and catches it: returns `ROk` if panics are contained. A plugin
+    /// built with `panic = "abort"` ends the process here, so the host calls it only in a
+    /// short-lived probe process.
+    pub self_test: extern "C" fn() -> RResult<(), RString>,
     /// Creates the plugin instance; `RErr` carries why it could not be created.
     #[sabi(last_prefix_field)]
     pub create: extern "C" fn(host: HostHandle) -> RResult<PluginBox, RString>,
@@ -475,6 +481,23 @@ extern "C" fn mod_routes<P: crate::Plugin>() -> RVec<RStr<'static>> {
     P::ROUTES.iter().map(|r| RStr::from_str(r)).collect()
 }
 
+extern "C" fn mod_panic_unwinds() -> bool {
+    cfg!(panic = "unwind")
+}
+
+extern "C" fn mod_self_test() -> RResult<(), RString> {
+    // Silence the panic message of this deliberate panic (the hook is the plugin's own).
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = guard("self-test", || panic!("wshost self-test"));
+    std::panic::set_hook(previous);
+    match result {
+        RResult::RErr(msg) if msg.as_str().contains("wshost self-test") => RResult::ROk(()),
+        RResult::RErr(other) => RResult::RErr(other),
+        RResult::ROk(()) => RResult::RErr(RString::from("the self-test panic was not caught")),
+    }
+}
+
 extern "C" fn mod_create<P: crate::Plugin>(host: HostHandle) -> RResult<PluginBox, RString> {
     let created = guard("new", || P::new(crate::Host::from_handle(host)));
     match created {
@@ -492,6 +515,8 @@ fn root_module<P: crate::Plugin>() -> PluginModRef {
         name: mod_name::<P>,
         version: mod_version::<P>,
         routes: mod_routes::<P>,
+        panic_unwinds: mod_panic_unwinds,
+        self_test: mod_self_test,
         create: mod_create::<P>,
     }
     .leak_into_prefix()

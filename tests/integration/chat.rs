@@ -116,3 +116,44 @@ async fn a_panic_inside_the_plugin_leaves_the_room_usable() {
     expect_line(&mut ann, "Cid: hello").await;
     let _ = PATIENCE;
 }
+
+#[tokio::test]
+async fn every_member_sees_the_room_in_the_same_order() {
+    let host = Host::builder().plugin("chat").start();
+    let names = ["A", "B", "C"];
+    let mut members = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let mut ws = connect(&host.url(&format!("/chat/order?name={name}"))).await;
+        // Wait until everyone so far has joined, so no one misses a message.
+        for later in &names[..=i] {
+            expect_line(&mut ws, &format!("* {later} joined")).await;
+        }
+        members.push(ws);
+    }
+    for ws in members.iter_mut().take(names.len() - 1) {
+        // Earlier members also see the later joins; skip them.
+        expect_line(ws, "* C joined").await;
+    }
+    let tasks: Vec<_> = members
+        .into_iter()
+        .zip(names)
+        .map(|(mut ws, name)| {
+            tokio::spawn(async move {
+                for i in 0..30 {
+                    ws.send(Message::text(format!("{name}{i}"))).await.unwrap();
+                }
+                let mut seen = Vec::new();
+                while seen.len() < 90 {
+                    seen.push(text(&mut ws).await);
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut orders = Vec::new();
+    for t in tasks {
+        orders.push(t.await.unwrap());
+    }
+    assert_eq!(orders[0], orders[1]);
+    assert_eq!(orders[1], orders[2]);
+}

@@ -103,6 +103,43 @@ pub fn variant(key: &str, api_version: &str, env: &[(&str, &str)]) -> PathBuf {
     kept
 }
 
+/// Like [`variant`], built with `panic = "abort"`.
+pub fn variant_panic_abort(key: &str) -> PathBuf {
+    variant(
+        key,
+        &plugin_api_version(),
+        &[
+            ("CARGO_PROFILE_DEV_PANIC", "abort"),
+            ("WSHOST_VARIANT_NAME", "aborter"),
+            ("WSHOST_VARIANT_ROUTE", "/aborter"),
+        ],
+    )
+}
+
+/// A shared library built with `cc` from C `source`.
+pub fn c_library(name: &str, source: &str) -> PathBuf {
+    let dir = plugin_target_dir().join("c");
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join(format!("{name}.c"));
+    let out = dir.join(format!("{name}.so"));
+    std::fs::write(&src, source).unwrap();
+    let status = Command::new("cc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("cc runs (gcc is part of this machine kind)");
+    assert!(status.success(), "cc failed on {name}");
+    out
+}
+
+/// Puts `bytes` into `dir/name` the safe way: a temporary name, then a rename.
+pub fn install(dir: &Path, name: &str, bytes: &[u8]) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
 /// plugin-api as a standalone crate at `version` (the real one for the current version).
 fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
     let real = root.join("plugin-api");
@@ -178,14 +215,21 @@ impl HostBuilder {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshost"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--plugins"])
-            .arg(dir.path())
-            .args(&self.args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(&self.args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -203,17 +247,22 @@ impl HostBuilder {
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
+            let mut admin = None;
             for line in lines.by_ref() {
                 let Ok(line) = line else { break };
+                if let Some(a) = line.strip_prefix("admin on http://") {
+                    admin = Some(a.parse::<SocketAddr>().expect("a socket address"));
+                }
                 if let Some(addr) = line.strip_prefix("listening on ws://") {
-                    let _ = tx.send(addr.parse::<SocketAddr>().expect("a socket address"));
+                    let addr = addr.parse::<SocketAddr>().expect("a socket address");
+                    let _ = tx.send((addr, admin.expect("the admin line comes first")));
                     break;
                 }
             }
             for _ in lines {}
         });
-        let addr = match rx.recv_timeout(PATIENCE) {
-            Ok(addr) => addr,
+        let (addr, admin) = match rx.recv_timeout(PATIENCE) {
+            Ok(addrs) => addrs,
             Err(_) => {
                 let _ = child.kill();
                 panic!("wshost printed no address; its log:\n{}", log.text());
@@ -222,8 +271,9 @@ impl HostBuilder {
         Host {
             child,
             addr,
+            admin,
             log,
-            _dir: dir,
+            dir,
         }
     }
 }
@@ -250,8 +300,10 @@ impl Log {
 pub struct Host {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin endpoint.
+    pub admin: SocketAddr,
     log: Arc<Log>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Host {
@@ -284,6 +336,36 @@ impl Host {
             );
             text = self.log.grew.wait_timeout(text, deadline - now).unwrap().0;
         }
+    }
+
+    /// The plugins directory.
+    pub fn plugins_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `wshost ARGS --admin ADDR` against this host; returns success and stdout.
+    pub fn admin_cmd(&self, args: &[&str]) -> (bool, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_wshost"))
+            .args(args)
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    }
+
+    /// Sends `signal` (e.g. `HUP`) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
     }
 
     /// Sends SIGTERM and waits for the process to exit.

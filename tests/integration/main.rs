@@ -8,4 +8,5 @@ mod channels;
 mod chat;
 mod echo;
 mod loading;
+mod reload;
 mod routing;

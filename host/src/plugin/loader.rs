@@ -23,12 +23,18 @@ pub(crate) struct Mapped {
 }
 
 static COPIES: AtomicU64 = AtomicU64::new(0);
+static MAPPED: AtomicU64 = AtomicU64::new(0);
 
-/// Copies `file` into `private_dir` under a name never used before and maps that copy.
+/// How many libraries this process has mapped (they are never unmapped).
+pub(crate) fn mapped_count() -> u64 {
+    MAPPED.load(Ordering::Relaxed)
+}
+
+/// Copies `file` into `private_dir` under a name never used before.
 ///
 /// A private copy gives every load its own path and inode, so glibc never hands back an already
 /// mapped library, and a user overwriting `file` later cannot change mapped code.
-pub(crate) fn map(file: &Path, private_dir: &Path) -> Result<Mapped, LoadError> {
+pub(crate) fn private_copy(file: &Path, private_dir: &Path) -> Result<PathBuf, LoadError> {
     let io = |source| LoadError::Io {
         file: file.to_owned(),
         source,
@@ -47,18 +53,37 @@ pub(crate) fn map(file: &Path, private_dir: &Path) -> Result<Mapped, LoadError> 
     let n = COPIES.fetch_add(1, Ordering::Relaxed);
     let private_path = private_dir.join(format!("{stem}.{}.{n}.so", std::process::id()));
     std::fs::copy(file, &private_path).map_err(io)?;
+    Ok(private_path)
+}
 
+/// Checks that `path` (a private copy of `file`) is a complete shared library, so that mapping
+/// it cannot kill the process with SIGBUS.
+pub(crate) fn check_elf(file: &Path, path: &Path) -> Result<(), LoadError> {
+    let data = std::fs::read(path).map_err(|source| LoadError::Io {
+        file: file.to_owned(),
+        source,
+    })?;
+    super::elf::check(&data).map_err(|reason| LoadError::NotAPlugin {
+        file: file.to_owned(),
+        reason,
+    })
+}
+
+/// Maps `path` (a private copy of `file`, already checked) and runs abi_stable's checks.
+pub(crate) fn map(file: &Path, path: &Path) -> Result<Mapped, LoadError> {
+    let private_path = path.to_owned();
     let open_flags = libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_LOCAL;
     // SAFETY: loading a library runs its initialisers. The file is a private copy nobody else
-    // writes to; RTLD_NOW makes a library with unresolved symbols fail here instead of at a
-    // later call. Whether the library is a wshost plugin is checked below before any of its
-    // functions is called.
+    // writes to, checked to be a complete ELF shared library; RTLD_NOW makes a library with
+    // unresolved symbols fail here instead of at a later call. Whether the library is a wshost
+    // plugin is checked below before any of its functions is called.
     let library = unsafe { libloading::os::unix::Library::open(Some(&private_path), open_flags) }
         .map_err(|e| LoadError::NotAPlugin {
         file: file.to_owned(),
         // dlerror names the private copy; the user knows the file by its own name.
         reason: dlerror_text(&e).replace(&*private_path.to_string_lossy(), &file.to_string_lossy()),
     })?;
+    MAPPED.fetch_add(1, Ordering::Relaxed);
 
     let symbol = format!("{ROOT_SYMBOL}\0");
     // SAFETY: abi_stable exports its root module header under this name as a `static` whose

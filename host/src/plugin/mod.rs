@@ -21,12 +21,20 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::channels::Hub;
 
+mod elf;
 #[allow(
     unsafe_code,
     reason = "maps plugin libraries; every block has a SAFETY comment"
 )]
 mod loader;
+pub mod probe;
 pub mod registry;
+pub mod watcher;
+
+/// How many plugin libraries this process has mapped; they are never unmapped.
+pub fn mapped_libraries() -> u64 {
+    loader::mapped_count()
+}
 
 /// Why a plugin file was not loaded. Each message names the file and what to do.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +94,23 @@ pub enum LoadError {
         /// The plugin file.
         file: PathBuf,
         /// The plugin's error or panic message.
+        reason: String,
+    },
+    /// The plugin was built with `panic = "abort"`: its panics cannot be contained.
+    #[error("plugin `{name}` ({}) was built with panic = \"abort\": its panics would end the \
+             host; build it with panic = \"unwind\" (the default)", file.display())]
+    PanicAbort {
+        /// The plugin's name.
+        name: String,
+        /// The plugin file.
+        file: PathBuf,
+    },
+    /// Loading the plugin in the probe process failed or crashed it.
+    #[error("{}: {reason}", file.display())]
+    Probe {
+        /// The plugin file.
+        file: PathBuf,
+        /// What happened in the probe.
         reason: String,
     },
     /// Another plugin already has this name or one of these routes.
@@ -153,16 +178,40 @@ pub(crate) struct Settings {
     pub(crate) max_send_queue: Option<u64>,
 }
 
-impl LoadedPlugin {
-    /// Loads `file` through a private copy in `private_dir`, checks it and creates the instance.
-    pub(crate) fn load(
+/// A plugin library, mapped and checked, whose instance is not created yet.
+pub(crate) struct Candidate {
+    file: PathBuf,
+    mapped: loader::Mapped,
+    pub(crate) name: String,
+    version: String,
+    pub(crate) routes: Vec<String>,
+}
+
+impl Candidate {
+    /// Copies `file` privately, checks it is a complete library, loads it in a probe process
+    /// first if `probe` is set, and maps it.
+    pub(crate) fn open(
         file: &Path,
         private_dir: &Path,
-        generation: u64,
-        hub: &Arc<Hub>,
-        config: BTreeMap<String, String>,
+        probe: Option<&probe::Probe>,
     ) -> Result<Self, LoadError> {
-        let mapped = loader::map(file, private_dir)?;
+        let private = loader::private_copy(file, private_dir)?;
+        let opened = (|| {
+            loader::check_elf(file, &private)?;
+            if let Some(probe) = probe {
+                probe.run(file, &private)?;
+            }
+            Self::from_mapped(file, loader::map(file, &private)?)
+        })();
+        if opened.is_err() {
+            // A mapped library stays mapped; its file is not needed either way.
+            let _ = std::fs::remove_file(&private);
+        }
+        opened
+    }
+
+    /// Reads and checks the identity of a mapped plugin.
+    fn from_mapped(file: &Path, mapped: loader::Mapped) -> Result<Self, LoadError> {
         let module = mapped.module;
         let name = module.name()().as_str().to_owned();
         let version = module.version()().as_str().to_owned();
@@ -189,36 +238,73 @@ impl LoadedPlugin {
                 )));
             }
         }
+        if !module.panic_unwinds()() {
+            return Err(LoadError::PanicAbort {
+                name,
+                file: file.to_owned(),
+            });
+        }
+        Ok(Self {
+            file: file.to_owned(),
+            mapped,
+            name,
+            version,
+            routes,
+        })
+    }
+
+    /// Runs the plugin's guarded self-test: a panic that must be caught inside the plugin.
+    /// Only for the probe process: a plugin built with `panic = "abort"` ends the process here.
+    pub(crate) fn self_test(&self) -> Result<(), LoadError> {
+        self.mapped.module.self_test()()
+            .into_result()
+            .map_err(|reason| LoadError::Create {
+                name: self.name.clone(),
+                file: self.file.clone(),
+                reason: format!("self-test failed: {reason}"),
+            })
+    }
+
+    /// Creates the plugin instance as generation `generation`.
+    pub(crate) fn create(
+        self,
+        generation: u64,
+        hub: &Arc<Hub>,
+        config: BTreeMap<String, String>,
+    ) -> Result<LoadedPlugin, LoadError> {
         let services = HostServices(Arc::new(HostInner {
-            plugin: name.clone(),
+            plugin: self.name.clone(),
             generation,
             hub: Arc::clone(hub),
             config: config.into_iter().collect(),
         }));
-        let instance = match module.create()(HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque)) {
+        let handle = HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque);
+        let instance = match self.mapped.module.create()(handle) {
             RResult::ROk(instance) => instance,
             RResult::RErr(reason) => {
                 return Err(LoadError::Create {
-                    name,
-                    file: file.to_owned(),
+                    name: self.name,
+                    file: self.file,
                     reason: reason.into_string(),
                 })
             }
         };
-        Ok(Self {
-            name,
-            version,
-            routes,
-            api_version: mapped.api_version,
-            file: file.to_owned(),
-            mapped_copy: mapped.private_path,
+        Ok(LoadedPlugin {
+            name: self.name,
+            version: self.version,
+            routes: self.routes,
+            api_version: self.mapped.api_version,
+            file: self.file,
+            mapped_copy: self.mapped.private_path,
             generation,
             instance,
             open_conns: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
         })
     }
+}
 
+impl LoadedPlugin {
     /// Asks the plugin to decide an upgrade; `Err` carries its panic message.
     pub(crate) fn upgrade(&self, req: &HostRequest) -> Result<Answer, String> {
         let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);

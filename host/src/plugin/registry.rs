@@ -1,12 +1,17 @@
-//! The registry: the loaded plugins and the route table, swapped atomically as one snapshot.
+//! The registry: the loaded plugins and the route table, swapped atomically as one snapshot;
+//! reconciling them with the plugins directory (add, replace as a new generation, remove).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use serde::{Deserialize, Serialize};
 
-use super::{LoadError, LoadedPlugin};
+use super::probe::Probe;
+use super::{Candidate, LoadError, LoadedPlugin};
 use crate::channels::Hub;
 
 /// One consistent view of which plugin serves what.
@@ -18,6 +23,15 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    fn new(plugins: BTreeMap<String, Arc<LoadedPlugin>>) -> Self {
+        let mut routes: Vec<(String, Arc<LoadedPlugin>)> = plugins
+            .values()
+            .flat_map(|p| p.routes.iter().map(move |r| (r.clone(), Arc::clone(p))))
+            .collect();
+        routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.len()));
+        Self { plugins, routes }
+    }
+
     /// The plugin serving `path`: the longest route prefix that matches on whole segments.
     pub fn route(&self, path: &str) -> Option<&Arc<LoadedPlugin>> {
         self.routes
@@ -30,36 +44,101 @@ impl RouteTable {
     pub fn plugins(&self) -> impl Iterator<Item = &Arc<LoadedPlugin>> {
         self.plugins.values()
     }
+}
 
-    /// Adds `plugin` unless its name or a route is taken.
-    fn insert(&mut self, plugin: Arc<LoadedPlugin>) -> Result<(), LoadError> {
-        let conflict = |reason: String| LoadError::Conflict {
-            name: plugin.name.clone(),
-            file: plugin.file.clone(),
-            reason,
-        };
-        if let Some(other) = self.plugins.get(&plugin.name) {
-            return Err(conflict(format!(
-                "a plugin with this name is already loaded from {}; remove one of the files",
-                other.file.display()
-            )));
-        }
-        for route in &plugin.routes {
-            if let Some((_, other)) = self.routes.iter().find(|(r, _)| r == route) {
-                return Err(conflict(format!(
-                    "route `{route}` is already served by plugin `{}` ({})",
-                    other.name,
-                    other.file.display()
-                )));
-            }
-        }
-        for route in &plugin.routes {
-            self.routes.push((route.clone(), Arc::clone(&plugin)));
-        }
-        self.routes.sort_by_key(|(r, _)| std::cmp::Reverse(r.len()));
-        self.plugins.insert(plugin.name.clone(), plugin);
-        Ok(())
+/// What identifies one version of a file: a change of any of these is a new build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> std::io::Result<Self> {
+        let m = std::fs::metadata(path)?;
+        Ok(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
     }
+}
+
+#[derive(Debug)]
+struct FileRecord {
+    fingerprint: Fingerprint,
+    /// The plugin this file last loaded successfully, if any.
+    plugin: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    files: BTreeMap<PathBuf, FileRecord>,
+    /// Replaced generations that may still serve open connections.
+    retired: Vec<Weak<LoadedPlugin>>,
+    /// The last generation number given to each plugin name.
+    generations: BTreeMap<String, u64>,
+}
+
+/// What one reconciliation with the plugins directory changed.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ReloadReport {
+    /// Plugins loaded or replaced: `name generation N`.
+    pub loaded: Vec<String>,
+    /// Plugins unrouted because their file was removed.
+    pub unloaded: Vec<String>,
+    /// Files refused, with the reason.
+    pub refused: Vec<String>,
+}
+
+/// One generation of a plugin, as `wshost status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GenerationStatus {
+    /// The generation number.
+    pub generation: u64,
+    /// The plugin's version in this generation.
+    pub version: String,
+    /// Whether new connections go to it.
+    pub current: bool,
+    /// Connections open on it.
+    pub open_connections: u64,
+}
+
+/// A plugin, as `wshost status` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PluginStatus {
+    /// The plugin's name.
+    pub name: String,
+    /// The current generation's version.
+    pub version: String,
+    /// The file it was loaded from.
+    pub file: String,
+    /// Its routes.
+    pub routes: Vec<String>,
+    /// The plugin-api version it was built against.
+    pub plugin_api: String,
+    /// Generations with open connections, and the current one.
+    pub generations: Vec<GenerationStatus>,
+}
+
+/// The host's plugins, as `wshost status` shows them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// The host's version.
+    pub host_version: String,
+    /// The plugin interface version the host speaks.
+    pub plugin_api: String,
+    /// The plugins being served.
+    pub plugins: Vec<PluginStatus>,
+    /// Libraries mapped into the process (never unmapped), including replaced generations.
+    pub mapped_libraries: u64,
+    /// Replaced generations still serving connections.
+    pub old_generations_serving: u64,
 }
 
 /// The loaded plugins of a host, and where their private copies live.
@@ -68,11 +147,14 @@ pub struct Registry {
     table: ArcSwap<RouteTable>,
     hub: Arc<Hub>,
     private_dir: tempfile::TempDir,
+    probe: Option<Probe>,
+    state: Mutex<State>,
 }
 
 impl Registry {
-    /// An empty registry whose mapped copies go into a new private temporary directory.
-    pub fn new(hub: Arc<Hub>) -> std::io::Result<Self> {
+    /// An empty registry whose mapped copies go into a new private temporary directory. With
+    /// `probe`, each file is loaded in a child process before the host maps it.
+    pub fn new(hub: Arc<Hub>, probe: Option<Probe>) -> std::io::Result<Self> {
         let private_dir = tempfile::Builder::new()
             .prefix("wshost-plugins-")
             .tempdir()?;
@@ -80,6 +162,8 @@ impl Registry {
             table: ArcSwap::from_pointee(RouteTable::default()),
             hub,
             private_dir,
+            probe,
+            state: Mutex::new(State::default()),
         })
     }
 
@@ -93,47 +177,202 @@ impl Registry {
         &self.hub
     }
 
-    /// Loads every plugin file of `dir` (see [`plugin_files`]) in file-name order; a file that
-    /// fails is logged and skipped. Returns the failures.
-    pub fn load_dir(&self, dir: &Path) -> std::io::Result<Vec<LoadError>> {
+    /// Brings the loaded plugins in line with `dir` (see [`plugin_files`]): new files are
+    /// loaded, changed files are loaded as a new generation of their plugin, and plugins whose
+    /// file is gone are unrouted. Connections keep the generation they opened on. A file that
+    /// fails is logged and skipped, and tried again once it changes; a failed replacement
+    /// leaves the current generation serving.
+    ///
+    /// Within one pass files load in name order: a second file with a plugin name or a route
+    /// that an earlier file of the same pass took is refused. Across passes, a new or changed
+    /// file of an already loaded plugin replaces it.
+    pub fn reconcile(&self, dir: &Path) -> std::io::Result<ReloadReport> {
         let files = plugin_files(dir)?;
-        let mut table = RouteTable::default();
-        let mut failures = Vec::new();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self.table.load().plugins.clone();
+        let mut report = ReloadReport::default();
+        let mut retired = Vec::new();
+
+        let present: HashSet<&PathBuf> = files.iter().collect();
+        let gone: Vec<PathBuf> = state
+            .files
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            let record = state.files.remove(&path).expect("listed above");
+            let Some(name) = record.plugin else { continue };
+            if current.get(&name).is_some_and(|p| p.file == path) {
+                let old = current.remove(&name).expect("checked above");
+                tracing::info!(plugin = %name, generation = old.generation,
+                    file = %path.display(), "plugin unrouted: its file was removed");
+                report.unloaded.push(name);
+                retired.push(old);
+            }
+        }
+
+        let mut loaded_this_pass: HashSet<String> = HashSet::new();
         for file in files {
-            let started = std::time::Instant::now();
-            let loaded = LoadedPlugin::load(
-                &file,
-                self.private_dir.path(),
-                1,
-                &self.hub,
-                BTreeMap::new(),
-            )
-            .and_then(|p| {
-                let p = Arc::new(p);
-                table.insert(Arc::clone(&p)).map(|()| p)
-            });
+            let Ok(fingerprint) = Fingerprint::of(&file) else {
+                continue;
+            };
+            let previous = state.files.get(&file);
+            if previous.is_some_and(|r| r.fingerprint == fingerprint) {
+                continue;
+            }
+            let previous_plugin = previous.and_then(|r| r.plugin.clone());
+            let started = Instant::now();
+            let loaded = Candidate::open(&file, self.private_dir.path(), self.probe.as_ref())
+                .and_then(|candidate| {
+                    self.admit(&candidate, &current, &loaded_this_pass)?;
+                    let generation = state
+                        .generations
+                        .entry(candidate.name.clone())
+                        .and_modify(|g| *g += 1)
+                        .or_insert(1);
+                    candidate.create(*generation, &self.hub, BTreeMap::new())
+                });
             match loaded {
-                Ok(p) => tracing::info!(
-                    plugin = %p.name, version = %p.version, generation = p.generation,
-                    routes = ?p.routes, plugin_api = %p.api_version, file = %file.display(),
-                    load_ms = started.elapsed().as_secs_f64() * 1e3, "plugin loaded"),
+                Ok(plugin) => {
+                    let plugin = Arc::new(plugin);
+                    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let replaced = current.insert(plugin.name.clone(), Arc::clone(&plugin));
+                    tracing::info!(
+                        plugin = %plugin.name, version = %plugin.version,
+                        generation = plugin.generation, routes = ?plugin.routes,
+                        plugin_api = %plugin.api_version, file = %file.display(), load_ms,
+                        mapped_libraries = super::mapped_libraries(),
+                        "{}", if replaced.is_some() { "plugin reloaded" } else { "plugin loaded" });
+                    if let Some(old) = replaced {
+                        retired.push(old);
+                    }
+                    report
+                        .loaded
+                        .push(format!("{} generation {}", plugin.name, plugin.generation));
+                    loaded_this_pass.insert(plugin.name.clone());
+                    state.files.insert(
+                        file,
+                        FileRecord {
+                            fingerprint,
+                            plugin: Some(plugin.name.clone()),
+                        },
+                    );
+                }
                 Err(e) => {
                     tracing::error!(file = %file.display(), "plugin refused: {e}");
-                    failures.push(e);
+                    report.refused.push(e.to_string());
+                    state.files.insert(
+                        file,
+                        FileRecord {
+                            fingerprint,
+                            plugin: previous_plugin,
+                        },
+                    );
                 }
             }
         }
-        self.table.store(Arc::new(table));
-        Ok(failures)
+
+        self.table.store(Arc::new(RouteTable::new(current)));
+        for old in retired {
+            let open = old.open_connections();
+            tracing::info!(plugin = %old.name, generation = old.generation, open_connections = open,
+                "previous generation retired; it serves its open connections until they close");
+            state.retired.push(Arc::downgrade(&old));
+        }
+        state.retired.retain(|w| w.strong_count() > 0);
+        Ok(report)
+    }
+
+    /// Whether `candidate` may join the plugins in `current`.
+    fn admit(
+        &self,
+        candidate: &Candidate,
+        current: &BTreeMap<String, Arc<LoadedPlugin>>,
+        loaded_this_pass: &HashSet<String>,
+    ) -> Result<(), LoadError> {
+        let conflict = |reason: String| LoadError::Conflict {
+            name: candidate.name.clone(),
+            file: candidate_file(candidate),
+            reason,
+        };
+        if loaded_this_pass.contains(&candidate.name) {
+            let other = &current[&candidate.name];
+            return Err(conflict(format!(
+                "a plugin with this name is already loaded from {}; remove one of the files",
+                other.file.display()
+            )));
+        }
+        for route in &candidate.routes {
+            let taken = current
+                .values()
+                .find(|p| p.name != candidate.name && p.routes.contains(route));
+            if let Some(other) = taken {
+                return Err(conflict(format!(
+                    "route `{route}` is already served by plugin `{}` ({})",
+                    other.name,
+                    other.file.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Loads one file outside the route table, as `wshost check` does.
     pub fn check_file(&self, file: &Path) -> Result<Arc<LoadedPlugin>, LoadError> {
-        LoadedPlugin::load(file, self.private_dir.path(), 1, &self.hub, BTreeMap::new())
+        let candidate = Candidate::open(file, self.private_dir.path(), self.probe.as_ref())?;
+        candidate
+            .create(1, &self.hub, BTreeMap::new())
             .map(Arc::new)
     }
 
-    /// Calls every plugin's shutdown.
+    /// The plugins, their generations and connections.
+    pub fn status(&self) -> Status {
+        let table = self.table();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.retired.retain(|w| w.strong_count() > 0);
+        let old: Vec<Arc<LoadedPlugin>> = state.retired.iter().filter_map(Weak::upgrade).collect();
+        drop(state);
+        let plugins = table
+            .plugins()
+            .map(|p| {
+                let mut generations: Vec<GenerationStatus> = old
+                    .iter()
+                    .filter(|o| o.name == p.name)
+                    .map(|o| GenerationStatus {
+                        generation: o.generation,
+                        version: o.version.clone(),
+                        current: false,
+                        open_connections: o.open_connections(),
+                    })
+                    .collect();
+                generations.push(GenerationStatus {
+                    generation: p.generation,
+                    version: p.version.clone(),
+                    current: true,
+                    open_connections: p.open_connections(),
+                });
+                generations.sort_by_key(|g| g.generation);
+                PluginStatus {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    file: p.file.display().to_string(),
+                    routes: p.routes.clone(),
+                    plugin_api: p.api_version.clone(),
+                    generations,
+                }
+            })
+            .collect();
+        Status {
+            host_version: env!("CARGO_PKG_VERSION").to_owned(),
+            plugin_api: plugin_api::API_VERSION.to_owned(),
+            plugins,
+            mapped_libraries: super::mapped_libraries(),
+            old_generations_serving: old.len() as u64,
+        }
+    }
+
+    /// Calls every current plugin's shutdown.
     pub fn shutdown_all(&self) {
         for p in self.table().plugins() {
             if let Err(panic) = p.shutdown() {
@@ -141,6 +380,10 @@ impl Registry {
             }
         }
     }
+}
+
+fn candidate_file(c: &Candidate) -> PathBuf {
+    c.file.clone()
 }
 
 /// The plugin files of `dir`, sorted by name: `*.so`, not starting with `.`.

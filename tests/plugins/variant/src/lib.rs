@@ -2,7 +2,8 @@
 //! plugins with other names, routes, tags and plugin-api versions from one source.
 //!
 //! Build-time environment: `WSHOST_VARIANT_NAME` (default `variant`), `WSHOST_VARIANT_ROUTE`
-//! (default `/variant`), `WSHOST_VARIANT_TAG` (default `v`; replies are `TAG:message`).
+//! (default `/variant`), `WSHOST_VARIANT_TAG` (default `v`; replies are `TAG:message`),
+//! `WSHOST_VARIANT_NEW` (`panic` or `abort`: how its constructor misbehaves).
 
 use plugin_api::{export_plugin, Conn, Handler, Host, Plugin, PluginError, Request, Response};
 
@@ -27,7 +28,11 @@ impl Plugin for Variant {
     }];
 
     fn new(_host: Host) -> Result<Self, PluginError> {
-        Ok(Variant)
+        match option_env!("WSHOST_VARIANT_NEW") {
+            Some("panic") => panic!("variant: the constructor panics on purpose"),
+            Some("abort") => std::process::abort(),
+            _ => Ok(Variant),
+        }
     }
 
     fn upgrade(&self, _req: &Request<'_>) -> Response {
