@@ -192,6 +192,7 @@ impl Registry {
         let mut current = self.table.load().plugins.clone();
         let mut report = ReloadReport::default();
         let mut retired = Vec::new();
+        let mut unrouted: Vec<Arc<LoadedPlugin>> = Vec::new();
 
         let present: HashSet<&PathBuf> = files.iter().collect();
         let gone: Vec<PathBuf> = state
@@ -205,14 +206,14 @@ impl Registry {
             let Some(name) = record.plugin else { continue };
             if current.get(&name).is_some_and(|p| p.file == path) {
                 let old = current.remove(&name).expect("checked above");
-                tracing::info!(plugin = %name, generation = old.generation,
-                    file = %path.display(), "plugin unrouted: its file was removed");
                 report.unloaded.push(name);
+                unrouted.push(Arc::clone(&old));
                 retired.push(old);
             }
         }
 
         let mut loaded_this_pass: HashSet<String> = HashSet::new();
+        let mut announcements = Vec::new();
         for file in files {
             let Ok(fingerprint) = Fingerprint::of(&file) else {
                 continue;
@@ -238,14 +239,8 @@ impl Registry {
                     let plugin = Arc::new(plugin);
                     let load_ms = started.elapsed().as_secs_f64() * 1e3;
                     let replaced = current.insert(plugin.name.clone(), Arc::clone(&plugin));
-                    tracing::info!(
-                        plugin = %plugin.name, version = %plugin.version,
-                        generation = plugin.generation, routes = ?plugin.routes,
-                        plugin_api = %plugin.api_version, file = %file.display(), load_ms,
-                        mapped_libraries = super::mapped_libraries(),
-                        "{}", if replaced.is_some() { "plugin reloaded" } else { "plugin loaded" });
-                    if let Some(old) = replaced {
-                        retired.push(old);
+                    if let Some(old) = replaced.as_ref() {
+                        retired.push(Arc::clone(old));
                     }
                     report
                         .loaded
@@ -258,6 +253,7 @@ impl Registry {
                             plugin: Some(plugin.name.clone()),
                         },
                     );
+                    announcements.push((plugin, replaced.is_some(), load_ms));
                 }
                 Err(e) => {
                     tracing::error!(file = %file.display(), "plugin refused: {e}");
@@ -273,7 +269,20 @@ impl Registry {
             }
         }
 
+        // Swap first, then say so: whoever reads the log line finds the new table in place.
         self.table.store(Arc::new(RouteTable::new(current)));
+        for old in unrouted {
+            tracing::info!(plugin = %old.name, generation = old.generation,
+                file = %old.file.display(), "plugin unrouted: its file was removed");
+        }
+        for (plugin, replaced, load_ms) in announcements {
+            tracing::info!(
+                plugin = %plugin.name, version = %plugin.version,
+                generation = plugin.generation, routes = ?plugin.routes,
+                plugin_api = %plugin.api_version, file = %plugin.file.display(), load_ms,
+                mapped_libraries = super::mapped_libraries(),
+                "{}", if replaced { "plugin reloaded" } else { "plugin loaded" });
+        }
         for old in retired {
             let open = old.open_connections();
             tracing::info!(plugin = %old.name, generation = old.generation, open_connections = open,
