@@ -338,6 +338,25 @@ impl Host {
         }
     }
 
+    /// Waits until `n` log lines contain `needle`.
+    pub fn wait_for_count(&self, needle: &str, n: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut text = self.log.text.lock().unwrap();
+        loop {
+            let seen = text.lines().filter(|l| l.contains(needle)).count();
+            if seen >= n {
+                return;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "{seen} of {n} log lines with {needle:?}; the log:\n{}",
+                *text
+            );
+            text = self.log.grew.wait_timeout(text, deadline - now).unwrap().0;
+        }
+    }
+
     /// The plugins directory.
     pub fn plugins_dir(&self) -> &Path {
         self.dir.path()

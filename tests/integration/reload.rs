@@ -340,3 +340,24 @@ async fn status_counts_connections_per_generation_and_mapped_libraries() {
     assert!(out.contains("generation 1 version"), "{out}");
     assert!(out.contains("2 open connection(s)"), "{out}");
 }
+
+#[tokio::test]
+async fn an_old_generation_shuts_down_when_its_last_connection_closes() {
+    let echo = std::fs::read(plugin("echo")).unwrap();
+    let host = Host::builder().file("libecho.so", echo.clone()).start();
+    let mut ws = connect(&host.url("/echo")).await;
+    assert_eq!(ask(&mut ws, "before").await, "before");
+    install(host.plugins_dir(), "libecho.so", &echo);
+    wait_generation(&host, "echo", 2);
+    assert_eq!(ask(&mut ws, "after").await, "after");
+    let gone = "plugin=echo generation=1";
+    assert!(
+        !host
+            .log()
+            .lines()
+            .any(|l| l.contains("generation shut down") && l.contains(gone)),
+        "generation 1 shut down while a connection was open on it"
+    );
+    ws.close(None).await.unwrap();
+    host.wait_for_log(&["generation shut down", gone]);
+}

@@ -379,11 +379,14 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
 }
 
 impl Drop for LoadedPlugin {
+    /// The last reference is gone: no route and no connection uses this generation any more.
     fn drop(&mut self) {
         if let Err(panic) = self.shutdown() {
             tracing::error!(plugin = %self.name, generation = self.generation, %panic,
                 "plugin shutdown panicked");
         }
+        tracing::info!(plugin = %self.name, generation = self.generation,
+            "generation shut down; its code stays mapped");
     }
 }
 
