@@ -248,11 +248,28 @@ async fn bad_files_are_refused_while_the_host_keeps_serving() {
             "plugin refused",
         ));
     }
+    // Each bad file arrives twice: as a new plugin file, and as a replacement of the echo
+    // plugin that is serving. Both are refused; echo keeps serving, on generation 1.
+    let mut refusals = 0;
     for (name, bytes, reason) in &corpus {
-        install(&dir, name, bytes);
-        host.wait_for_log(&["plugin refused", name, reason]);
-        assert_eq!(ask(&mut ws, name).await, *name, "serving after {name}");
+        for target in [name.as_str(), "libecho.so"] {
+            install(&dir, target, bytes);
+            refusals += 1;
+            host.wait_for_count("plugin refused", refusals);
+            host.wait_for_log(&["plugin refused", target, reason]);
+            assert_eq!(
+                ask(&mut ws, name).await,
+                *name,
+                "serving after {name} as {target}"
+            );
+        }
     }
+    let mut fresh = connect(&host.url("/echo")).await;
+    assert_eq!(ask(&mut fresh, "gen 1").await, "gen 1");
+    assert!(
+        !host.log().contains("generation=2 "),
+        "no bad file became a generation"
+    );
     // A copy in progress: the first part is refused, the whole file then loads.
     let ticker = std::fs::read(plugin("ticker")).unwrap();
     std::fs::write(dir.join("growing.so"), &ticker[..ticker.len() / 3]).unwrap();
