@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Serve WebSocket upgrades and plain requests with the plugins of a directory.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load plugin files as the host would and report each one; exits non-zero if any is refused.
     Check(CheckArgs),
     /// Show a running host's plugins, generations and connections (asks its admin endpoint).
@@ -102,6 +102,19 @@ pub struct ServeArgs {
     /// On shutdown, how long to wait for connections to close.
     #[arg(long, env = "WSHOST_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub shutdown_timeout: Duration,
+    /// Interval of the host's pings to each connection; 0 disables them.
+    #[arg(long, env = "WSHOST_PING_INTERVAL", default_value = "30s", value_parser = duration)]
+    pub ping_interval: Duration,
+    /// Drop a connection whose pong does not arrive within this time after a ping.
+    #[arg(long, env = "WSHOST_PONG_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub pong_timeout: Duration,
+    /// Close (1001) a connection without data messages either way for this long; 0 disables it.
+    #[arg(long, env = "WSHOST_IDLE_TIMEOUT", default_value = "300s", value_parser = duration)]
+    pub idle_timeout: Duration,
+    /// Data messages per second a connection may send (burst as many); past it, close 1008.
+    /// 0 disables the limit.
+    #[arg(long, env = "WSHOST_MAX_MESSAGE_RATE", default_value_t = Config::default().max_message_rate)]
+    pub max_message_rate: u32,
     /// Address of the admin endpoint (`wshost status`, `wshost reload`), or `off`.
     #[arg(long, env = ENV_ADMIN, default_value = DEFAULT_ADMIN)]
     pub admin_listen: AdminListen,
@@ -147,6 +160,10 @@ impl ServeArgs {
             slow_callback: self.slow_callback,
             close_timeout: self.close_timeout,
             shutdown_timeout: self.shutdown_timeout,
+            ping_interval: self.ping_interval,
+            pong_timeout: self.pong_timeout,
+            idle_timeout: self.idle_timeout,
+            max_message_rate: self.max_message_rate,
             watch: !self.no_watch,
             probe: exe.filter(|_| !self.no_probe).map(|exe| Probe {
                 exe,
@@ -201,5 +218,8 @@ mod tests {
         assert_eq!(a.close_timeout, b.close_timeout);
         assert_eq!(a.shutdown_timeout, b.shutdown_timeout);
         assert_eq!(a.watch, b.watch);
+        assert_eq!(a.ping_interval, b.ping_interval);
+        assert_eq!(a.pong_timeout, b.pong_timeout);
+        assert_eq!(a.idle_timeout, b.idle_timeout);
     }
 }

@@ -37,6 +37,17 @@ pub struct Config {
     /// On shutdown, how long to wait for connections to finish their close handshakes.
     /// Default 10 s.
     pub shutdown_timeout: Duration,
+    /// Interval of the host's pings; zero disables them. Default 30 s. A plugin may set its own
+    /// per connection in its 101 response.
+    pub ping_interval: Duration,
+    /// A connection whose pong does not arrive this long after a ping is dropped. Default 10 s.
+    pub pong_timeout: Duration,
+    /// A connection without data messages either way (pings and pongs do not count) for this
+    /// long is closed with 1001; zero disables it. Default 300 s, like Jetty's.
+    pub idle_timeout: Duration,
+    /// Data messages a connection may send per second, with a burst of as many; past it the
+    /// connection is closed with 1008. Zero disables the limit. Default 10,000.
+    pub max_message_rate: u32,
     /// Watch the plugins directory and reload on changes. Default on; turn it off where file
     /// events are unreliable (network filesystems) and reload with SIGHUP or `wshost reload`.
     pub watch: bool,
@@ -60,6 +71,10 @@ impl Default for Config {
             slow_callback: Duration::from_millis(50),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(30),
+            pong_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_message_rate: 10_000,
             watch: true,
             probe: None,
         }

@@ -176,6 +176,9 @@ pub(crate) struct Settings {
     pub(crate) max_message_size: Option<u64>,
     pub(crate) max_frame_size: Option<u64>,
     pub(crate) max_send_queue: Option<u64>,
+    pub(crate) ping_interval_ms: Option<u64>,
+    pub(crate) pong_timeout_ms: Option<u64>,
+    pub(crate) idle_timeout_ms: Option<u64>,
 }
 
 /// A plugin library, mapped and checked, whose instance is not created yet.
@@ -364,6 +367,9 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
         max_message_size: setting(abi::setting::MAX_MESSAGE_SIZE),
         max_frame_size: setting(abi::setting::MAX_FRAME_SIZE),
         max_send_queue: setting(abi::setting::MAX_SEND_QUEUE),
+        ping_interval_ms: setting(abi::setting::PING_INTERVAL_MS),
+        pong_timeout_ms: setting(abi::setting::PONG_TIMEOUT_MS),
+        idle_timeout_ms: setting(abi::setting::IDLE_TIMEOUT_MS),
     };
     Ok(Answer {
         status: resp.status(),

@@ -36,7 +36,12 @@ pub(crate) struct ConnShared {
     pub(crate) drain: Notify,
     /// Woken when a close was queued.
     pub(crate) closing: Notify,
+    /// Woken when the connection is over: the writer stops.
+    pub(crate) done: Notify,
     channels: Mutex<Vec<String>>,
+    started: std::time::Instant,
+    /// When the writer last sent a data message, in milliseconds since `started`.
+    last_out_ms: AtomicU64,
 }
 
 impl ConnShared {
@@ -60,7 +65,10 @@ impl ConnShared {
             drain_wanted: AtomicBool::new(false),
             drain: Notify::new(),
             closing: Notify::new(),
+            done: Notify::new(),
             channels: Mutex::new(Vec::new()),
+            started: std::time::Instant::now(),
+            last_out_ms: AtomicU64::new(0),
         });
         (shared, rx)
     }
@@ -94,6 +102,17 @@ impl ConnShared {
         if left == 0 && self.drain_wanted.swap(false, Ordering::AcqRel) {
             self.drain.notify_one();
         }
+    }
+
+    /// The writer sent a data message just now.
+    pub(crate) fn sent_data(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_out_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the writer last sent a data message (the connection's start if never).
+    pub(crate) fn last_data_out(&self) -> std::time::Instant {
+        self.started + std::time::Duration::from_millis(self.last_out_ms.load(Ordering::Relaxed))
     }
 
     pub(crate) fn buffered(&self) -> u64 {
@@ -139,6 +158,7 @@ impl ConnShared {
     /// The connection is over: no more sends, and it leaves all its channels.
     pub(crate) fn finish(&self) {
         self.state.store(CLOSED, Ordering::Release);
+        self.done.notify_one();
         let channels =
             std::mem::take(&mut *self.channels.lock().unwrap_or_else(PoisonError::into_inner));
         for channel in channels {

@@ -91,7 +91,8 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         failed: false,
     };
     s.call("on_connect", |h, c| h.on_connect(c));
-    let (code, reason) = s.read_loop(stream, &shutdown, config.close_timeout).await;
+    let timing = Timing::new(config, &settings);
+    let (code, reason) = s.read_loop(stream, &shutdown, timing).await;
     s.conn.finish();
     s.call_always("on_close", |h, c| {
         h.on_close(c, code, RStr::from_str(&reason))
@@ -120,21 +121,85 @@ struct Session {
     failed: bool,
 }
 
+/// The connection's timers and limits, from the host's config and the plugin's 101.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    pub(crate) ping_interval: Option<Duration>,
+    pub(crate) pong_timeout: Duration,
+    pub(crate) idle_timeout: Option<Duration>,
+    pub(crate) close_timeout: Duration,
+    pub(crate) max_message_rate: u32,
+}
+
+impl Timing {
+    fn new(config: &Config, settings: &Settings) -> Self {
+        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Self {
+            ping_interval: nonzero(ms(settings.ping_interval_ms, config.ping_interval)),
+            pong_timeout: ms(settings.pong_timeout_ms, config.pong_timeout),
+            idle_timeout: nonzero(ms(settings.idle_timeout_ms, config.idle_timeout)),
+            close_timeout: config.close_timeout,
+            max_message_rate: config.max_message_rate,
+        }
+    }
+}
+
+/// A token bucket: `rate` messages a second, bursts of as many.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl RateLimit {
+    fn new(rate: u32, now: Instant) -> Option<Self> {
+        (rate > 0).then(|| Self {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: now,
+        })
+    }
+
+    /// Takes one token; false if there is none.
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 impl Session {
     /// Reads until the connection ends; returns the peer's close code and reason.
     async fn read_loop(
         &mut self,
         mut stream: SplitStream<Ws>,
         shutdown: &CancellationToken,
-        close_timeout: Duration,
+        timing: Timing,
     ) -> (u16, String) {
         let mut peer_close: Option<(u16, String)> = None;
-        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut close_deadline: Option<tokio::time::Instant> = None;
         let mut shutting_down = false;
         let conn = Arc::clone(&self.conn);
+        let started = Instant::now();
+        let mut last_data_in = started;
+        let mut next_ping = timing.ping_interval.map(|i| started + i);
+        let mut awaiting_pong: Option<Instant> = None;
+        let mut rate = RateLimit::new(timing.max_message_rate, started);
+        let far = Duration::from_secs(86_400 * 365);
+        let timer = tokio::time::sleep(far);
+        tokio::pin!(timer);
+        let mut wake = self.next_wake(&timing, next_ping, awaiting_pong, last_data_in, far);
+        timer.as_mut().reset(wake.into());
         loop {
             let close_wait = async {
-                match deadline {
+                match close_deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
                     None => std::future::pending().await,
                 }
@@ -143,25 +208,36 @@ impl Session {
                 item = stream.next() => match item {
                     None => break,
                     Some(Ok(msg)) => match msg {
-                        Message::Text(t) => self.call("on_text", |h, c| {
-                            h.on_text(c, RStr::from_str(t.as_str()))
-                        }),
-                        Message::Binary(b) => self.call("on_binary", |h, c| {
-                            h.on_binary(c, RSlice::from_slice(&b))
-                        }),
+                        Message::Text(t) => {
+                            let now = Instant::now();
+                            last_data_in = now;
+                            if !self.within_rate(rate.as_mut(), now) {
+                                continue;
+                            }
+                            self.call("on_text", |h, c| h.on_text(c, RStr::from_str(t.as_str())));
+                        }
+                        Message::Binary(b) => {
+                            let now = Instant::now();
+                            last_data_in = now;
+                            if !self.within_rate(rate.as_mut(), now) {
+                                continue;
+                            }
+                            self.call("on_binary", |h, c| h.on_binary(c, RSlice::from_slice(&b)));
+                        }
                         Message::Ping(p) => self.call("on_ping", |h, c| {
                             h.on_ping(c, RSlice::from_slice(&p))
                         }),
-                        Message::Pong(p) => self.call("on_pong", |h, c| {
-                            h.on_pong(c, RSlice::from_slice(&p))
-                        }),
+                        Message::Pong(p) => {
+                            awaiting_pong = None;
+                            self.call("on_pong", |h, c| h.on_pong(c, RSlice::from_slice(&p)));
+                        }
                         Message::Close(frame) => {
                             peer_close = Some(frame.map_or((1005, String::new()), |f| {
                                 (u16::from(f.code), f.reason.as_str().to_owned())
                             }));
                             conn.peer_closed();
-                            deadline.get_or_insert_with(|| {
-                                tokio::time::Instant::now() + close_timeout
+                            close_deadline.get_or_insert_with(|| {
+                                tokio::time::Instant::now() + timing.close_timeout
                             });
                         }
                         Message::Frame(_) => {}
@@ -173,11 +249,44 @@ impl Session {
                 },
                 () = conn.drain.notified() => self.call("on_drain", |h, c| h.on_drain(c)),
                 () = conn.closing.notified() => {
-                    deadline.get_or_insert_with(|| tokio::time::Instant::now() + close_timeout);
+                    close_deadline.get_or_insert_with(|| {
+                        tokio::time::Instant::now() + timing.close_timeout
+                    });
                 }
                 () = shutdown.cancelled(), if !shutting_down => {
                     shutting_down = true;
                     let _ = conn.close_unchecked(1001, "going away");
+                }
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if awaiting_pong.is_some_and(|sent| now >= sent + timing.pong_timeout) {
+                        tracing::info!(pong_timeout = ?timing.pong_timeout,
+                            "no pong in time; dropping the connection");
+                        let _ = conn.close_unchecked(1001, "ping timeout");
+                        // The peer is gone: it sent no close frame.
+                        return (1006, String::new());
+                    }
+                    if let (Some(at), Some(interval)) = (next_ping, timing.ping_interval) {
+                        if now >= at {
+                            if awaiting_pong.is_none() {
+                                // A ping that cannot be queued still starts the pong clock:
+                                // a peer that does not read gets dropped all the same.
+                                let _ = conn.enqueue(Message::Ping(bytes::Bytes::new()));
+                                awaiting_pong = Some(now);
+                            }
+                            next_ping = Some(now + interval);
+                        }
+                    }
+                    if let Some(idle) = timing.idle_timeout {
+                        let last = last_data_in.max(conn.last_data_out());
+                        if now >= last + idle && conn.is_open() {
+                            tracing::info!(idle_timeout = ?idle, "idle connection closed");
+                            let _ = conn.close_unchecked(1001, "idle timeout");
+                        }
+                    }
+                    wake = self.next_wake(&timing, next_ping, awaiting_pong,
+                        last_data_in.max(conn.last_data_out()), far);
+                    timer.as_mut().reset(wake.into());
                 }
                 () = close_wait => {
                     tracing::debug!("close handshake timed out; dropping the connection");
@@ -186,6 +295,52 @@ impl Session {
             }
         }
         peer_close.unwrap_or((1006, String::new()))
+    }
+
+    /// When the timer must next look at the connection.
+    fn next_wake(
+        &self,
+        timing: &Timing,
+        next_ping: Option<Instant>,
+        awaiting_pong: Option<Instant>,
+        last_data: Instant,
+        far: Duration,
+    ) -> Instant {
+        let mut wake = Instant::now() + far;
+        if let Some(p) = next_ping {
+            wake = wake.min(p);
+        }
+        if let Some(sent) = awaiting_pong {
+            wake = wake.min(sent + timing.pong_timeout);
+        }
+        if let Some(idle) = timing.idle_timeout {
+            if self.conn.is_open() {
+                wake = wake.min(last_data + idle);
+            }
+        }
+        wake
+    }
+
+    /// Whether a data message may be delivered under the rate limit; past it, the connection
+    /// is closed with 1008 and no more callbacks run.
+    fn within_rate(&mut self, rate: Option<&mut RateLimit>, now: Instant) -> bool {
+        let Some(r) = rate else {
+            return !self.failed;
+        };
+        if r.take(now) {
+            return !self.failed;
+        }
+        if !self.failed {
+            tracing::warn!(
+                limit = r.rate,
+                "message rate limit exceeded; closing with 1008"
+            );
+            self.failed = true;
+            let _ = self
+                .conn
+                .close_unchecked(1008, "message rate limit exceeded");
+        }
+        false
     }
 
     /// The socket failed: tell the plugin, and close with the code RFC 6455 asks for.
@@ -241,24 +396,51 @@ impl Session {
     }
 }
 
+fn is_data(m: &Message) -> bool {
+    matches!(m, Message::Text(_) | Message::Binary(_))
+}
+
 /// Drains the send queue: feeds every frame that is ready, then flushes once.
 async fn write_loop(
     mut sink: SplitSink<Ws, Message>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     conn: Arc<ConnShared>,
 ) {
-    while let Some((first, n)) = rx.recv().await {
+    loop {
+        let (first, n) = tokio::select! {
+            next = rx.recv() => match next {
+                Some(item) => item,
+                None => return,
+            },
+            // The connection is over: write what is still queued (an echo, a close frame),
+            // then drop the sink so the socket closes now. The session bounds this by its
+            // close timeout.
+            () = conn.done.notified() => {
+                while let Ok((msg, _)) = rx.try_recv() {
+                    if sink.feed(msg).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = sink.flush().await;
+                return;
+            }
+        };
         let mut batch = n;
+        let mut data = is_data(&first);
         let mut closing = matches!(first, Message::Close(_));
         let mut ok = sink.feed(first).await.is_ok();
         while ok && !closing && batch < MAX_BATCH {
             let Ok((msg, n)) = rx.try_recv() else { break };
             batch += n;
+            data |= is_data(&msg);
             closing = matches!(msg, Message::Close(_));
             ok = sink.feed(msg).await.is_ok();
         }
         ok = ok && sink.flush().await.is_ok();
         conn.written(batch);
+        if data {
+            conn.sent_data();
+        }
         if !ok {
             conn.peer_closed();
             tracing::debug!("write failed; the connection is gone");
