@@ -115,6 +115,45 @@ pub struct ServeArgs {
     /// 0 disables the limit.
     #[arg(long, env = "WSHOST_MAX_MESSAGE_RATE", default_value_t = Config::default().max_message_rate)]
     pub max_message_rate: u32,
+    /// Largest request head (request line and headers), in bytes; 431 past it.
+    #[arg(long, env = "WSHOST_MAX_HEADER_SIZE", default_value_t = Config::default().max_header_size)]
+    pub max_header_size: usize,
+    /// Most WebSocket connections at once; 503 past it. Default: the open-file limit less 512.
+    #[arg(long, env = "WSHOST_MAX_CONNECTIONS", default_value_t = Config::default().max_connections)]
+    pub max_connections: usize,
+    /// Most WebSocket connections from one client IP; 429 past it. 0 disables the cap.
+    #[arg(long, env = "WSHOST_MAX_CONNECTIONS_PER_IP",
+        default_value_t = Config::default().max_connections_per_ip)]
+    pub max_connections_per_ip: usize,
+    /// Bytes queued for sending across all connections; sends past it fail with QueueFull.
+    #[arg(long, env = "WSHOST_MAX_BUFFERED_TOTAL",
+        default_value_t = Config::default().max_buffered_total)]
+    pub max_buffered_total: u64,
+    /// An origin allowed to open WebSockets (repeatable; e.g. https://example.com). None set:
+    /// every origin is allowed.
+    #[arg(
+        long = "allowed-origin",
+        env = "WSHOST_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+    /// Refuse upgrades that carry no Origin header (non-browser clients) with 403.
+    #[arg(long, env = "WSHOST_REQUIRE_ORIGIN")]
+    pub require_origin: bool,
+    /// A reverse proxy (IP or CIDR, repeatable) whose Forwarded / X-Forwarded-For headers
+    /// give the client's address.
+    #[arg(
+        long = "trusted-proxy",
+        env = "WSHOST_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// PEM certificate chain: serve https/wss (with --tls-key).
+    #[arg(long, env = "WSHOST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "WSHOST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Address of the admin endpoint (`wshost status`, `wshost reload`), or `off`.
     #[arg(long, env = ENV_ADMIN, default_value = DEFAULT_ADMIN)]
     pub admin_listen: AdminListen,
@@ -164,6 +203,20 @@ impl ServeArgs {
             pong_timeout: self.pong_timeout,
             idle_timeout: self.idle_timeout,
             max_message_rate: self.max_message_rate,
+            max_header_size: self.max_header_size,
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            max_buffered_total: self.max_buffered_total,
+            allowed_origins: self.allowed_origins.clone(),
+            require_origin: self.require_origin,
+            trusted_proxies: self.trusted_proxies.clone(),
+            tls: match (&self.tls_cert, &self.tls_key) {
+                (Some(cert), Some(key)) => Some(crate::tls::TlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
             watch: !self.no_watch,
             probe: exe.filter(|_| !self.no_probe).map(|exe| Probe {
                 exe,

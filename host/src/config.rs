@@ -48,6 +48,28 @@ pub struct Config {
     /// Data messages a connection may send per second, with a burst of as many; past it the
     /// connection is closed with 1008. Zero disables the limit. Default 10,000.
     pub max_message_rate: u32,
+    /// Largest request head (request line and headers) a client may send; 431 past it.
+    /// Default 16 KiB (hyper's floor is 8 KiB).
+    pub max_header_size: usize,
+    /// Most WebSocket connections at once; upgrades past it get 503. Default: the process's
+    /// open-file limit less 512 (for plugin files, the admin endpoint and connections still in
+    /// their HTTP phase), 19,488 where the limit is 20,000.
+    pub max_connections: usize,
+    /// Most WebSocket connections from one client IP; upgrades past it get 429. Default 1,000
+    /// (clients behind one NAT share an address); zero disables the cap.
+    pub max_connections_per_ip: usize,
+    /// Bytes queued for sending across all connections; sends past it fail with `QueueFull`
+    /// (and are logged), so that many slow readers cannot exhaust memory. Default 1 GiB.
+    pub max_buffered_total: u64,
+    /// Origins allowed to open WebSockets (`https://example.com`); empty allows every origin.
+    pub allowed_origins: Vec<String>,
+    /// Refuse upgrades without an `Origin` header (non-browser clients) with 403.
+    pub require_origin: bool,
+    /// Reverse proxies whose `Forwarded` / `X-Forwarded-For` headers are believed: requests from
+    /// them take the client address from those headers.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Serve https/wss with this certificate and key; `None` serves http/ws.
+    pub tls: Option<crate::tls::TlsFiles>,
     /// Watch the plugins directory and reload on changes. Default on; turn it off where file
     /// events are unreliable (network filesystems) and reload with SIGHUP or `wshost reload`.
     pub watch: bool,
@@ -71,6 +93,14 @@ impl Default for Config {
             slow_callback: Duration::from_millis(50),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            max_header_size: 16 << 10,
+            max_connections: default_max_connections(),
+            max_connections_per_ip: 1000,
+            max_buffered_total: 1 << 30,
+            allowed_origins: Vec::new(),
+            require_origin: false,
+            trusted_proxies: Vec::new(),
+            tls: None,
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
@@ -78,5 +108,28 @@ impl Default for Config {
             watch: true,
             probe: None,
         }
+    }
+}
+
+/// The process's soft limit of open files, from `/proc/self/limits`.
+pub fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+fn default_max_connections() -> usize {
+    let limit = open_file_limit().unwrap_or(1024);
+    usize::try_from(limit.saturating_sub(512).max(64)).unwrap_or(usize::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn max_connections_stays_below_the_open_file_limit() {
+        let limit = open_file_limit().expect("Linux has /proc/self/limits");
+        assert!((Config::default().max_connections as u64) < limit);
     }
 }

@@ -2,7 +2,7 @@
 //! `request`, by the longest matching route prefix; everything else is answered here.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use abi_stable::std_types::{RString, RVec, Tuple2};
@@ -11,7 +11,9 @@ use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
+use crate::config::Config;
 use crate::plugin::{Answer, HostRequest};
+use crate::proxy::client_ip;
 use crate::server::Ctx;
 use crate::ws::session;
 use crate::ws::upgrade::{self, Handshake};
@@ -65,13 +67,20 @@ fn internal_error() -> Response<Body> {
 
 /// The ring request map of `parts`.
 fn request_map(
+    ctx: &Ctx,
     parts: &hyper::http::request::Parts,
-    peer: SocketAddr,
+    client: IpAddr,
     local: SocketAddr,
     is_upgrade: bool,
     subprotocols: Vec<String>,
     body: Vec<u8>,
 ) -> HostRequest {
+    let scheme = match (is_upgrade, ctx.tls.is_some()) {
+        (true, false) => "ws",
+        (true, true) => "wss",
+        (false, false) => "http",
+        (false, true) => "https",
+    };
     let host = parts
         .headers
         .get(header::HOST)
@@ -87,10 +96,10 @@ fn request_map(
         method: RString::from(parts.method.as_str()),
         path: RString::from(parts.uri.path()),
         query: RString::from(parts.uri.query().unwrap_or("")),
-        scheme: RString::from(if is_upgrade { "ws" } else { "http" }),
+        scheme: RString::from(scheme),
         server_name: RString::from(server_name),
         server_port: local.port(),
-        remote_addr: RString::from(peer.ip().to_string()),
+        remote_addr: RString::from(client.to_string()),
         headers: parts
             .headers
             .iter()
@@ -104,6 +113,27 @@ fn request_map(
         subprotocols: subprotocols.into_iter().map(RString::from).collect(),
         body: RVec::from(body),
         is_upgrade,
+    }
+}
+
+/// Whether an upgrade's `Origin` passes the allow-list; `Err` says why not.
+fn origin_allowed(config: &Config, headers: &hyper::HeaderMap) -> Result<(), &'static str> {
+    match headers.get(header::ORIGIN).map(|o| o.to_str()) {
+        None if config.require_origin => Err("an Origin header is required"),
+        None => Ok(()),
+        Some(Err(_)) => Err("the Origin header is not valid"),
+        Some(Ok(origin)) => {
+            let ok = config.allowed_origins.is_empty()
+                || config
+                    .allowed_origins
+                    .iter()
+                    .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(origin));
+            if ok {
+                Ok(())
+            } else {
+                Err("this origin may not open WebSockets here")
+            }
+        }
     }
 }
 
@@ -147,7 +177,8 @@ async fn plain(
         }
         Ok(Ok(collected)) => collected.to_bytes().to_vec(),
     };
-    let map = request_map(&parts, peer, local, false, Vec::new(), body);
+    let client = client_ip(peer.ip(), &parts.headers, &ctx.config.trusted_proxies);
+    let map = request_map(ctx, &parts, client, local, false, Vec::new(), body);
     match plugin.request(&map) {
         Ok(answer) => plain_response(answer, &plugin.name),
         Err(panic) => {
@@ -198,7 +229,24 @@ fn websocket(
         return not_found();
     };
     let (parts, body) = req.into_parts();
-    let map = request_map(&parts, peer, local, true, subprotocols, Vec::new());
+    if let Err(why) = origin_allowed(&ctx.config, &parts.headers) {
+        tracing::info!(%peer, path = parts.uri.path(), why, "upgrade refused: origin");
+        return text(StatusCode::FORBIDDEN, why);
+    }
+    let client = client_ip(peer.ip(), &parts.headers, &ctx.config.trusted_proxies);
+    let admission = match ctx.admit(client) {
+        Ok(a) => a,
+        Err(status) => {
+            tracing::warn!(%client, %status, "upgrade refused: connection limit");
+            let why = if status == StatusCode::TOO_MANY_REQUESTS {
+                "too many connections from this address"
+            } else {
+                "server at its connection limit"
+            };
+            return text(status, why);
+        }
+    };
+    let map = request_map(ctx, &parts, client, local, true, subprotocols, Vec::new());
     let mut answer = match plugin.upgrade(&map) {
         Ok(a) => a,
         Err(panic) => {
@@ -228,13 +276,21 @@ fn websocket(
         }
     };
     let id = ctx.next_conn_id();
+    let remote = if client == peer.ip() {
+        peer.to_string()
+    } else {
+        client.to_string()
+    };
     let start = session::Start {
         id,
         peer,
+        remote,
+        admission,
         plugin,
         handler,
         settings: answer.settings,
         hub: Arc::clone(ctx.registry.hub()),
+        budget: Arc::clone(&ctx.send_budget),
         shutdown: ctx.shutdown.child_token(),
     };
     let req = Request::from_parts(parts, body);

@@ -32,7 +32,9 @@ pub mod cli;
 pub mod config;
 mod http;
 pub mod plugin;
+mod proxy;
 mod server;
+pub mod tls;
 mod ws;
 
 pub use config::Config;
@@ -51,13 +53,15 @@ pub enum Error {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// TLS could not be set up.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     /// The private directory for mapped plugin copies could not be created.
     #[error("cannot create a private directory for plugin copies: {0}")]
     PrivateDir(std::io::Error),
 }
 
 /// A host with its plugins loaded, ready to serve.
-#[derive(Debug)]
 pub struct Server {
     config: Config,
     registry: Arc<Registry>,
@@ -66,12 +70,23 @@ pub struct Server {
         Option<tokio::sync::oneshot::Sender<plugin::registry::ReloadReport>>,
     >,
     admin: Option<TcpListener>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Server {
     /// Loads every plugin of `config.plugins_dir`; a file that is not a valid plugin is logged
     /// and skipped.
     pub fn new(config: Config) -> Result<Self, Error> {
+        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let hub = Arc::new(channels::Hub::default());
         let registry = Registry::new(hub, config.probe.clone()).map_err(Error::PrivateDir)?;
         registry
@@ -87,6 +102,7 @@ impl Server {
             reloader,
             reload_rx,
             admin: None,
+            tls,
         })
     }
 
@@ -128,7 +144,11 @@ impl Server {
         } else {
             None
         };
-        let ctx = Arc::new(server::Ctx::new(self.config, Arc::clone(&self.registry)));
+        let ctx = Arc::new(server::Ctx::new(
+            self.config,
+            Arc::clone(&self.registry),
+            self.tls,
+        ));
         if let Some(admin) = self.admin {
             tokio::spawn(admin::serve(
                 admin,

@@ -66,7 +66,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
         tracing::info!(%addr, "listening");
         // Tests and scripts read this line to learn the real address.
-        writeln!(out, "listening on ws://{addr}").context("writing to stdout")?;
+        let scheme = if args.tls_cert.is_some() { "wss" } else { "ws" };
+        writeln!(out, "listening on {scheme}://{addr}").context("writing to stdout")?;
         out.flush().context("writing to stdout")?;
         drop(out);
         reload_on_sighup(server.reloader());

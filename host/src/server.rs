@@ -1,9 +1,11 @@
 //! The accept loop, one hyper HTTP/1.1 connection task per client, and graceful shutdown.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::IpAddr;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
@@ -17,7 +19,6 @@ use crate::config::Config;
 use crate::plugin::registry::Registry;
 
 /// What every connection task shares.
-#[derive(Debug)]
 pub(crate) struct Ctx {
     pub(crate) config: Config,
     pub(crate) registry: Arc<Registry>,
@@ -25,18 +26,108 @@ pub(crate) struct Ctx {
     pub(crate) shutdown: CancellationToken,
     /// Every connection task, so shutdown can wait for them.
     pub(crate) tracker: TaskTracker,
+    /// TLS, if configured.
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Bytes queued for sending across all connections.
+    pub(crate) send_budget: Arc<crate::ws::conn::SendBudget>,
     next_id: AtomicU64,
+    /// Open TCP connections (HTTP or WebSocket).
+    open_tcp: AtomicUsize,
+    /// Open WebSocket sessions, in all and per client IP.
+    sessions: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("tls", &self.tls.is_some())
+            .field("sessions", &self.sessions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A WebSocket session's place under the connection limits; given back when dropped.
+#[derive(Debug)]
+pub(crate) struct Admission {
+    ctx: Arc<Ctx>,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.ctx.sessions.fetch_sub(1, Ordering::AcqRel);
+        if self.ctx.config.max_connections_per_ip > 0 {
+            let mut per_ip = self
+                .ctx
+                .per_ip
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if let Some(n) = per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// A TCP connection's place under the accept-level cap; given back when dropped.
+struct TcpSlot(Arc<Ctx>);
+
+impl Drop for TcpSlot {
+    fn drop(&mut self) {
+        self.0.open_tcp.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Connections in their HTTP phase allowed beyond `max_connections`, so that upgrades past the
+/// limit can still be answered with 503 instead of being dropped.
+const HTTP_HEADROOM: usize = 256;
+
 impl Ctx {
-    pub(crate) fn new(config: Config, registry: Arc<Registry>) -> Self {
+    pub(crate) fn new(
+        config: Config,
+        registry: Arc<Registry>,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> Self {
         Self {
+            send_budget: Arc::new(crate::ws::conn::SendBudget::new(config.max_buffered_total)),
             config,
             registry,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            tls,
             next_id: AtomicU64::new(1),
+            open_tcp: AtomicUsize::new(0),
+            sessions: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Takes a place for a WebSocket session from `ip`, or the status that refuses it.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, hyper::StatusCode> {
+        let before = self.sessions.fetch_add(1, Ordering::AcqRel);
+        if before >= self.config.max_connections {
+            self.sessions.fetch_sub(1, Ordering::AcqRel);
+            return Err(hyper::StatusCode::SERVICE_UNAVAILABLE);
+        }
+        let cap = self.config.max_connections_per_ip;
+        if cap > 0 {
+            let mut per_ip = self.per_ip.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = per_ip.entry(ip).or_insert(0);
+            if *n >= cap {
+                drop(per_ip);
+                self.sessions.fetch_sub(1, Ordering::AcqRel);
+                return Err(hyper::StatusCode::TOO_MANY_REQUESTS);
+            }
+            *n += 1;
+        }
+        Ok(Admission {
+            ctx: Arc::clone(self),
+            ip,
+        })
     }
 
     pub(crate) fn next_conn_id(&self) -> u64 {
@@ -53,8 +144,15 @@ pub(crate) async fn run(ctx: Arc<Ctx>, listener: TcpListener, shutdown: impl Fut
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    let ctx2 = Arc::clone(&ctx);
-                    ctx.tracker.spawn(serve_connection(stream, peer, ctx2));
+                    let open = ctx.open_tcp.fetch_add(1, Ordering::AcqRel)
+                        + ctx.sessions.load(Ordering::Acquire);
+                    let slot = TcpSlot(Arc::clone(&ctx));
+                    if open >= ctx.config.max_connections + HTTP_HEADROOM {
+                        tracing::debug!(%peer, open, "too many connections; dropped at accept");
+                        drop((stream, slot));
+                        continue;
+                    }
+                    ctx.tracker.spawn(accept_connection(stream, peer, slot));
                 }
                 Err(e) => accept_error(&e).await,
             }
@@ -91,17 +189,42 @@ async fn accept_error(e: &std::io::Error) {
     }
 }
 
-async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
+/// Completes TLS if configured, then serves HTTP.
+async fn accept_connection(stream: TcpStream, peer: SocketAddr, slot: TcpSlot) {
+    let ctx = Arc::clone(&slot.0);
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
         return;
     };
+    match &ctx.tls {
+        None => serve_connection(stream, peer, local, ctx, slot).await,
+        Some(acceptor) => {
+            let handshake = acceptor.accept(stream);
+            match tokio::time::timeout(ctx.config.header_read_timeout, handshake).await {
+                Ok(Ok(tls)) => serve_connection(tls, peer, local, Arc::clone(&ctx), slot).await,
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_connection<I>(
+    stream: I,
+    peer: SocketAddr,
+    local: SocketAddr,
+    ctx: Arc<Ctx>,
+    slot: TcpSlot,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc_ctx = Arc::clone(&ctx);
     let service =
         service_fn(move |req| crate::http::handle(req, Arc::clone(&svc_ctx), peer, local));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.config.header_read_timeout)
+        .max_buf_size(ctx.config.max_header_size.max(8192))
         .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     tokio::pin!(conn);
@@ -115,4 +238,6 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, ctx: Arc<Ctx>) {
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "http connection ended with an error");
     }
+    // An upgraded connection lives on as a session, counted by its `Admission` instead.
+    drop(slot);
 }

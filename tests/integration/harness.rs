@@ -204,6 +204,11 @@ impl HostBuilder {
         self
     }
 
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| (*a).to_owned()));
+        self
+    }
+
     pub fn env(mut self, k: &str, v: &str) -> Self {
         self.env.push((k.to_owned(), v.to_owned()));
         self
@@ -253,7 +258,10 @@ impl HostBuilder {
                 if let Some(a) = line.strip_prefix("admin on http://") {
                     admin = Some(a.parse::<SocketAddr>().expect("a socket address"));
                 }
-                if let Some(addr) = line.strip_prefix("listening on ws://") {
+                let listening = line
+                    .strip_prefix("listening on ws://")
+                    .or_else(|| line.strip_prefix("listening on wss://"));
+                if let Some(addr) = listening {
                     let addr = addr.parse::<SocketAddr>().expect("a socket address");
                     let _ = tx.send((addr, admin.expect("the admin line comes first")));
                     break;
@@ -431,8 +439,9 @@ pub async fn connect(url: &str) -> Ws {
 
 /// The next data or close message.
 pub async fn next(ws: &mut Ws) -> Message {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        let msg = tokio::time::timeout(PATIENCE, ws.next())
+        let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
             .expect("no message arrived")
             .expect("the connection ended")

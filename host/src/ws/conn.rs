@@ -20,6 +20,57 @@ const CLOSED: u8 = 2;
 /// A frame for the writer, with the bytes it counts against the send queue.
 pub(crate) type Outgoing = (Message, u64);
 
+/// Bytes queued for sending across all connections, against `max_buffered_total`.
+#[derive(Debug)]
+pub(crate) struct SendBudget {
+    used: AtomicU64,
+    max: u64,
+    /// When the last refusal was logged (ms since `since`), so floods log once a second.
+    last_log_ms: AtomicU64,
+    since: std::time::Instant,
+}
+
+impl SendBudget {
+    pub(crate) fn new(max: u64) -> Self {
+        Self {
+            used: AtomicU64::new(0),
+            max,
+            last_log_ms: AtomicU64::new(0),
+            since: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&self, n: u64) -> bool {
+        let before = self.used.fetch_add(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.max {
+            self.give(n);
+            let now = self.since.elapsed().as_millis() as u64 + 1000;
+            let last = self.last_log_ms.load(Ordering::Relaxed);
+            if now >= last + 1000
+                && self
+                    .last_log_ms
+                    .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                tracing::warn!(
+                    max_buffered_total = self.max,
+                    "send budget of all connections exhausted; refusing sends with QueueFull"
+                );
+            }
+            return false;
+        }
+        true
+    }
+
+    fn give(&self, n: u64) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                Some(u.saturating_sub(n))
+            });
+    }
+}
+
 /// The state a connection shares between its reader, its writer, the hub and plugin handles.
 #[derive(Debug)]
 pub(crate) struct ConnShared {
@@ -27,6 +78,7 @@ pub(crate) struct ConnShared {
     pub(crate) remote: String,
     plugin: Arc<str>,
     hub: Arc<Hub>,
+    budget: Arc<SendBudget>,
     tx: mpsc::UnboundedSender<Outgoing>,
     state: AtomicU8,
     buffered: AtomicU64,
@@ -50,6 +102,7 @@ impl ConnShared {
         remote: String,
         plugin: Arc<str>,
         hub: Arc<Hub>,
+        budget: Arc<SendBudget>,
         max_send_queue: u64,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Outgoing>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -58,6 +111,7 @@ impl ConnShared {
             remote,
             plugin,
             hub,
+            budget,
             tx,
             state: AtomicU8::new(OPEN),
             buffered: AtomicU64::new(0),
@@ -85,20 +139,33 @@ impl ConnShared {
         }
         let n = msg.len() as u64;
         let before = self.buffered.fetch_add(n, Ordering::AcqRel);
-        if before > 0 && before + n > self.max_send_queue {
-            self.buffered.fetch_sub(n, Ordering::AcqRel);
+        if before > 0 && before + n > self.max_send_queue || !self.budget.take(n) {
+            self.release(n);
             self.drain_wanted.store(true, Ordering::Release);
             return Err(SendError::QueueFull);
         }
         self.tx.send((msg, n)).map_err(|_| {
-            self.buffered.fetch_sub(n, Ordering::AcqRel);
+            self.release(n);
+            self.budget.give(n);
             SendError::Closed
         })
     }
 
+    /// Takes `n` bytes off this connection's queue count.
+    fn release(&self, n: u64) -> u64 {
+        let before = self
+            .buffered
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                Some(b.saturating_sub(n))
+            })
+            .unwrap_or_default();
+        before.saturating_sub(n)
+    }
+
     /// The writer wrote `n` bytes to the socket.
     pub(crate) fn written(&self, n: u64) {
-        let left = self.buffered.fetch_sub(n, Ordering::AcqRel) - n;
+        let left = self.release(n);
+        self.budget.give(n);
         if left == 0 && self.drain_wanted.swap(false, Ordering::AcqRel) {
             self.drain.notify_one();
         }
@@ -159,6 +226,9 @@ impl ConnShared {
     pub(crate) fn finish(&self) {
         self.state.store(CLOSED, Ordering::Release);
         self.done.notify_one();
+        // What is still queued will be written or dropped; either way it leaves the budget.
+        let queued = self.buffered.swap(0, Ordering::AcqRel);
+        self.budget.give(queued);
         let channels =
             std::mem::take(&mut *self.channels.lock().unwrap_or_else(PoisonError::into_inner));
         for channel in channels {

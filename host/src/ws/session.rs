@@ -34,10 +34,15 @@ const MAX_BATCH: u64 = 256 << 10;
 pub(crate) struct Start {
     pub(crate) id: u64,
     pub(crate) peer: std::net::SocketAddr,
+    /// The client's address as plugins see it (behind a trusted proxy, the forwarded one).
+    pub(crate) remote: String,
+    /// The session's place under the connection limits.
+    pub(crate) admission: crate::server::Admission,
     pub(crate) plugin: Arc<LoadedPlugin>,
     pub(crate) handler: HandlerBox,
     pub(crate) settings: Settings,
     pub(crate) hub: Arc<Hub>,
+    pub(crate) budget: Arc<super::conn::SendBudget>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -51,11 +56,14 @@ pub(crate) async fn run(upgraded: Upgraded, start: Start, config: &Config) {
 async fn session(upgraded: Upgraded, start: Start, config: &Config) {
     let Start {
         id,
-        peer,
+        peer: _,
+        remote,
+        admission,
         plugin,
         handler,
         settings,
         hub,
+        budget,
         shutdown,
     } = start;
     let max_message = settings
@@ -76,7 +84,7 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         .max_send_queue
         .unwrap_or(config.max_send_queue as u64);
     let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
-    let (conn, rx) = ConnShared::new(id, peer.to_string(), plugin_name, hub, max_send_queue);
+    let (conn, rx) = ConnShared::new(id, remote, plugin_name, hub, budget, max_send_queue);
     let handle: ConnHandle = ConnFfi_TO::from_ptr(RArc::new(ConnRef(Arc::clone(&conn))), TD_Opaque);
     let (sink, stream) = ws.split();
     let mut writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&conn)).in_current_span());
@@ -98,6 +106,7 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         h.on_close(c, code, RStr::from_str(&reason))
     });
     plugin.connection_closed();
+    drop(admission);
     tracing::debug!(code, %reason, "connection closed");
     // Give the writer the chance to put a pending close frame on the wire.
     if tokio::time::timeout(config.close_timeout, &mut writer)

@@ -169,6 +169,30 @@ impl Handler for Kit {
                 "logged".to_owned()
             }
             "ping" => format!("{:?}", conn.ping(arg.as_bytes())),
+            "flood" => {
+                // Queue COUNT messages of SIZE bytes as fast as possible; report how far it got.
+                let (count, size) = arg.split_once(':').unwrap_or((arg, "1024"));
+                let (count, size): (usize, usize) =
+                    (count.parse().unwrap_or(100), size.parse().unwrap_or(1024));
+                let payload = vec![b'f'; size];
+                let mut sent = 0;
+                let mut error = None;
+                for _ in 0..count {
+                    match conn.send_binary(&payload) {
+                        Ok(()) => sent += 1,
+                        Err(e) => {
+                            error = Some(e);
+                            break;
+                        }
+                    }
+                }
+                self.event(&format!(
+                    "flood {} sent={sent} error={error:?} buffered={}",
+                    conn.id(),
+                    conn.buffered_amount()
+                ));
+                return;
+            }
             "closes" => format!("closes {}", self.closes.load(Ordering::SeqCst)),
             _ => text.to_owned(),
         };
@@ -180,11 +204,22 @@ impl Handler for Kit {
     }
 
     fn on_pong(&mut self, conn: &Conn, payload: &[u8]) {
-        let _ = conn.send_text(&format!("pong {}", String::from_utf8_lossy(payload)));
+        // Report pongs to the `ping` command's pings; the host's own pings carry no payload.
+        if !payload.is_empty() {
+            let _ = conn.send_text(&format!("pong {}", String::from_utf8_lossy(payload)));
+        }
+    }
+
+    fn on_drain(&mut self, conn: &Conn) {
+        self.event(&format!("drain {}", conn.id()));
     }
 
     fn on_close(&mut self, conn: &Conn, code: u16, reason: &str) {
         self.closes.fetch_add(1, Ordering::SeqCst);
+        self.host.info(&format!(
+            "on_close conn={} code={code} reason={reason}",
+            conn.id()
+        ));
         self.event(&format!("close {} {code} {reason}", conn.id()));
     }
 }

@@ -1,0 +1,50 @@
+//! RFC 6455 conformance: the Autobahn|Testsuite fuzzing client against the echo plugin.
+
+use std::process::Command;
+
+use crate::harness::{workspace_root, Host};
+
+/// Cases 1-10 (12 and 13 are permessage-deflate, which wshost does not negotiate).
+const CASES: &str = "1.*,2.*,3.*,4.*,5.*,6.*,7.*,9.*,10.*";
+
+#[test]
+fn autobahn_cases_1_to_10_have_no_failures() {
+    let script = workspace_root().join("../shared/conformance/autobahn.sh");
+    assert!(
+        script.exists(),
+        "{} is missing: the conformance suite cannot run (it must not be skipped)",
+        script.display()
+    );
+    // Cases 9.* send messages of up to 16 MiB; the rate limit would cut the 9.* floods short.
+    let host = Host::builder()
+        .plugin("echo")
+        .arg("--max-message-size")
+        .arg("16777216")
+        .arg("--max-frame-size")
+        .arg("16777216")
+        .arg("--max-message-rate")
+        .arg("0")
+        .start();
+    let report = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(host.url("/echo"))
+        .arg(CASES)
+        .env("AUTOBAHN_OUTDIR", report.path())
+        .output()
+        .expect("bash runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let summary = stdout
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| l.starts_with("autobahn"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    println!("{summary}");
+    assert!(
+        out.status.success(),
+        "Autobahn found failures or could not run:\n{stdout}\n{stderr}"
+    );
+    assert!(summary.contains(" 0 failed"), "{summary}");
+}

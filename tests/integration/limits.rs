@@ -1,0 +1,365 @@
+//! Heartbeat, timeouts, limits, origin and proxy rules, TLS and graceful shutdown: each with
+//! short configured intervals, waiting for what the host does rather than for a time.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{ask, closed_with, connect, http, text, Host, Ws, PATIENCE};
+
+async fn id_of(ws: &mut Ws) -> u64 {
+    let info = ask(ws, "info").await;
+    info.strip_prefix("id=")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {info}"))
+}
+
+async fn event(observer: &mut Ws, prefix: &str) -> String {
+    loop {
+        let e = text(observer).await;
+        if e.starts_with(prefix) {
+            return e;
+        }
+    }
+}
+
+fn refusal_status(err: tokio_tungstenite::tungstenite::Error) -> u16 {
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(r) => r.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn the_host_pings_and_drops_a_peer_whose_pong_does_not_come() {
+    let host = Host::builder()
+        .plugin("testkit")
+        .args(&["--ping-interval", "200ms", "--pong-timeout", "300ms"])
+        .args(&["--idle-timeout", "0"])
+        .start();
+    // A client that reads answers pings (tungstenite does) and stays: it sees ten pings,
+    // several pong timeouts' worth, without being dropped.
+    let mut alive = connect(&host.url("/testkit")).await;
+    let reader = tokio::spawn(async move {
+        let mut pings = 0;
+        while pings < 10 {
+            match tokio::time::timeout(PATIENCE, alive.next()).await {
+                Ok(Some(Ok(Message::Ping(_)))) => pings += 1,
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the reading client was dropped: {other:?}"),
+            }
+        }
+        pings
+    });
+    // A client that stops reading never answers: the host drops it (on_close gets 1006).
+    let mut mute = connect(&host.url("/testkit")).await;
+    let id = id_of(&mut mute).await;
+    let log = tokio::task::spawn_blocking(move || {
+        host.wait_for_log(&["no pong in time", &format!("conn_id={id} ")]);
+        host.wait_for_log(&[&format!("on_close conn={id} code=1006 ")]);
+        host
+    });
+    let host = log.await.unwrap();
+    assert_eq!(reader.await.unwrap(), 10);
+    drop((mute, host));
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_with_1001_and_pings_do_not_count() {
+    let host = Host::builder()
+        .plugin("testkit")
+        .args(&["--idle-timeout", "500ms", "--ping-interval", "100ms"])
+        .start();
+    let mut ws = connect(&host.url("/testkit")).await;
+    assert_eq!(ask(&mut ws, "hello").await, "hello");
+    // Reading answers the host's pings; still, no data flows, so the idle timeout closes it.
+    assert_eq!(
+        closed_with(&mut ws).await,
+        (1001, "idle timeout".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn a_plugin_sets_its_own_limits_in_the_101() {
+    let host = Host::builder().plugin("testkit").start();
+    // testkit lowers max_message_size for this connection only.
+    let mut small = connect(&host.url("/testkit?max_message=100")).await;
+    let mut large = connect(&host.url("/testkit")).await;
+    large.send(Message::binary(vec![1u8; 5000])).await.unwrap();
+    assert_eq!(
+        crate::harness::next(&mut large).await,
+        Message::binary(vec![1u8; 5000])
+    );
+    small.send(Message::binary(vec![1u8; 5000])).await.unwrap();
+    assert_eq!(closed_with(&mut small).await.0, 1009);
+}
+
+#[tokio::test]
+async fn the_send_queue_is_bounded_and_drains() {
+    let host = Host::builder()
+        .plugin("testkit")
+        .args(&["--max-send-queue", "1048576"])
+        .start();
+    let mut observer = connect(&host.url("/testkit/observe")).await;
+    let mut slow = connect(&host.url("/testkit")).await;
+    let id = id_of(&mut slow).await;
+    // 64 MiB to a client that is not reading: far more than socket buffers hold.
+    slow.send(Message::text("flood:1024:65536")).await.unwrap();
+    let report = event(&mut observer, &format!("flood {id} ")).await;
+    assert!(report.contains("error=Some(QueueFull)"), "{report}");
+    let buffered: u64 = report
+        .rsplit("buffered=")
+        .next()
+        .and_then(|b| b.parse().ok())
+        .expect("buffered amount");
+    assert!(buffered <= 1_048_576, "{report}");
+    // Reading empties the queue; the plugin hears on_drain.
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = slow.next().await {} });
+    event(&mut observer, &format!("drain {id}")).await;
+    reader.abort();
+}
+
+#[tokio::test]
+async fn connections_past_the_limits_get_503_and_429() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--max-connections", "2", "--max-connections-per-ip", "0"])
+        .start();
+    let a = connect(&host.url("/echo")).await;
+    let _b = connect(&host.url("/echo")).await;
+    let err = tokio_tungstenite::connect_async(host.url("/echo"))
+        .await
+        .expect_err("third refused");
+    assert_eq!(refusal_status(err), 503);
+    host.wait_for_log(&["upgrade refused: connection limit", "503"]);
+    drop(a);
+    // A place frees up when a connection ends.
+    let mut c = loop {
+        match tokio_tungstenite::connect_async(host.url("/echo")).await {
+            Ok((ws, _)) => break ws,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(ask(&mut c, "in").await, "in");
+
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--max-connections-per-ip", "1"])
+        .start();
+    let _one = connect(&host.url("/echo")).await;
+    let err = tokio_tungstenite::connect_async(host.url("/echo"))
+        .await
+        .expect_err("second from the same IP refused");
+    assert_eq!(refusal_status(err), 429);
+}
+
+#[tokio::test]
+async fn a_flood_of_messages_closes_with_1008() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--max-message-rate", "20"])
+        .start();
+    let mut ws = connect(&host.url("/echo")).await;
+    for i in 0..200 {
+        if ws.send(Message::text(format!("{i}"))).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(
+        closed_with(&mut ws).await,
+        (1008, "message rate limit exceeded".to_owned())
+    );
+    let mut other = connect(&host.url("/echo")).await;
+    assert_eq!(ask(&mut other, "fine").await, "fine");
+}
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--max-header-size", "8192"])
+        .start();
+    let big = "x".repeat(20_000);
+    let (status, _, _) = http(
+        host.addr,
+        &format!("GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n"),
+        b"",
+    );
+    assert_eq!(status, 431);
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_request_head_is_dropped() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--header-read-timeout", "500ms"])
+        .start();
+    let mut s = TcpStream::connect(host.addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(b"GET /echo HTTP/1.1\r\nHost: x\r\n").unwrap();
+    let addr = host.addr;
+    let writer = {
+        let mut s = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // One header byte every 100 ms: each arrives well within any per-read timeout.
+            for b in b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                .iter()
+                .cycle()
+            {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    // The host gives up on the head and closes: the read ends (408 or EOF).
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    writer.join().unwrap();
+    // Others are served meanwhile.
+    let (status, _, _) = crate::harness::get(addr, "/nothing");
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn the_origin_allow_list_refuses_other_origins_with_403() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--allowed-origin", "https://good.example"])
+        .start();
+    let with_origin = |origin: &str| {
+        let mut req = host.url("/echo").into_client_request().unwrap();
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        req
+    };
+    let err = tokio_tungstenite::connect_async(with_origin("https://evil.example"))
+        .await
+        .expect_err("refused");
+    assert_eq!(refusal_status(err), 403);
+    tokio_tungstenite::connect_async(with_origin("https://good.example"))
+        .await
+        .expect("allowed");
+    // No Origin (a non-browser client) is allowed unless --require-origin.
+    connect(&host.url("/echo")).await;
+    let strict = Host::builder()
+        .plugin("echo")
+        .arg("--require-origin")
+        .start();
+    let err = tokio_tungstenite::connect_async(strict.url("/echo"))
+        .await
+        .expect_err("refused");
+    assert_eq!(refusal_status(err), 403);
+}
+
+#[tokio::test]
+async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
+    let info = |host: &Host| {
+        let (_, _, body) = http(
+            host.addr,
+            "GET /testkit/info HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 203.0.113.9\r\n\
+             Connection: close\r\n\r\n",
+            b"",
+        );
+        String::from_utf8(body).unwrap()
+    };
+    let direct = Host::builder().plugin("testkit").start();
+    assert!(
+        info(&direct).contains("remote_addr=127.0.0.1 "),
+        "{}",
+        info(&direct)
+    );
+    let proxied = Host::builder()
+        .plugin("testkit")
+        .args(&["--trusted-proxy", "127.0.0.0/8"])
+        .start();
+    assert!(
+        info(&proxied).contains("remote_addr=203.0.113.9 "),
+        "{}",
+        info(&proxied)
+    );
+}
+
+#[tokio::test]
+async fn wss_with_a_generated_certificate() {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let host = Host::builder()
+        .plugin("testkit")
+        .arg("--tls-cert")
+        .arg(cert_path.to_str().unwrap())
+        .arg("--tls-key")
+        .arg(key_path.to_str().unwrap())
+        .start();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let url = format!("wss://localhost:{}/testkit/info", host.addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    ws.send(Message::text("over tls")).await.unwrap();
+    let reply = tokio::time::timeout(PATIENCE, ws.next()).await.unwrap();
+    assert_eq!(reply.unwrap().unwrap(), Message::text("over tls"));
+
+    // The plugin sees the scheme: plain requests over TLS are https.
+    let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET /testkit/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.contains("scheme=https"), "{answer}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_closes_everyone_with_1001_and_runs_every_on_close() {
+    let mut host = Host::builder().plugin("testkit").start();
+    let mut clients = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(&host.url("/testkit")).await;
+        ids.push(id_of(&mut ws).await);
+        clients.push(ws);
+    }
+    let waiting: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { closed_with(&mut ws).await }))
+        .collect();
+    let (status, host) = tokio::task::spawn_blocking(move || (host.terminate(), host))
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for w in waiting {
+        assert_eq!(w.await.unwrap(), (1001, "going away".to_owned()));
+    }
+    for id in ids {
+        host.wait_for_log(&[&format!("on_close conn={id} code="), "plugin=testkit"]);
+    }
+}
