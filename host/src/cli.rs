@@ -115,6 +115,9 @@ pub struct ServeArgs {
     /// 0 disables the limit.
     #[arg(long, env = "WSHOST_MAX_MESSAGE_RATE", default_value_t = Config::default().max_message_rate)]
     pub max_message_rate: u32,
+    /// A message must arrive whole within this time of its first byte (close 1008); 0 disables.
+    #[arg(long, env = "WSHOST_MESSAGE_TIMEOUT", default_value = "60s", value_parser = duration)]
+    pub message_timeout: Duration,
     /// Largest request head (request line and headers), in bytes; 431 past it.
     #[arg(long, env = "WSHOST_MAX_HEADER_SIZE", default_value_t = Config::default().max_header_size)]
     pub max_header_size: usize,
@@ -125,7 +128,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WSHOST_MAX_CONNECTIONS_PER_IP",
         default_value_t = Config::default().max_connections_per_ip)]
     pub max_connections_per_ip: usize,
-    /// Bytes queued for sending across all connections; sends past it fail with QueueFull.
+    /// Bytes buffered across all connections (send queues, partly received messages); past it
+    /// sends fail with QueueFull and incoming data that does not fit closes with 1013.
     #[arg(long, env = "WSHOST_MAX_BUFFERED_TOTAL",
         default_value_t = Config::default().max_buffered_total)]
     pub max_buffered_total: u64,
@@ -203,6 +207,7 @@ impl ServeArgs {
             pong_timeout: self.pong_timeout,
             idle_timeout: self.idle_timeout,
             max_message_rate: self.max_message_rate,
+            message_timeout: self.message_timeout,
             max_header_size: self.max_header_size,
             max_connections: self.max_connections,
             max_connections_per_ip: self.max_connections_per_ip,

@@ -48,6 +48,9 @@ pub struct Config {
     /// Data messages a connection may send per second, with a burst of as many; past it the
     /// connection is closed with 1008. Zero disables the limit. Default 10,000.
     pub max_message_rate: u32,
+    /// A message must arrive whole within this time of its first byte; past it the connection
+    /// is closed with 1008 (checked at least this often). Zero disables it. Default 60 s.
+    pub message_timeout: Duration,
     /// Largest request head (request line and headers) a client may send; 431 past it.
     /// Default 16 KiB (hyper's floor is 8 KiB).
     pub max_header_size: usize,
@@ -58,8 +61,10 @@ pub struct Config {
     /// Most WebSocket connections from one client IP; upgrades past it get 429. Default 1,000
     /// (clients behind one NAT share an address); zero disables the cap.
     pub max_connections_per_ip: usize,
-    /// Bytes queued for sending across all connections; sends past it fail with `QueueFull`
-    /// (and are logged), so that many slow readers cannot exhaust memory. Default 1 GiB.
+    /// Bytes buffered across all connections: send queues and partly received messages. Past
+    /// it sends fail with `QueueFull` and a connection whose incoming data does not fit is
+    /// closed with 1013 (both logged), so that many connections at their limits cannot exhaust
+    /// memory. Default 1 GiB.
     pub max_buffered_total: u64,
     /// Origins allowed to open WebSockets (`https://example.com`); empty allows every origin.
     pub allowed_origins: Vec<String>,
@@ -93,6 +98,7 @@ impl Default for Config {
             slow_callback: Duration::from_millis(50),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),
+            message_timeout: Duration::from_secs(60),
             max_header_size: 16 << 10,
             max_connections: default_max_connections(),
             max_connections_per_ip: 1000,

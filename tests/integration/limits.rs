@@ -363,3 +363,38 @@ async fn graceful_shutdown_closes_everyone_with_1001_and_runs_every_on_close() {
         host.wait_for_log(&[&format!("on_close conn={id} code="), "plugin=testkit"]);
     }
 }
+
+#[tokio::test]
+async fn a_message_that_never_completes_is_closed_with_1008() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--message-timeout", "300ms"])
+        .start();
+    let mut ws = connect(&host.url("/echo")).await;
+    // The first fragment of a text message, and never the rest.
+    let first = Frame::message(b"never finished".to_vec(), OpCode::Data(Data::Text), false);
+    ws.send(Message::Frame(first)).await.unwrap();
+    assert_eq!(
+        closed_with(&mut ws).await,
+        (1008, "message timeout".to_owned())
+    );
+    host.wait_for_log(&["a message took too long to arrive"]);
+}
+
+#[tokio::test]
+async fn incoming_data_past_the_memory_budget_closes_with_1013() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--max-buffered-total", "100000"])
+        .start();
+    let mut small = connect(&host.url("/echo")).await;
+    assert_eq!(ask(&mut small, "fits").await, "fits");
+    let mut big = connect(&host.url("/echo")).await;
+    let _ = big.send(Message::binary(vec![0u8; 600_000])).await;
+    assert_eq!(closed_with(&mut big).await.0, 1013);
+    host.wait_for_log(&["memory budget for buffered bytes exhausted"]);
+    // What the refused message held is given back: others still get through.
+    assert_eq!(ask(&mut small, "still fits").await, "still fits");
+}

@@ -20,7 +20,8 @@ const CLOSED: u8 = 2;
 /// A frame for the writer, with the bytes it counts against the send queue.
 pub(crate) type Outgoing = (Message, u64);
 
-/// Bytes queued for sending across all connections, against `max_buffered_total`.
+/// Bytes buffered across all connections (send queues and partly received messages), against
+/// `max_buffered_total`.
 #[derive(Debug)]
 pub(crate) struct SendBudget {
     used: AtomicU64,
@@ -40,7 +41,7 @@ impl SendBudget {
         }
     }
 
-    fn take(&self, n: u64) -> bool {
+    pub(crate) fn take(&self, n: u64) -> bool {
         let before = self.used.fetch_add(n, Ordering::AcqRel);
         if before > 0 && before + n > self.max {
             self.give(n);
@@ -54,7 +55,8 @@ impl SendBudget {
             {
                 tracing::warn!(
                     max_buffered_total = self.max,
-                    "send budget of all connections exhausted; refusing sends with QueueFull"
+                    "memory budget for buffered bytes exhausted: refusing sends (QueueFull) and \
+                     incoming data (close 1013)"
                 );
             }
             return false;
@@ -62,7 +64,7 @@ impl SendBudget {
         true
     }
 
-    fn give(&self, n: u64) {
+    pub(crate) fn give(&self, n: u64) {
         let _ = self
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {

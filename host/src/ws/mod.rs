@@ -2,5 +2,6 @@
 //! callbacks ([`session`]), and the handle plugins send through ([`conn`]).
 
 pub(crate) mod conn;
+pub(crate) mod counted;
 pub(crate) mod session;
 pub(crate) mod upgrade;

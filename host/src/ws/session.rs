@@ -21,11 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::conn::{ConnRef, ConnShared, Outgoing};
+use super::counted::{Counted, Partial, BUDGET_EXHAUSTED};
 use crate::channels::Hub;
 use crate::config::Config;
 use crate::plugin::{LoadedPlugin, Settings};
 
-type Ws = WebSocketStream<TokioIo<Upgraded>>;
+type Ws = WebSocketStream<Counted<TokioIo<Upgraded>>>;
 
 /// Most bytes the writer feeds before it flushes, so one flush never waits on an unbounded batch.
 const MAX_BATCH: u64 = 256 << 10;
@@ -77,9 +78,9 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         .read_buffer_size(config.read_buffer_size)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_frame));
-    let ws =
-        WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(ws_config))
-            .await;
+    let partial = Partial::new(Arc::clone(&budget));
+    let io = Counted::new(TokioIo::new(upgraded), Arc::clone(&partial));
+    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
     let max_send_queue = settings
         .max_send_queue
         .unwrap_or(config.max_send_queue as u64);
@@ -100,7 +101,8 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
     };
     s.call("on_connect", |h, c| h.on_connect(c));
     let timing = Timing::new(config, &settings);
-    let (code, reason) = s.read_loop(stream, &shutdown, timing).await;
+    let (code, reason) = s.read_loop(stream, &shutdown, timing, &partial).await;
+    partial.delivered();
     s.conn.finish();
     s.call_always("on_close", |h, c| {
         h.on_close(c, code, RStr::from_str(&reason))
@@ -138,6 +140,7 @@ pub(crate) struct Timing {
     pub(crate) idle_timeout: Option<Duration>,
     pub(crate) close_timeout: Duration,
     pub(crate) max_message_rate: u32,
+    pub(crate) message_timeout: Option<Duration>,
 }
 
 impl Timing {
@@ -150,6 +153,7 @@ impl Timing {
             idle_timeout: nonzero(ms(settings.idle_timeout_ms, config.idle_timeout)),
             close_timeout: config.close_timeout,
             max_message_rate: config.max_message_rate,
+            message_timeout: nonzero(config.message_timeout),
         }
     }
 }
@@ -191,6 +195,7 @@ impl Session {
         mut stream: SplitStream<Ws>,
         shutdown: &CancellationToken,
         timing: Timing,
+        partial: &Partial,
     ) -> (u16, String) {
         let mut peer_close: Option<(u16, String)> = None;
         let mut close_deadline: Option<tokio::time::Instant> = None;
@@ -216,7 +221,9 @@ impl Session {
             tokio::select! {
                 item = stream.next() => match item {
                     None => break,
-                    Some(Ok(msg)) => match msg {
+                    Some(Ok(msg)) => {
+                    partial.delivered();
+                    match msg {
                         Message::Text(t) => {
                             let now = Instant::now();
                             last_data_in = now;
@@ -250,7 +257,7 @@ impl Session {
                             });
                         }
                         Message::Frame(_) => {}
-                    },
+                    }},
                     Some(Err(e)) => {
                         self.read_error(e);
                         break;
@@ -284,6 +291,13 @@ impl Session {
                                 awaiting_pong = Some(now);
                             }
                             next_ping = Some(now + interval);
+                        }
+                    }
+                    if let Some(limit) = timing.message_timeout {
+                        if partial.pending_for(now).is_some_and(|d| d >= limit) && conn.is_open() {
+                            tracing::info!(message_timeout = ?limit,
+                                "a message took too long to arrive; closing with 1008");
+                            let _ = conn.close_unchecked(1008, "message timeout");
                         }
                     }
                     if let Some(idle) = timing.idle_timeout {
@@ -327,6 +341,11 @@ impl Session {
                 wake = wake.min(last_data + idle);
             }
         }
+        if let Some(limit) = timing.message_timeout {
+            // Look at least this often, so a message that starts arriving between two looks is
+            // caught within twice the limit.
+            wake = wake.min(Instant::now() + limit);
+        }
         wake
     }
 
@@ -356,6 +375,7 @@ impl Session {
     fn read_error(&mut self, e: WsError) {
         let code = match &e {
             WsError::ConnectionClosed | WsError::AlreadyClosed => return,
+            WsError::Io(io) if io.to_string() == BUDGET_EXHAUSTED => Some(1013),
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::Io(_) => None,
             WsError::Protocol(_) => Some(1002),
             WsError::Utf8(_) => Some(1007),

@@ -1,0 +1,122 @@
+//! The socket of a session, charging every byte read to the host's memory budget until the
+//! message it belongs to is delivered: tungstenite assembles fragments out of sight, so
+//! partly received messages are bounded here, at the socket.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::conn::SendBudget;
+
+/// The message the budget refused bytes with (the reader closes with 1013 on it).
+pub(crate) const BUDGET_EXHAUSTED: &str = "memory budget for buffered bytes exhausted";
+
+/// What the socket and the reader share: bytes read since the last delivered message.
+#[derive(Debug)]
+pub(crate) struct Partial {
+    budget: Arc<SendBudget>,
+    bytes: AtomicU64,
+    /// When the first byte after the last delivered message arrived, in ms since `start`,
+    /// plus one (0: none).
+    since_ms: AtomicU64,
+    start: Instant,
+}
+
+impl Partial {
+    pub(crate) fn new(budget: Arc<SendBudget>) -> Arc<Self> {
+        Arc::new(Self {
+            budget,
+            bytes: AtomicU64::new(0),
+            since_ms: AtomicU64::new(0),
+            start: Instant::now(),
+        })
+    }
+
+    /// A message was delivered: what it held goes back to the budget.
+    pub(crate) fn delivered(&self) {
+        let held = self.bytes.swap(0, Ordering::AcqRel);
+        if held > 0 {
+            self.budget.give(held);
+            self.since_ms.store(0, Ordering::Release);
+        }
+    }
+
+    /// How long the message now arriving has been arriving, if one is.
+    pub(crate) fn pending_for(&self, now: Instant) -> Option<Duration> {
+        match self.since_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(now.saturating_duration_since(self.start + Duration::from_millis(ms - 1))),
+        }
+    }
+}
+
+/// A socket whose reads are charged to a [`Partial`].
+#[derive(Debug)]
+pub(crate) struct Counted<S> {
+    inner: S,
+    partial: Arc<Partial>,
+}
+
+impl<S> Counted<S> {
+    pub(crate) fn new(inner: S, partial: Arc<Partial>) -> Self {
+        Self { inner, partial }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        if read > 0 {
+            let p = &self.partial;
+            if !p.budget.take(read) {
+                return Poll::Ready(Err(io::Error::other(BUDGET_EXHAUSTED)));
+            }
+            if p.bytes.fetch_add(read, Ordering::AcqRel) == 0 {
+                let ms = p.start.elapsed().as_millis() as u64 + 1;
+                p.since_ms.store(ms, Ordering::Release);
+            }
+        }
+        result
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
