@@ -142,8 +142,11 @@ impl ConnShared {
         let n = msg.len() as u64;
         let before = self.buffered.fetch_add(n, Ordering::AcqRel);
         if before > 0 && before + n > self.max_send_queue || !self.budget.take(n) {
-            self.release(n);
+            // Ask for on_drain before undoing: whoever brings the count to zero (this undo or
+            // the writer) then sees the request, so the wake-up cannot be lost between them.
             self.drain_wanted.store(true, Ordering::Release);
+            let left = self.release(n);
+            self.drained_if_empty(left);
             return Err(SendError::QueueFull);
         }
         self.tx.send((msg, n)).map_err(|_| {
@@ -168,6 +171,10 @@ impl ConnShared {
     pub(crate) fn written(&self, n: u64) {
         let left = self.release(n);
         self.budget.give(n);
+        self.drained_if_empty(left);
+    }
+
+    fn drained_if_empty(&self, left: u64) {
         if left == 0 && self.drain_wanted.swap(false, Ordering::AcqRel) {
             self.drain.notify_one();
         }
