@@ -398,3 +398,23 @@ async fn incoming_data_past_the_memory_budget_closes_with_1013() {
     // What the refused message held is given back: others still get through.
     assert_eq!(ask(&mut small, "still fits").await, "still fits");
 }
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut host = Host::builder()
+        .plugin("echo")
+        .args(&["--shutdown-timeout", "10m", "--close-timeout", "10m"])
+        .start();
+    // A client that never reads never answers the close: the first signal's shutdown waits.
+    let mute = connect(&host.url("/echo")).await;
+    let status = tokio::task::spawn_blocking(move || {
+        host.signal("TERM");
+        host.wait_for_log(&["signal received; shutting down"]);
+        host.signal("TERM");
+        host.wait_exit()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status.code(), Some(130), "{status:?}");
+    drop(mute);
+}
