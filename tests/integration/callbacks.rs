@@ -6,26 +6,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, closed_with, connect, text, Host, Ws};
-
-/// The id of the connection behind `ws`.
-async fn id_of(ws: &mut Ws) -> u64 {
-    let info = ask(ws, "info").await;
-    info.strip_prefix("id=")
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("no id in {info}"))
-}
-
-/// Reads the observer's events until one starts with `prefix`.
-async fn event(observer: &mut Ws, prefix: &str) -> String {
-    loop {
-        let e = text(observer).await;
-        if e.starts_with(prefix) {
-            return e;
-        }
-    }
-}
+use crate::harness::{ask, closed_with, connect, event, id_of, text, Host};
 
 #[tokio::test]
 async fn a_panicking_callback_closes_only_its_connection_with_1011() {

@@ -478,6 +478,25 @@ pub async fn ask(ws: &mut Ws, msg: &str) -> String {
     text(ws).await
 }
 
+/// The id of the testkit connection behind `ws` (asks it `info`).
+pub async fn id_of(ws: &mut Ws) -> u64 {
+    let info = ask(ws, "info").await;
+    info.strip_prefix("id=")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no id in {info}"))
+}
+
+/// Reads a testkit observer's events until one starts with `prefix`.
+pub async fn event(observer: &mut Ws, prefix: &str) -> String {
+    loop {
+        let e = text(observer).await;
+        if e.starts_with(prefix) {
+            return e;
+        }
+    }
+}
+
 /// Waits for the server's close frame; returns its code and reason.
 pub async fn closed_with(ws: &mut Ws) -> (u16, String) {
     loop {

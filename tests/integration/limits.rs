@@ -10,24 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, closed_with, connect, http, text, Host, Ws, PATIENCE};
-
-async fn id_of(ws: &mut Ws) -> u64 {
-    let info = ask(ws, "info").await;
-    info.strip_prefix("id=")
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|id| id.parse().ok())
-        .unwrap_or_else(|| panic!("no id in {info}"))
-}
-
-async fn event(observer: &mut Ws, prefix: &str) -> String {
-    loop {
-        let e = text(observer).await;
-        if e.starts_with(prefix) {
-            return e;
-        }
-    }
-}
+use crate::harness::{ask, closed_with, connect, event, http, id_of, Host, PATIENCE};
 
 fn refusal_status(err: tokio_tungstenite::tungstenite::Error) -> u16 {
     match err {
