@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Metrics;
 use crate::plugin::registry::Registry;
 use crate::plugin::watcher::Reloader;
 
@@ -21,6 +22,7 @@ use crate::plugin::watcher::Reloader;
 pub(crate) async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     reloader: Reloader,
     shutdown: CancellationToken,
 ) {
@@ -36,9 +38,16 @@ pub(crate) async fn serve(
             },
         };
         let (registry, reloader) = (Arc::clone(&registry), reloader.clone());
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let service =
-                service_fn(move |req| answer(req, Arc::clone(&registry), reloader.clone()));
+            let service = service_fn(move |req| {
+                answer(
+                    req,
+                    Arc::clone(&registry),
+                    Arc::clone(&metrics),
+                    reloader.clone(),
+                )
+            });
             if let Err(e) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -63,6 +72,7 @@ fn json(status: StatusCode, body: &impl serde::Serialize) -> Response<Full<Bytes
 async fn answer(
     req: Request<Incoming>,
     registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
     reloader: Reloader,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     Ok(match (req.method(), req.uri().path()) {
@@ -72,6 +82,24 @@ async fn answer(
             None => json(StatusCode::SERVICE_UNAVAILABLE, &"shutting down"),
         },
         (&Method::GET, "/healthz") => json(StatusCode::OK, &"ok"),
+        (&Method::GET, "/readyz") => {
+            // Ready once at least one plugin serves; the first load happens before serving.
+            if registry.table().plugins().next().is_some() {
+                json(StatusCode::OK, &"ready")
+            } else {
+                json(StatusCode::SERVICE_UNAVAILABLE, &"no plugin loaded")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(metrics.encode())));
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
         _ => json(StatusCode::NOT_FOUND, &"unknown admin path"),
     })
 }

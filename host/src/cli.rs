@@ -23,9 +23,26 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:8181";
 #[derive(Debug, Parser)]
 #[command(name = "wshost")]
 pub struct Cli {
+    /// Log format: human-readable lines, or one JSON object per line.
+    #[arg(
+        long,
+        global = true,
+        env = "WSHOST_LOG_FORMAT",
+        default_value = "human"
+    )]
+    pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 /// The subcommands.

@@ -12,6 +12,7 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use crate::config::Config;
+use crate::metrics::StatusLabel;
 use crate::plugin::{Answer, HostRequest};
 use crate::proxy::client_ip;
 use crate::server::Ctx;
@@ -30,6 +31,10 @@ pub(crate) async fn handle(
     let response = match upgrade::inspect(req.method(), req.headers()) {
         Handshake::Plain => plain(req, &ctx, peer, local).await,
         Handshake::Invalid(status, why) => {
+            let label = StatusLabel {
+                status: status.as_u16(),
+            };
+            ctx.metrics.upgrades.get_or_create(&label).inc();
             tracing::debug!(%peer, path = req.uri().path(), %status, why, "handshake refused");
             let mut r = text(status, why);
             if status == StatusCode::UPGRADE_REQUIRED {
@@ -41,7 +46,12 @@ pub(crate) async fn handle(
             r
         }
         Handshake::Valid { key, subprotocols } => {
-            websocket(req, &ctx, peer, local, &key, subprotocols)
+            let r = websocket(req, &ctx, peer, local, &key, subprotocols);
+            let label = StatusLabel {
+                status: r.status().as_u16(),
+            };
+            ctx.metrics.upgrades.get_or_create(&label).inc();
+            r
         }
     };
     Ok(response)
@@ -291,6 +301,7 @@ fn websocket(
         settings: answer.settings,
         hub: Arc::clone(ctx.registry.hub()),
         budget: Arc::clone(&ctx.send_budget),
+        metrics: Arc::clone(&ctx.metrics),
         shutdown: ctx.shutdown.child_token(),
     };
     let req = Request::from_parts(parts, body);

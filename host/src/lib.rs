@@ -31,6 +31,7 @@ pub mod channels;
 pub mod cli;
 pub mod config;
 mod http;
+pub mod metrics;
 pub mod plugin;
 mod proxy;
 mod server;
@@ -144,15 +145,18 @@ impl Server {
         } else {
             None
         };
+        let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&self.registry)));
         let ctx = Arc::new(server::Ctx::new(
             self.config,
             Arc::clone(&self.registry),
             self.tls,
+            Arc::clone(&metrics),
         ));
         if let Some(admin) = self.admin {
             tokio::spawn(admin::serve(
                 admin,
                 Arc::clone(&self.registry),
+                metrics,
                 self.reloader.clone(),
                 ctx.shutdown.clone(),
             ));

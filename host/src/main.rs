@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use wshost::cli::{AdminArgs, CheckArgs, Cli, Command, ServeArgs};
+use wshost::cli::{AdminArgs, CheckArgs, Cli, Command, LogFormat, ServeArgs};
 use wshost::plugin::registry::{ReloadReport, Status};
 use wshost::{Registry, Server};
 
@@ -18,13 +18,16 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => logs
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(&args),
         Command::Check(args) => check(&args),

@@ -30,6 +30,8 @@ pub(crate) struct Ctx {
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
     /// Bytes queued for sending across all connections.
     pub(crate) send_budget: Arc<crate::ws::conn::SendBudget>,
+    /// Prometheus metrics.
+    pub(crate) metrics: Arc<crate::metrics::Metrics>,
     next_id: AtomicU64,
     /// Open TCP connections (HTTP or WebSocket).
     open_tcp: AtomicUsize,
@@ -91,8 +93,10 @@ impl Ctx {
         config: Config,
         registry: Arc<Registry>,
         tls: Option<tokio_rustls::TlsAcceptor>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Self {
+            metrics,
             send_budget: Arc::new(crate::ws::conn::SendBudget::new(config.max_buffered_total)),
             config,
             registry,

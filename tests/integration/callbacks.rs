@@ -6,7 +6,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, closed_with, connect, event, id_of, text, Host};
+use crate::harness::{ask, closed_with, connect, event, id_of, observer, text, Host};
 
 #[tokio::test]
 async fn a_panicking_callback_closes_only_its_connection_with_1011() {
@@ -24,7 +24,7 @@ async fn a_panicking_callback_closes_only_its_connection_with_1011() {
 #[tokio::test]
 async fn a_panic_in_a_handlers_drop_is_contained() {
     let host = Host::builder().plugin("testkit").start();
-    let mut observer = connect(&host.url("/testkit/observe")).await;
+    let mut observer = observer(&host).await;
     let mut ws = connect(&host.url("/testkit")).await;
     let id = id_of(&mut ws).await;
     assert_eq!(ask(&mut ws, "drop-panic").await, "armed");
@@ -40,7 +40,7 @@ async fn a_panic_in_a_handlers_drop_is_contained() {
 #[tokio::test]
 async fn on_close_runs_exactly_once_with_the_peers_code_and_reason() {
     let host = Host::builder().plugin("testkit").start();
-    let mut observer = connect(&host.url("/testkit/observe")).await;
+    let mut observer = observer(&host).await;
     let mut ws = connect(&host.url("/testkit")).await;
     let id = id_of(&mut ws).await;
     ws.close(Some(CloseFrame {
@@ -69,7 +69,7 @@ async fn on_close_runs_exactly_once_with_the_peers_code_and_reason() {
 #[tokio::test]
 async fn on_close_gets_1006_when_the_peer_vanishes() {
     let host = Host::builder().plugin("testkit").start();
-    let mut observer = connect(&host.url("/testkit/observe")).await;
+    let mut observer = observer(&host).await;
     let mut ws = connect(&host.url("/testkit")).await;
     let id = id_of(&mut ws).await;
     drop(ws);
@@ -82,7 +82,7 @@ async fn on_close_gets_1006_when_the_peer_vanishes() {
 #[tokio::test]
 async fn the_plugin_closes_with_its_code_and_no_send_gets_through_after() {
     let host = Host::builder().plugin("testkit").start();
-    let mut observer = connect(&host.url("/testkit/observe")).await;
+    let mut observer = observer(&host).await;
     let mut ws = connect(&host.url("/testkit")).await;
     let id = id_of(&mut ws).await;
     ws.send(Message::text("close:4002:done here"))

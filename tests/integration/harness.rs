@@ -487,6 +487,16 @@ pub async fn id_of(ws: &mut Ws) -> u64 {
         .unwrap_or_else(|| panic!("no id in {info}"))
 }
 
+/// A testkit observer of `host`: a connection subscribed to the `events` channel. Returns once
+/// it is subscribed: `connect` returns at the 101, before the host has run `on_connect`;
+/// callbacks run in order, so a reply from `on_text` proves `on_connect` is done.
+pub async fn observer(host: &Host) -> Ws {
+    let mut ws = connect(&host.url("/testkit/observe")).await;
+    ws.send(Message::text("observer ready")).await.unwrap();
+    event(&mut ws, "observer ready").await;
+    ws
+}
+
 /// Reads a testkit observer's events until one starts with `prefix`.
 pub async fn event(observer: &mut Ws, prefix: &str) -> String {
     loop {

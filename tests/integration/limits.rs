@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, closed_with, connect, event, http, id_of, Host, PATIENCE};
+use crate::harness::{ask, closed_with, connect, event, http, id_of, observer, Host, PATIENCE};
 
 fn refusal_status(err: tokio_tungstenite::tungstenite::Error) -> u16 {
     match err {
@@ -89,7 +89,7 @@ async fn the_send_queue_is_bounded_and_drains() {
         .plugin("testkit")
         .args(&["--max-send-queue", "1048576"])
         .start();
-    let mut observer = connect(&host.url("/testkit/observe")).await;
+    let mut observer = observer(&host).await;
     let mut slow = connect(&host.url("/testkit")).await;
     let id = id_of(&mut slow).await;
     // 64 MiB to a client that is not reading: far more than socket buffers hold.

@@ -10,5 +10,6 @@ mod conformance;
 mod echo;
 mod limits;
 mod loading;
+mod observability;
 mod reload;
 mod routing;

@@ -337,8 +337,11 @@ async fn sighup_and_wshost_reload_rescan_when_watching_is_off() {
 #[tokio::test]
 async fn status_counts_connections_per_generation_and_mapped_libraries() {
     let host = Host::builder().plugin("echo").start();
-    let _a = connect(&host.url("/echo")).await;
-    let _b = connect(&host.url("/echo")).await;
+    // An echo proves each session is running (connect returns at the 101, before it starts).
+    let mut a = connect(&host.url("/echo")).await;
+    let mut b = connect(&host.url("/echo")).await;
+    assert_eq!(ask(&mut a, "a").await, "a");
+    assert_eq!(ask(&mut b, "b").await, "b");
     let (ok, out) = host.admin_cmd(&["status", "--json"]);
     assert!(ok, "{out}");
     assert!(out.contains("\"open_connections\": 2"), "{out}");

@@ -149,6 +149,8 @@ pub struct Registry {
     private_dir: tempfile::TempDir,
     probe: Option<Probe>,
     state: Mutex<State>,
+    loads_ok: std::sync::atomic::AtomicU64,
+    loads_refused: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -164,6 +166,8 @@ impl Registry {
             private_dir,
             probe,
             state: Mutex::new(State::default()),
+            loads_ok: Default::default(),
+            loads_refused: Default::default(),
         })
     }
 
@@ -254,9 +258,13 @@ impl Registry {
                         },
                     );
                     announcements.push((plugin, replaced.is_some(), load_ms));
+                    self.loads_ok
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 Err(e) => {
                     tracing::error!(file = %file.display(), "plugin refused: {e}");
+                    self.loads_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     report.refused.push(e.to_string());
                     state.files.insert(
                         file,
@@ -325,6 +333,15 @@ impl Registry {
             }
         }
         Ok(())
+    }
+
+    /// Plugin loads so far: succeeded, refused.
+    pub fn load_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.loads_ok.load(Relaxed),
+            self.loads_refused.load(Relaxed),
+        )
     }
 
     /// Loads one file outside the route table, as `wshost check` does.

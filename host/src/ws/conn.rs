@@ -81,6 +81,7 @@ pub(crate) struct ConnShared {
     plugin: Arc<str>,
     hub: Arc<Hub>,
     budget: Arc<SendBudget>,
+    metrics: Arc<crate::metrics::Metrics>,
     tx: mpsc::UnboundedSender<Outgoing>,
     state: AtomicU8,
     buffered: AtomicU64,
@@ -105,6 +106,7 @@ impl ConnShared {
         plugin: Arc<str>,
         hub: Arc<Hub>,
         budget: Arc<SendBudget>,
+        metrics: Arc<crate::metrics::Metrics>,
         max_send_queue: u64,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Outgoing>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -114,6 +116,7 @@ impl ConnShared {
             plugin,
             hub,
             budget,
+            metrics,
             tx,
             state: AtomicU8::new(OPEN),
             buffered: AtomicU64::new(0),
@@ -147,6 +150,7 @@ impl ConnShared {
             self.drain_wanted.store(true, Ordering::Release);
             let left = self.release(n);
             self.drained_if_empty(left);
+            self.metrics.send_queue_overflows.inc();
             return Err(SendError::QueueFull);
         }
         self.tx.send((msg, n)).map_err(|_| {

@@ -24,6 +24,7 @@ use super::conn::{ConnRef, ConnShared, Outgoing};
 use super::counted::{Counted, Partial, BUDGET_EXHAUSTED};
 use crate::channels::Hub;
 use crate::config::Config;
+use crate::metrics::{CodeLabel, Metrics};
 use crate::plugin::{LoadedPlugin, Settings};
 
 type Ws = WebSocketStream<Counted<TokioIo<Upgraded>>>;
@@ -44,6 +45,7 @@ pub(crate) struct Start {
     pub(crate) settings: Settings,
     pub(crate) hub: Arc<Hub>,
     pub(crate) budget: Arc<super::conn::SendBudget>,
+    pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -65,6 +67,7 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         settings,
         hub,
         budget,
+        metrics,
         shutdown,
     } = start;
     let max_message = settings
@@ -85,10 +88,20 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         .max_send_queue
         .unwrap_or(config.max_send_queue as u64);
     let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
-    let (conn, rx) = ConnShared::new(id, remote, plugin_name, hub, budget, max_send_queue);
+    let (conn, rx) = ConnShared::new(
+        id,
+        remote,
+        plugin_name,
+        hub,
+        budget,
+        Arc::clone(&metrics),
+        max_send_queue,
+    );
     let handle: ConnHandle = ConnFfi_TO::from_ptr(RArc::new(ConnRef(Arc::clone(&conn))), TD_Opaque);
     let (sink, stream) = ws.split();
-    let mut writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&conn)).in_current_span());
+    let mut writer = tokio::spawn(
+        write_loop(sink, rx, Arc::clone(&conn), Arc::clone(&metrics)).in_current_span(),
+    );
 
     tracing::debug!("connection open");
     plugin.connection_opened();
@@ -98,11 +111,15 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         conn,
         slow: config.slow_callback,
         failed: false,
+        metrics: Arc::clone(&metrics),
+        counts: Counts::default(),
     };
     s.call("on_connect", |h, c| h.on_connect(c));
     let timing = Timing::new(config, &settings);
     let (code, reason) = s.read_loop(stream, &shutdown, timing, &partial).await;
     partial.delivered();
+    s.counts.flush_in(&metrics);
+    metrics.closes.get_or_create(&CodeLabel { code }).inc();
     s.conn.finish();
     s.call_always("on_close", |h, c| {
         h.on_close(c, code, RStr::from_str(&reason))
@@ -130,6 +147,38 @@ struct Session {
     slow: Duration,
     /// A callback panicked: no more callbacks but `on_close`.
     failed: bool,
+    metrics: Arc<Metrics>,
+    /// Messages and bytes received since they were last added to the metrics.
+    counts: Counts,
+}
+
+/// Message and byte counts kept by one task and added to the shared metrics in batches, so the
+/// per-message path touches no shared cache line.
+#[derive(Debug, Default)]
+struct Counts {
+    messages: u64,
+    bytes: u64,
+}
+
+/// Messages counted locally before they are added to the metrics.
+const COUNT_BATCH: u64 = 1024;
+
+impl Counts {
+    fn add(&mut self, bytes: usize) -> bool {
+        self.messages += 1;
+        self.bytes += bytes as u64;
+        self.messages >= COUNT_BATCH
+    }
+
+    fn flush_in(&mut self, m: &Metrics) {
+        m.messages_in.inc_by(std::mem::take(&mut self.messages));
+        m.bytes_in.inc_by(std::mem::take(&mut self.bytes));
+    }
+
+    fn flush_out(&mut self, m: &Metrics) {
+        m.messages_out.inc_by(std::mem::take(&mut self.messages));
+        m.bytes_out.inc_by(std::mem::take(&mut self.bytes));
+    }
 }
 
 /// The connection's timers and limits, from the host's config and the plugin's 101.
@@ -227,6 +276,9 @@ impl Session {
                         Message::Text(t) => {
                             let now = Instant::now();
                             last_data_in = now;
+                            if self.counts.add(t.len()) {
+                                self.counts.flush_in(&self.metrics);
+                            }
                             if !self.within_rate(rate.as_mut(), now) {
                                 continue;
                             }
@@ -235,6 +287,9 @@ impl Session {
                         Message::Binary(b) => {
                             let now = Instant::now();
                             last_data_in = now;
+                            if self.counts.add(b.len()) {
+                                self.counts.flush_in(&self.metrics);
+                            }
                             if !self.within_rate(rate.as_mut(), now) {
                                 continue;
                             }
@@ -408,6 +463,7 @@ impl Session {
         let started = Instant::now();
         let result = f(&mut self.handler, &self.handle);
         let elapsed = started.elapsed();
+        self.metrics.callback_seconds.observe(elapsed.as_secs_f64());
         if elapsed >= self.slow {
             tracing::warn!(
                 callback = name,
@@ -425,6 +481,13 @@ impl Session {
     }
 }
 
+fn count_out(counts: &mut Counts, m: &Message) {
+    if is_data(m) {
+        counts.messages += 1;
+        counts.bytes += m.len() as u64;
+    }
+}
+
 fn is_data(m: &Message) -> bool {
     matches!(m, Message::Text(_) | Message::Binary(_))
 }
@@ -434,6 +497,19 @@ async fn write_loop(
     mut sink: SplitSink<Ws, Message>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     conn: Arc<ConnShared>,
+    metrics: Arc<Metrics>,
+) {
+    let mut counts = Counts::default();
+    write_batches(&mut sink, &mut rx, &conn, &mut counts, &metrics).await;
+    counts.flush_out(&metrics);
+}
+
+async fn write_batches(
+    sink: &mut SplitSink<Ws, Message>,
+    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    conn: &ConnShared,
+    counts: &mut Counts,
+    metrics: &Metrics,
 ) {
     loop {
         let (first, n) = tokio::select! {
@@ -455,18 +531,23 @@ async fn write_loop(
             }
         };
         let mut batch = n;
+        count_out(counts, &first);
         let mut data = is_data(&first);
         let mut closing = matches!(first, Message::Close(_));
         let mut ok = sink.feed(first).await.is_ok();
         while ok && !closing && batch < MAX_BATCH {
             let Ok((msg, n)) = rx.try_recv() else { break };
             batch += n;
+            count_out(counts, &msg);
             data |= is_data(&msg);
             closing = matches!(msg, Message::Close(_));
             ok = sink.feed(msg).await.is_ok();
         }
         ok = ok && sink.flush().await.is_ok();
         conn.written(batch);
+        if counts.messages >= COUNT_BATCH {
+            counts.flush_out(metrics);
+        }
         if data {
             conn.sent_data();
         }
