@@ -56,6 +56,8 @@ pub enum Command {
     Status(AdminArgs),
     /// Make a running host rescan its plugins directory now (asks its admin endpoint).
     Reload(AdminArgs),
+    /// Write a new plugin crate (an echo skeleton with a unit test) that builds on its own.
+    New(NewArgs),
     /// Load one plugin file completely in this process and report; the host runs this in a
     /// child process before it maps a plugin.
     #[command(hide = true)]
@@ -71,6 +73,20 @@ pub struct AdminArgs {
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `wshost new`.
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// The plugin's name: its crate, library and route (`/NAME`).
+    pub name: String,
+    /// The folder to create the crate in.
+    #[arg(long, default_value = ".")]
+    pub path: PathBuf,
+    /// The plugin-api folder to depend on. Default: the one of the source tree this wshost was
+    /// built from.
+    #[arg(long)]
+    pub api_path: Option<PathBuf>,
 }
 
 /// `wshost probe`.

@@ -34,6 +34,7 @@ mod http;
 pub mod metrics;
 pub mod plugin;
 mod proxy;
+pub mod scaffold;
 mod server;
 pub mod tls;
 mod ws;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use wshost::cli::{AdminArgs, CheckArgs, Cli, Command, LogFormat, ServeArgs};
+use wshost::cli::{AdminArgs, CheckArgs, Cli, Command, LogFormat, NewArgs, ServeArgs};
 use wshost::plugin::registry::{ReloadReport, Status};
 use wshost::{Registry, Server};
 
@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check(&args),
         Command::Status(args) => status(&args),
         Command::Reload(args) => reload(&args),
+        Command::New(args) => new_plugin(&args),
         Command::Probe(args) => {
             return wshost::plugin::probe::probe_main(&args.display_name, &args.file)
         }
@@ -194,6 +195,23 @@ fn reload(args: &AdminArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+fn new_plugin(args: &NewArgs) -> anyhow::Result<ExitCode> {
+    let api = args
+        .api_path
+        .clone()
+        .unwrap_or_else(wshost::scaffold::default_api_path);
+    let dir = wshost::scaffold::new_plugin(&args.name, &args.path, &api)
+        .with_context(|| format!("creating plugin `{}`", args.name))?;
+    println!("created {}", dir.display());
+    println!(
+        "build it: (cd {} && cargo build --release), then copy target/release/lib{}.so into \
+         the plugins directory",
+        dir.display(),
+        args.name.replace('-', "_")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {

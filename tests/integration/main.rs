@@ -13,3 +13,4 @@ mod loading;
 mod observability;
 mod reload;
 mod routing;
+mod scaffold;
