@@ -8,6 +8,7 @@ mod channels;
 mod chat;
 mod conformance;
 mod echo;
+mod kv;
 mod limits;
 mod loading;
 mod observability;
