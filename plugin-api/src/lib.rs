@@ -691,6 +691,11 @@ macro_rules! export_plugin {
     };
 }
 
+/// The plugin guide (`docs/plugin-guide.md`), here so that every code block in it is compiled
+/// and run as a doc test.
+#[doc = include_str!("../../docs/plugin-guide.md")]
+pub mod guide {}
+
 #[doc(hidden)]
 pub mod __private {
     pub use abi_stable::library::LibHeader;
