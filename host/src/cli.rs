@@ -21,7 +21,7 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:8181";
 
 /// wshost: a WebSocket server whose handlers are plugins.
 #[derive(Debug, Parser)]
-#[command(name = "wshost")]
+#[command(name = "wshost", args_override_self = true)]
 pub struct Cli {
     /// Log format: human-readable lines, or one JSON object per line.
     #[arg(
@@ -52,6 +52,8 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Load plugin files as the host would and report each one; exits non-zero if any is refused.
     Check(CheckArgs),
+    /// Print a config file with every setting at its default (`--print-defaults`).
+    Config(ConfigArgs),
     /// Show a running host's plugins, generations and connections (asks its admin endpoint).
     Status(AdminArgs),
     /// Make a running host rescan its plugins directory now (asks its admin endpoint).
@@ -73,6 +75,14 @@ pub struct AdminArgs {
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `wshost config`.
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Print a commented config file with every default.
+    #[arg(long, required = true)]
+    pub print_defaults: bool,
 }
 
 /// `wshost new`.
@@ -102,6 +112,10 @@ pub struct ProbeArgs {
 /// `wshost serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
+    /// A TOML config file: every setting below by its name, and `[plugin.NAME]` sections.
+    /// Flags and environment variables override it.
+    #[arg(long, env = "WSHOST_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port (the real address is printed).
     #[arg(long, env = ENV_LISTEN, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,

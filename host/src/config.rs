@@ -73,6 +73,9 @@ pub struct Config {
     /// Reverse proxies whose `Forwarded` / `X-Forwarded-For` headers are believed: requests from
     /// them take the client address from those headers.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Per-plugin route mounts, limits and configuration tables (the config file's
+    /// `[plugin.NAME]` sections), by plugin name.
+    pub plugins: std::collections::BTreeMap<String, crate::config_file::PluginSection>,
     /// Serve https/wss with this certificate and key; `None` serves http/ws.
     pub tls: Option<crate::tls::TlsFiles>,
     /// Watch the plugins directory and reload on changes. Default on; turn it off where file
@@ -106,6 +109,7 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             require_origin: false,
             trusted_proxies: Vec::new(),
+            plugins: Default::default(),
             tls: None,
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(10),

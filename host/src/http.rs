@@ -291,6 +291,7 @@ fn websocket(
     } else {
         client.to_string()
     };
+    let settings = answer.settings.or(plugin.limits);
     let start = session::Start {
         id,
         peer,
@@ -298,7 +299,7 @@ fn websocket(
         admission,
         plugin,
         handler,
-        settings: answer.settings,
+        settings,
         hub: Arc::clone(ctx.registry.hub()),
         budget: Arc::clone(&ctx.send_budget),
         metrics: Arc::clone(&ctx.metrics),

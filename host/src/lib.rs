@@ -30,6 +30,7 @@ pub mod admin;
 pub mod channels;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 mod http;
 pub mod metrics;
 pub mod plugin;
@@ -90,7 +91,9 @@ impl Server {
     pub fn new(config: Config) -> Result<Self, Error> {
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
         let hub = Arc::new(channels::Hub::default());
-        let registry = Registry::new(hub, config.probe.clone()).map_err(Error::PrivateDir)?;
+        let registry = Registry::new(hub, config.probe.clone())
+            .map_err(Error::PrivateDir)?
+            .with_plugin_sections(config.plugins.clone());
         registry
             .reconcile(&config.plugins_dir)
             .map_err(|source| Error::PluginsDir {

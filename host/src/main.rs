@@ -13,11 +13,45 @@ use wshost::{Registry, Server};
 
 fn main() -> ExitCode {
     let version: &'static str = Box::leak(wshost::cli::version().into_boxed_str());
-    let matches = Cli::command().version(version).get_matches();
-    let cli = match Cli::from_arg_matches(&matches) {
-        Ok(cli) => cli,
-        Err(e) => e.exit(),
+    let command = Cli::command().version(version);
+    let parse = |args: Vec<std::ffi::OsString>| {
+        let matches = command.clone().try_get_matches_from(args)?;
+        Cli::from_arg_matches(&matches)
     };
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut cli = parse(args.clone()).unwrap_or_else(|e| e.exit());
+    // With a config file, its settings go in front of the command line's, so that flags (and,
+    // skipped by the loader, environment variables) override it.
+    let mut plugin_sections = Default::default();
+    if let Command::Serve(serve) = &cli.command {
+        if let Some(file) = &serve.config {
+            let serve_cmd = command
+                .find_subcommand("serve")
+                .expect("serve is a subcommand");
+            let loaded = match wshost::config_file::load(file, serve_cmd) {
+                Ok(loaded) => loaded,
+                Err(e) => {
+                    eprintln!("wshost: config file: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let at = args
+                .iter()
+                .position(|a| a == "serve")
+                .map_or(args.len(), |i| i + 1);
+            let mut merged = args[..at].to_vec();
+            merged.extend(loaded.args);
+            merged.extend_from_slice(&args[at..]);
+            cli = match parse(merged) {
+                Ok(cli) => cli,
+                Err(e) => {
+                    eprintln!("wshost: in config file {}:", file.display());
+                    e.exit()
+                }
+            };
+            plugin_sections = loaded.plugins;
+        }
+    }
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -29,7 +63,15 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().with_current_span(true).init(),
     }
     let result = match cli.command {
-        Command::Serve(args) => serve(&args),
+        Command::Serve(args) => serve(&args, plugin_sections),
+        Command::Config(_) => {
+            let serve_cmd = Cli::command();
+            let serve_cmd = serve_cmd
+                .find_subcommand("serve")
+                .expect("serve is a subcommand");
+            print!("{}", wshost::config_file::print_defaults(serve_cmd));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Check(args) => check(&args),
         Command::Status(args) => status(&args),
         Command::Reload(args) => reload(&args),
@@ -47,11 +89,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+fn serve(
+    args: &ServeArgs,
+    plugins: std::collections::BTreeMap<String, wshost::config_file::PluginSection>,
+) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let exe = std::env::current_exe().context("finding the wshost binary for the probe")?;
-        let mut server = Server::new(args.config(Some(exe))).context("starting wshost")?;
+        let mut config = args.config(Some(exe));
+        config.plugins = plugins;
+        let mut server = Server::new(config).context("starting wshost")?;
         let listener = TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -175,6 +175,7 @@ pub fn plugin_api_version() -> String {
 /// How to start a host.
 #[derive(Default)]
 pub struct HostBuilder {
+    config: Option<String>,
     files: Vec<(String, Vec<u8>)>,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -204,6 +205,12 @@ impl HostBuilder {
         self
     }
 
+    /// Starts the host with a config file holding `toml`.
+    pub fn config_file(mut self, toml: &str) -> Self {
+        self.config = Some(toml.to_owned());
+        self
+    }
+
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
         self
@@ -220,6 +227,11 @@ impl HostBuilder {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshost"));
+        let config = self.config.as_ref().map(|toml| {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), toml).unwrap();
+            file
+        });
         cmd.args([
             "serve",
             "--listen",
@@ -237,6 +249,9 @@ impl HostBuilder {
         .stderr(Stdio::piped());
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(file) = &config {
+            cmd.arg("--config").arg(file.path());
         }
         let mut child = cmd.spawn().expect("wshost starts");
         let log = Arc::new(Log::default());

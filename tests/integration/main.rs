@@ -6,6 +6,7 @@ mod harness;
 mod callbacks;
 mod channels;
 mod chat;
+mod config;
 mod conformance;
 mod echo;
 mod kv;

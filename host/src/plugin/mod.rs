@@ -146,6 +146,8 @@ pub struct LoadedPlugin {
     /// Which load of this plugin's name this is (1 for the first).
     pub generation: u64,
     instance: PluginBox,
+    /// Limits for this plugin's connections from the config file.
+    pub(crate) limits: Settings,
     open_conns: AtomicU64,
     shut_down: AtomicBool,
 }
@@ -170,7 +172,8 @@ pub(crate) struct Answer {
     pub(crate) settings: Settings,
 }
 
-/// Per-connection settings a 101 response may carry; `None` means the host's default.
+/// Per-connection settings a 101 response (or a config file section) may carry; `None` means
+/// the next default.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Settings {
     pub(crate) max_message_size: Option<u64>,
@@ -256,6 +259,29 @@ impl Candidate {
         })
     }
 
+    /// Replaces the plugin's route prefixes with the config file's mounts.
+    pub(crate) fn mount(&mut self, routes: &[String]) -> Result<(), LoadError> {
+        if let Some(bad) = routes.iter().find(|r| !valid_route(r)) {
+            return Err(LoadError::BadIdentity {
+                name: self.name.clone(),
+                file: self.file.clone(),
+                reason: format!(
+                    "the config file mounts it at `{bad}`: a route must start with `/`, not end \
+                     with `/` (except `/` itself) and have no `?` or `#`"
+                ),
+            });
+        }
+        if routes.is_empty() {
+            return Err(LoadError::BadIdentity {
+                name: self.name.clone(),
+                file: self.file.clone(),
+                reason: "the config file mounts it at no route".into(),
+            });
+        }
+        self.routes = routes.to_vec();
+        Ok(())
+    }
+
     /// Runs the plugin's guarded self-test: a panic that must be caught inside the plugin.
     /// Only for the probe process: a plugin built with `panic = "abort"` ends the process here.
     pub(crate) fn self_test(&self) -> Result<(), LoadError> {
@@ -274,6 +300,7 @@ impl Candidate {
         generation: u64,
         hub: &Arc<Hub>,
         config: BTreeMap<String, String>,
+        limits: Settings,
     ) -> Result<LoadedPlugin, LoadError> {
         let services = HostServices(Arc::new(HostInner {
             plugin: self.name.clone(),
@@ -301,6 +328,7 @@ impl Candidate {
             mapped_copy: self.mapped.private_path,
             generation,
             instance,
+            limits,
             open_conns: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
         })
@@ -350,6 +378,33 @@ impl LoadedPlugin {
             || path
                 .strip_prefix(route)
                 .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+}
+
+impl Settings {
+    /// These settings, with `defaults` where none is set.
+    pub(crate) fn or(self, defaults: Settings) -> Settings {
+        Settings {
+            max_message_size: self.max_message_size.or(defaults.max_message_size),
+            max_frame_size: self.max_frame_size.or(defaults.max_frame_size),
+            max_send_queue: self.max_send_queue.or(defaults.max_send_queue),
+            ping_interval_ms: self.ping_interval_ms.or(defaults.ping_interval_ms),
+            pong_timeout_ms: self.pong_timeout_ms.or(defaults.pong_timeout_ms),
+            idle_timeout_ms: self.idle_timeout_ms.or(defaults.idle_timeout_ms),
+        }
+    }
+
+    /// The limits of a config file section.
+    pub(crate) fn from_section(s: &crate::config_file::PluginSection) -> Settings {
+        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
+        Settings {
+            max_message_size: s.max_message_size,
+            max_frame_size: s.max_frame_size,
+            max_send_queue: s.max_send_queue,
+            ping_interval_ms: ms(s.ping_interval),
+            pong_timeout_ms: ms(s.pong_timeout),
+            idle_timeout_ms: ms(s.idle_timeout),
+        }
     }
 }
 

@@ -151,6 +151,7 @@ pub struct Registry {
     state: Mutex<State>,
     loads_ok: std::sync::atomic::AtomicU64,
     loads_refused: std::sync::atomic::AtomicU64,
+    sections: BTreeMap<String, crate::config_file::PluginSection>,
 }
 
 impl Registry {
@@ -168,7 +169,17 @@ impl Registry {
             state: Mutex::new(State::default()),
             loads_ok: Default::default(),
             loads_refused: Default::default(),
+            sections: BTreeMap::new(),
         })
+    }
+
+    /// Applies the config file's `[plugin.NAME]` sections to the plugins loaded from now on.
+    pub fn with_plugin_sections(
+        mut self,
+        sections: BTreeMap<String, crate::config_file::PluginSection>,
+    ) -> Self {
+        self.sections = sections;
+        self
     }
 
     /// The current route table.
@@ -229,14 +240,23 @@ impl Registry {
             let previous_plugin = previous.and_then(|r| r.plugin.clone());
             let started = Instant::now();
             let loaded = Candidate::open(&file, self.private_dir.path(), self.probe.as_ref())
-                .and_then(|candidate| {
+                .and_then(|mut candidate| {
+                    let section = self
+                        .sections
+                        .get(&candidate.name)
+                        .cloned()
+                        .unwrap_or_default();
+                    if let Some(routes) = &section.routes {
+                        candidate.mount(routes)?;
+                    }
                     self.admit(&candidate, &current, &loaded_this_pass)?;
                     let generation = state
                         .generations
                         .entry(candidate.name.clone())
                         .and_modify(|g| *g += 1)
                         .or_insert(1);
-                    candidate.create(*generation, &self.hub, BTreeMap::new())
+                    let limits = super::Settings::from_section(&section);
+                    candidate.create(*generation, &self.hub, section.config, limits)
                 });
             match loaded {
                 Ok(plugin) => {
@@ -348,7 +368,7 @@ impl Registry {
     pub fn check_file(&self, file: &Path) -> Result<Arc<LoadedPlugin>, LoadError> {
         let candidate = Candidate::open(file, self.private_dir.path(), self.probe.as_ref())?;
         candidate
-            .create(1, &self.hub, BTreeMap::new())
+            .create(1, &self.hub, BTreeMap::new(), Default::default())
             .map(Arc::new)
     }
 

@@ -194,6 +194,7 @@ impl Handler for Kit {
                 return;
             }
             "closes" => format!("closes {}", self.closes.load(Ordering::SeqCst)),
+            "config" => format!("{:?}", self.host.config().get(arg)),
             _ => text.to_owned(),
         };
         let _ = conn.send_text(&reply);
