@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod browser;
 mod callbacks;
 mod channels;
 mod chat;
