@@ -62,3 +62,21 @@ fn logs_can_be_json() {
     assert_eq!(parsed["fields"]["plugin"], "echo");
     assert_eq!(parsed["level"], "INFO");
 }
+
+#[test]
+fn version_names_the_host_and_the_plugin_interface() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wshost"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        text.trim(),
+        format!(
+            "wshost {} (plugin-api {})",
+            env!("CARGO_PKG_VERSION"),
+            crate::harness::plugin_api_version()
+        )
+    );
+}
