@@ -28,6 +28,13 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         rounds: usize,
     },
+    /// Server memory per idle connection: open N echo connections, exchange one message on
+    /// each, and compare the host's resident memory before and after.
+    Idle {
+        /// Connections to open (at most ~19,000 here: 20,000 open files per process).
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+    },
 }
 
 fn workspace_root() -> PathBuf {
@@ -196,9 +203,90 @@ async fn reload(rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb * 1024)
+}
+
+/// One echo connection from source address `127.0.0.X`, checked with one message.
+async fn open_echo(addr: &str, source: std::net::Ipv4Addr) -> anyhow::Result<impl Sized> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((source, 0)))?;
+    let stream = socket.connect(addr.parse()?).await?;
+    let config =
+        tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default().read_buffer_size(4096);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        format!("ws://{addr}/echo"),
+        stream,
+        Some(config),
+    )
+    .await?;
+    ws.send(Message::text("x")).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(_))) => Ok(ws),
+        other => bail!("no echo: {other:?}"),
+    }
+}
+
+async fn idle(conns: usize) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let status = cargo()
+        .current_dir(&root)
+        .args(["build", "--release", "-p", "wshost", "-p", "echo"])
+        .status()?;
+    if !status.success() {
+        bail!("building wshost and echo failed");
+    }
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(
+        root.join("target/release/libecho.so"),
+        dir.path().join("libecho.so"),
+    )?;
+    let limit = (conns + 100).to_string();
+    let host = start(
+        &root.join("target/release/wshost"),
+        dir.path(),
+        &["--max-connections", &limit, "--max-connections-per-ip", "0"],
+    )?;
+    let pid = host.child.id();
+    // Warm up: one connection, so lazily allocated runtime state is in the baseline.
+    let warm = open_echo(&host.addr, std::net::Ipv4Addr::new(127, 0, 0, 1)).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss(pid)?;
+    let mut held = Vec::with_capacity(conns);
+    for i in 0..conns {
+        // 127.0.0.2, .3, ...: at most 5,000 connections per source address.
+        let source =
+            std::net::Ipv4Addr::new(127, 0, (i / 5000 / 250) as u8, 2 + (i / 5000 % 250) as u8);
+        held.push(open_echo(&host.addr, source).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss(pid)?;
+    let per = (after.saturating_sub(before)) as f64 / conns as f64;
+    println!("| idle connections | host RSS before | after | per connection |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| {conns} | {:.1} MiB | {:.1} MiB | {:.0} bytes ({:.2} KiB) |",
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0,
+        per,
+        per / 1024.0
+    );
+    drop((held, warm));
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Reload { rounds } => reload(rounds).await,
+        Bench::Idle { conns } => idle(conns).await,
     }
 }
