@@ -87,10 +87,4 @@ impl Hub {
         self.channel(plugin, channel)
             .map_or(0, |ch| ch.subs().len() as u64)
     }
-
-    /// How many channels `plugin` has with at least one subscriber.
-    pub fn channel_count(&self, plugin: &str) -> usize {
-        let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
-        plugins.get(plugin).map_or(0, HashMap::len)
-    }
 }

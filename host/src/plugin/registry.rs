@@ -330,7 +330,7 @@ impl Registry {
     ) -> Result<(), LoadError> {
         let conflict = |reason: String| LoadError::Conflict {
             name: candidate.name.clone(),
-            file: candidate_file(candidate),
+            file: candidate.file.clone(),
             reason,
         };
         if loaded_this_pass.contains(&candidate.name) {
@@ -426,10 +426,6 @@ impl Registry {
             }
         }
     }
-}
-
-fn candidate_file(c: &Candidate) -> PathBuf {
-    c.file.clone()
 }
 
 /// The plugin files of `dir`, sorted by name: `*.so`, not starting with `.`.
