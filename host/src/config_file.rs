@@ -12,6 +12,9 @@
 //! max_message_size = 4096      # limits for this plugin's connections
 //! idle_timeout = "10m"
 //!
+//! [plugin.chat.route."/rooms"] # limits for one route, over the section's
+//! max_message_size = 1024
+//!
 //! [plugin.chat.config]        # handed to the plugin (`Host::config`)
 //! room_size = 50
 //! ```
@@ -73,6 +76,8 @@ pub struct PluginSection {
     pub idle_timeout: Option<Duration>,
     /// The free-form table handed to the plugin.
     pub config: BTreeMap<String, String>,
+    /// Limits for one of its routes (`[plugin.NAME.route."/path"]`), over the section's own.
+    pub route_limits: BTreeMap<String, PluginSection>,
 }
 
 /// A parsed config file.
@@ -208,6 +213,12 @@ fn scalar(v: &toml::Value) -> Option<String> {
 }
 
 fn plugin_section(t: &toml::Table) -> Result<PluginSection, (String, String)> {
+    plugin_or_route_section(t, true)
+}
+
+/// A `[plugin.NAME]` section, or (`top` false) a `[plugin.NAME.route."/path"]` one, which holds
+/// limits only.
+fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, (String, String)> {
     let mut p = PluginSection::default();
     let size = |k: &str, v: &toml::Value| match v.as_integer() {
         Some(n) if n > 0 => Ok(n as u64),
@@ -228,12 +239,25 @@ fn plugin_section(t: &toml::Table) -> Result<PluginSection, (String, String)> {
     };
     for (k, v) in t {
         match k.as_str() {
-            "routes" => {
+            "routes" if top => {
                 let routes = v
                     .as_array()
                     .and_then(|a| a.iter().map(|r| r.as_str().map(str::to_owned)).collect())
                     .ok_or_else(|| (k.clone(), "must be a list of paths".to_owned()))?;
                 p.routes = Some(routes);
+            }
+            "route" if top => {
+                let routes = v.as_table().ok_or_else(|| {
+                    (k.clone(), "must be a table of [route.\"/path\"]".to_owned())
+                })?;
+                for (route, limits) in routes {
+                    let limits = limits
+                        .as_table()
+                        .ok_or_else(|| (format!("route.{route}"), "must be a table".to_owned()))?;
+                    let parsed = plugin_or_route_section(limits, false)
+                        .map_err(|(key, problem)| (format!("route.{route}.{key}"), problem))?;
+                    p.route_limits.insert(route.clone(), parsed);
+                }
             }
             "max_message_size" => p.max_message_size = Some(size(k, v)?),
             "max_frame_size" => p.max_frame_size = Some(size(k, v)?),
@@ -241,7 +265,7 @@ fn plugin_section(t: &toml::Table) -> Result<PluginSection, (String, String)> {
             "ping_interval" => p.ping_interval = Some(time(k, v)?),
             "pong_timeout" => p.pong_timeout = Some(time(k, v)?),
             "idle_timeout" => p.idle_timeout = Some(time(k, v)?),
-            "config" => {
+            "config" if top => {
                 let table = v
                     .as_table()
                     .ok_or_else(|| (k.clone(), "must be a table".to_owned()))?;
@@ -259,7 +283,8 @@ fn plugin_section(t: &toml::Table) -> Result<PluginSection, (String, String)> {
                 return Err((
                     k.clone(),
                     "no such plugin setting (routes, max_message_size, max_frame_size, \
-                     max_send_queue, ping_interval, pong_timeout, idle_timeout, config)"
+                     max_send_queue, ping_interval, pong_timeout, idle_timeout, config, route; \
+                     a route section takes the limits only)"
                         .to_owned(),
                 ))
             }
@@ -306,6 +331,8 @@ pub fn print_defaults(serve: &clap::Command) -> String {
          # routes = [\"/rooms\"]\n\
          # max_message_size = 65536\n\
          # idle_timeout = \"10m\"\n\
+         # [plugin.chat.route.\"/rooms\"]\n\
+         # max_message_size = 1024\n\
          # [plugin.chat.config]\n\
          # room_size = 50\n",
     );
@@ -335,6 +362,13 @@ mod tests {
         assert_eq!(p.max_message_size, Some(10));
         assert_eq!(p.idle_timeout, Some(Duration::from_secs(60)));
         assert_eq!(p.config["size"], "5");
+        let routed: toml::Table = "[route.\"/a\"]\nmax_message_size = 3\n".parse().unwrap();
+        assert_eq!(
+            plugin_section(&routed).unwrap().route_limits["/a"].max_message_size,
+            Some(3)
+        );
+        let nested: toml::Table = "[route.\"/a\"]\nroutes = []\n".parse().unwrap();
+        assert_eq!(plugin_section(&nested).unwrap_err().0, "route./a.routes");
         let bad: toml::Table = "max_message_size = \"big\"".parse().unwrap();
         assert_eq!(plugin_section(&bad).unwrap_err().0, "max_message_size");
     }

@@ -235,9 +235,10 @@ fn websocket(
     subprotocols: Vec<String>,
 ) -> Response<Body> {
     let table = ctx.registry.table();
-    let Some(plugin) = table.route(req.uri().path()).cloned() else {
+    let Some((prefix, plugin)) = table.route_prefix(req.uri().path()) else {
         return not_found();
     };
+    let (prefix, plugin) = (prefix.to_owned(), Arc::clone(plugin));
     let (parts, body) = req.into_parts();
     if let Err(why) = origin_allowed(&ctx.config, &parts.headers) {
         tracing::info!(%peer, path = parts.uri.path(), why, "upgrade refused: origin");
@@ -291,7 +292,13 @@ fn websocket(
     } else {
         client.to_string()
     };
-    let settings = answer.settings.or(plugin.limits);
+    // The plugin's own 101 settings, then its route's and its own config file limits.
+    let route_limits = plugin
+        .route_limits
+        .get(&prefix)
+        .copied()
+        .unwrap_or_default();
+    let settings = answer.settings.or(route_limits).or(plugin.limits);
     let start = session::Start {
         id,
         peer,

@@ -94,13 +94,20 @@ async fn plugin_sections_mount_limit_and_configure() {
         .plugin("testkit")
         .config_file(
             "[plugin.echo]\nroutes = [\"/mounted\", \"/also\"]\nmax_message_size = 100\n\n\
+             [plugin.echo.route.\"/also\"]\nmax_message_size = 1000\n\n\
              [plugin.testkit.config]\ngreeting = \"hi\"\nlimit = 7\n",
         )
         .start();
     assert_eq!(get(host.addr, "/echo").0, 404, "the mount replaces /echo");
     let mut ws = connect(&host.url("/mounted")).await;
     assert_eq!(ask(&mut ws, "x").await, "x");
-    connect(&host.url("/also")).await;
+    // /also has a limit of its own (1000): 500 bytes pass there, not on /mounted (100).
+    let mut also = connect(&host.url("/also")).await;
+    also.send(Message::binary(vec![0u8; 500])).await.unwrap();
+    assert_eq!(
+        crate::harness::next(&mut also).await,
+        Message::binary(vec![0u8; 500])
+    );
     ws.send(Message::binary(vec![0u8; 500])).await.unwrap();
     assert_eq!(closed_with(&mut ws).await.0, 1009);
     let mut kit = connect(&host.url("/testkit")).await;

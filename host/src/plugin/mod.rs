@@ -148,6 +148,8 @@ pub struct LoadedPlugin {
     instance: PluginBox,
     /// Limits for this plugin's connections from the config file.
     pub(crate) limits: Settings,
+    /// Limits for connections on one of its routes, from the config file, over `limits`.
+    pub(crate) route_limits: BTreeMap<String, Settings>,
     open_conns: AtomicU64,
     shut_down: AtomicBool,
 }
@@ -301,6 +303,7 @@ impl Candidate {
         hub: &Arc<Hub>,
         config: BTreeMap<String, String>,
         limits: Settings,
+        route_limits: BTreeMap<String, Settings>,
     ) -> Result<LoadedPlugin, LoadError> {
         let services = HostServices(Arc::new(HostInner {
             plugin: self.name.clone(),
@@ -329,6 +332,7 @@ impl Candidate {
             generation,
             instance,
             limits,
+            route_limits,
             open_conns: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
         })

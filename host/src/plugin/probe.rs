@@ -150,7 +150,13 @@ fn probe_here(display: &Path, path: &Path) -> Result<(), LoadError> {
     let candidate = Candidate::from_mapped(display, loader::map(display, path)?)?;
     candidate.self_test()?;
     let hub = Arc::new(crate::channels::Hub::default());
-    let plugin = candidate.create(1, &hub, BTreeMap::new(), Default::default())?;
+    let plugin = candidate.create(
+        1,
+        &hub,
+        BTreeMap::new(),
+        Default::default(),
+        BTreeMap::new(),
+    )?;
     plugin.shutdown().map_err(|reason| LoadError::Create {
         name: plugin.name.clone(),
         file: display.to_owned(),

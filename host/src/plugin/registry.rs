@@ -34,10 +34,15 @@ impl RouteTable {
 
     /// The plugin serving `path`: the longest route prefix that matches on whole segments.
     pub fn route(&self, path: &str) -> Option<&Arc<LoadedPlugin>> {
+        self.route_prefix(path).map(|(_, p)| p)
+    }
+
+    /// As [`RouteTable::route`], with the route prefix that matched.
+    pub fn route_prefix(&self, path: &str) -> Option<(&str, &Arc<LoadedPlugin>)> {
         self.routes
             .iter()
             .find(|(prefix, _)| LoadedPlugin::route_matches(prefix, path))
-            .map(|(_, p)| p)
+            .map(|(prefix, p)| (prefix.as_str(), p))
     }
 
     /// The loaded plugins, by name.
@@ -256,7 +261,15 @@ impl Registry {
                         .and_modify(|g| *g += 1)
                         .or_insert(1);
                     let limits = super::Settings::from_section(&section);
-                    candidate.create(*generation, &self.hub, section.config, limits)
+                    let mut route_limits = BTreeMap::new();
+                    for (route, l) in &section.route_limits {
+                        if !candidate.routes.contains(route) {
+                            tracing::warn!(plugin = %candidate.name, %route, routes = ?candidate.routes,
+                                "the config file sets limits for a route this plugin does not serve");
+                        }
+                        route_limits.insert(route.clone(), super::Settings::from_section(l));
+                    }
+                    candidate.create(*generation, &self.hub, section.config, limits, route_limits)
                 });
             match loaded {
                 Ok(plugin) => {
@@ -368,7 +381,13 @@ impl Registry {
     pub fn check_file(&self, file: &Path) -> Result<Arc<LoadedPlugin>, LoadError> {
         let candidate = Candidate::open(file, self.private_dir.path(), self.probe.as_ref())?;
         candidate
-            .create(1, &self.hub, BTreeMap::new(), Default::default())
+            .create(
+                1,
+                &self.hub,
+                BTreeMap::new(),
+                Default::default(),
+                BTreeMap::new(),
+            )
             .map(Arc::new)
     }
 
