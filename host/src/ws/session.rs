@@ -274,26 +274,18 @@ impl Session {
                     partial.delivered();
                     match msg {
                         Message::Text(t) => {
-                            let now = Instant::now();
-                            last_data_in = now;
-                            if self.counts.add(t.len()) {
-                                self.counts.flush_in(&self.metrics);
+                            if self.data_in(t.len(), &mut last_data_in, rate.as_mut()) {
+                                self.call("on_text", |h, c| {
+                                    h.on_text(c, RStr::from_str(t.as_str()))
+                                });
                             }
-                            if !self.within_rate(rate.as_mut(), now) {
-                                continue;
-                            }
-                            self.call("on_text", |h, c| h.on_text(c, RStr::from_str(t.as_str())));
                         }
                         Message::Binary(b) => {
-                            let now = Instant::now();
-                            last_data_in = now;
-                            if self.counts.add(b.len()) {
-                                self.counts.flush_in(&self.metrics);
+                            if self.data_in(b.len(), &mut last_data_in, rate.as_mut()) {
+                                self.call("on_binary", |h, c| {
+                                    h.on_binary(c, RSlice::from_slice(&b))
+                                });
                             }
-                            if !self.within_rate(rate.as_mut(), now) {
-                                continue;
-                            }
-                            self.call("on_binary", |h, c| h.on_binary(c, RSlice::from_slice(&b)));
                         }
                         Message::Ping(p) => self.call("on_ping", |h, c| {
                             h.on_ping(c, RSlice::from_slice(&p))
@@ -402,6 +394,22 @@ impl Session {
             wake = wake.min(Instant::now() + limit);
         }
         wake
+    }
+
+    /// A data message of `len` bytes arrived: note when, count it, and say whether it may be
+    /// delivered under the rate limit.
+    fn data_in(
+        &mut self,
+        len: usize,
+        last_data_in: &mut Instant,
+        rate: Option<&mut RateLimit>,
+    ) -> bool {
+        let now = Instant::now();
+        *last_data_in = now;
+        if self.counts.add(len) {
+            self.counts.flush_in(&self.metrics);
+        }
+        self.within_rate(rate, now)
     }
 
     /// Whether a data message may be delivered under the rate limit; past it, the connection
