@@ -1,14 +1,18 @@
-//! Channels: host-owned publish/subscribe, one namespace per plugin, in memory.
+//! Channels: host-owned publish/subscribe, one namespace per plugin, in memory, shared with
+//! other hosts through the Redis bus when one is configured.
 //!
 //! Owned by the host so that membership survives plugin reloads. A publish builds its message
 //! once (a reference-counted buffer) and queues it to each subscriber's normal send queue, so a
-//! slow subscriber never slows the publisher or the others.
+//! slow subscriber never slows the publisher or the others. With a bus, the first subscriber of
+//! a channel makes the host subscribe to it in Redis and the last one leaving unsubscribes; a
+//! publish is delivered here directly and handed to the bus for the other hosts.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::bus::Link;
 use crate::ws::conn::ConnShared;
 
 type Subscribers = HashMap<u64, Arc<ConnShared>>;
@@ -32,9 +36,24 @@ impl Channel {
 pub struct Hub {
     /// plugin name → channel name → channel.
     plugins: RwLock<HashMap<String, HashMap<String, Arc<Channel>>>>,
+    /// The Redis bus, if channels are shared with other hosts.
+    bus: Option<Link>,
 }
 
 impl Hub {
+    /// A hub whose channels other hosts share through `bus`.
+    pub(crate) fn with_bus(bus: Link) -> Self {
+        Self {
+            plugins: RwLock::default(),
+            bus: Some(bus),
+        }
+    }
+
+    /// The bus's metrics, if there is a bus.
+    pub(crate) fn bus_metrics(&self) -> Option<&crate::bus::BusMetrics> {
+        self.bus.as_ref().map(|b| &b.metrics)
+    }
+
     fn channel(&self, plugin: &str, channel: &str) -> Option<Arc<Channel>> {
         let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
         plugins.get(plugin).and_then(|c| c.get(channel)).cloned()
@@ -43,11 +62,17 @@ impl Hub {
     /// Subscribes `conn` to `channel` of `plugin`; returns false if it already was.
     pub(crate) fn subscribe(&self, plugin: &str, channel: &str, conn: &Arc<ConnShared>) -> bool {
         let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
-        let ch = plugins
-            .entry(plugin.to_owned())
-            .or_default()
-            .entry(channel.to_owned())
-            .or_default();
+        let channels = plugins.entry(plugin.to_owned()).or_default();
+        let ch = match channels.get(channel) {
+            Some(ch) => ch,
+            None => {
+                // Under the write lock, so the bus sees wants and unwants in their real order.
+                if let Some(bus) = &self.bus {
+                    bus.want(plugin, channel);
+                }
+                channels.entry(channel.to_owned()).or_default()
+            }
+        };
         let added = ch.subs().insert(conn.id, Arc::clone(conn)).is_none();
         added
     }
@@ -67,12 +92,37 @@ impl Hub {
         drop(subs);
         if empty {
             channels.remove(channel);
+            if let Some(bus) = &self.bus {
+                bus.unwant(plugin, channel);
+            }
         }
         was
     }
 
-    /// Queues `msg` to every subscriber of `channel` of `plugin`; returns how many took it.
+    /// Queues `msg` to every local subscriber of `channel` of `plugin` and hands it to the bus
+    /// for the other hosts; returns how many local subscribers took it.
     pub(crate) fn publish(&self, plugin: &str, channel: &str, msg: &Message) -> u64 {
+        let Some(ch) = self.channel(plugin, channel) else {
+            if let Some(bus) = &self.bus {
+                bus.publish(plugin, channel, msg);
+            }
+            return 0;
+        };
+        let subs = ch.subs();
+        let local = subs
+            .values()
+            .filter(|conn| conn.enqueue(msg.clone()).is_ok())
+            .count() as u64;
+        // Still under the channel's lock: other hosts get this host's publishes in the order
+        // its own subscribers do.
+        if let Some(bus) = &self.bus {
+            bus.publish(plugin, channel, msg);
+        }
+        local
+    }
+
+    /// Queues `msg` to every local subscriber of `channel` of `plugin`; returns how many took it.
+    pub(crate) fn deliver(&self, plugin: &str, channel: &str, msg: &Message) -> u64 {
         let Some(ch) = self.channel(plugin, channel) else {
             return 0;
         };
@@ -82,7 +132,7 @@ impl Hub {
             .count() as u64
     }
 
-    /// How many connections are subscribed to `channel` of `plugin`.
+    /// How many connections of this host are subscribed to `channel` of `plugin`.
     pub(crate) fn subscribers(&self, plugin: &str, channel: &str) -> u64 {
         self.channel(plugin, channel)
             .map_or(0, |ch| ch.subs().len() as u64)

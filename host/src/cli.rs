@@ -214,6 +214,22 @@ pub struct ServeArgs {
     /// Map plugins without loading them in a probe process first (faster, not crash-safe).
     #[arg(long, env = "WSHOST_NO_PROBE")]
     pub no_probe: bool,
+    /// Where channels are shared: `memory` (this host only) or `redis://HOST:PORT/` (every host
+    /// on that Redis with the same --bus-prefix).
+    #[arg(long, env = "WSHOST_BUS", default_value = "memory")]
+    pub bus: crate::bus::BusConfig,
+    /// Redis channel names are PREFIX:PLUGIN:CHANNEL (with --bus redis://).
+    #[arg(long, env = "WSHOST_BUS_PREFIX", default_value = "wshost")]
+    pub bus_prefix: String,
+    /// First wait before reconnecting to Redis; doubles up to --bus-reconnect-max.
+    #[arg(long, env = "WSHOST_BUS_RECONNECT_MIN", default_value = "100ms", value_parser = duration)]
+    pub bus_reconnect_min: Duration,
+    /// Longest wait between attempts to reconnect to Redis.
+    #[arg(long, env = "WSHOST_BUS_RECONNECT_MAX", default_value = "5s", value_parser = duration)]
+    pub bus_reconnect_max: Duration,
+    /// Publishes waiting to be written to Redis; past it they are dropped (and counted).
+    #[arg(long, env = "WSHOST_BUS_QUEUE", default_value_t = 65_536)]
+    pub bus_queue: usize,
     /// How long the probe process may take to load a plugin.
     #[arg(long, env = "WSHOST_PROBE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub probe_timeout: Duration,
@@ -270,6 +286,18 @@ impl ServeArgs {
                 _ => None,
             },
             watch: !self.no_watch,
+            bus: match &self.bus {
+                crate::bus::BusConfig::Memory => crate::bus::BusConfig::Memory,
+                crate::bus::BusConfig::Redis(r) => {
+                    crate::bus::BusConfig::Redis(crate::bus::RedisConfig {
+                        url: r.url.clone(),
+                        prefix: self.bus_prefix.clone(),
+                        reconnect_min: self.bus_reconnect_min,
+                        reconnect_max: self.bus_reconnect_max,
+                        queue: self.bus_queue,
+                    })
+                }
+            },
             probe: exe.filter(|_| !self.no_probe).map(|exe| Probe {
                 exe,
                 timeout: self.probe_timeout,

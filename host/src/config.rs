@@ -78,6 +78,8 @@ pub struct Config {
     pub plugins: std::collections::BTreeMap<String, crate::config_file::PluginSection>,
     /// Serve https/wss with this certificate and key; `None` serves http/ws.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// How channels reach other hosts: in memory only (the default), or through Redis.
+    pub bus: crate::bus::BusConfig,
     /// Watch the plugins directory and reload on changes. Default on; turn it off where file
     /// events are unreliable (network filesystems) and reload with SIGHUP or `wshost reload`.
     pub watch: bool,
@@ -116,6 +118,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(300),
             max_message_rate: 10_000,
             watch: true,
+            bus: crate::bus::BusConfig::Memory,
             probe: None,
         }
     }

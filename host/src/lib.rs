@@ -12,7 +12,8 @@
 //! - `http`: routing of plain requests and upgrades to plugins.
 //! - `ws`: the handshake, the session (socket events → callbacks, send queue → socket) and
 //!   the connection handle plugins hold.
-//! - [`channels`]: host-owned publish/subscribe.
+//! - [`channels`]: host-owned publish/subscribe; [`bus`]: sharing channels across hosts
+//!   through Redis.
 //! - [`plugin`]: loading (the only `unsafe` module), the probe process, the registry and
 //!   route table, hot reload.
 //! - [`admin`]: the admin endpoint (`/status`, `/reload`) and its client.
@@ -27,6 +28,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub mod admin;
+pub mod bus;
 pub mod channels;
 pub mod cli;
 pub mod config;
@@ -62,6 +64,9 @@ pub enum Error {
     /// The private directory for mapped plugin copies could not be created.
     #[error("cannot create a private directory for plugin copies: {0}")]
     PrivateDir(std::io::Error),
+    /// The channel bus could not be set up.
+    #[error("--bus: {0}")]
+    Bus(#[from] bus::BusError),
 }
 
 /// A host with its plugins loaded, ready to serve.
@@ -74,6 +79,7 @@ pub struct Server {
     >,
     admin: Option<TcpListener>,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    bus: Option<bus::Pending>,
 }
 
 impl std::fmt::Debug for Server {
@@ -90,7 +96,14 @@ impl Server {
     /// and skipped.
     pub fn new(config: Config) -> Result<Self, Error> {
         let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
-        let hub = Arc::new(channels::Hub::default());
+        let (hub, bus) = match &config.bus {
+            bus::BusConfig::Memory => (channels::Hub::default(), None),
+            bus::BusConfig::Redis(redis) => {
+                let (link, pending) = bus::redis(redis)?;
+                (channels::Hub::with_bus(link), Some(pending))
+            }
+        };
+        let hub = Arc::new(hub);
         let registry = Registry::new(hub, config.probe.clone())
             .map_err(Error::PrivateDir)?
             .with_plugin_sections(config.plugins.clone());
@@ -108,6 +121,7 @@ impl Server {
             reload_rx,
             admin: None,
             tls,
+            bus,
         })
     }
 
@@ -131,6 +145,9 @@ impl Server {
     /// waits for their close handshakes (up to `shutdown_timeout`) and shuts the plugins down.
     /// Meanwhile it reloads plugins when the directory changes (if `watch`) or when asked.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
+        if let Some(bus) = self.bus {
+            bus.spawn(Arc::downgrade(self.registry.hub()));
+        }
         let dir = self.config.plugins_dir.clone();
         let reloads = tokio::spawn(plugin::watcher::run(
             Arc::clone(&self.registry),

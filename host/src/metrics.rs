@@ -92,6 +92,39 @@ impl Metrics {
             "Time plugin callbacks took",
             m.callback_seconds.clone(),
         );
+        if let Some(bus) = registry.hub().bus_metrics() {
+            let bus_reg = prom.sub_registry_with_prefix("bus");
+            bus_reg.register(
+                "connected",
+                "1 while the Redis link (publish, subscribe) is connected",
+                bus.connected.clone(),
+            );
+            bus_reg.register(
+                "connects",
+                "Successful connections to Redis by link",
+                bus.connects.clone(),
+            );
+            bus_reg.register(
+                "published",
+                "Publishes written to Redis",
+                bus.published.clone(),
+            );
+            bus_reg.register(
+                "received",
+                "Publishes from other hosts delivered here",
+                bus.received.clone(),
+            );
+            bus_reg.register(
+                "dropped",
+                "Publishes not sent to Redis, by reason (queue_full, disconnected, error)",
+                bus.dropped.clone(),
+            );
+            bus_reg.register(
+                "channels",
+                "Channels this host is subscribed to in Redis",
+                bus.channels.clone(),
+            );
+        }
         prom.register_collector(Box::new(PluginCollector { registry }));
         Self { prom, ..m }
     }

@@ -4,6 +4,7 @@
 mod harness;
 
 mod browser;
+mod bus;
 mod callbacks;
 mod channels;
 mod chat;

@@ -119,7 +119,6 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
     let (code, reason) = s.read_loop(stream, &shutdown, timing, &partial).await;
     partial.delivered();
     s.counts.flush_in(&metrics);
-    metrics.closes.get_or_create(&CodeLabel { code }).inc();
     s.conn.finish();
     s.call_always("on_close", |h, c| {
         h.on_close(c, code, RStr::from_str(&reason))
@@ -134,6 +133,8 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
     {
         writer.abort();
     }
+    // Last, so that a scraper that sees the close also sees every count of the connection.
+    metrics.closes.get_or_create(&CodeLabel { code }).inc();
 }
 
 fn clamp_usize(v: u64) -> usize {
