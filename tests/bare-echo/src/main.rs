@@ -1,0 +1,49 @@
+//! `bare-echo`: the ceiling of wshost's own stack for the benchmark. A tokio-tungstenite echo
+//! server with nothing else: no routing, no plugin, no limits, no metrics. Writes are batched
+//! (every message that is already readable is echoed before one flush) and the read buffer is
+//! 4 KiB, as in wshost.
+//!
+//! `bare-echo [ADDR]` (default `127.0.0.1:0`) prints `listening on ws://ADDR` and serves every
+//! path.
+
+use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Result;
+
+async fn echo(stream: TcpStream) -> Result<()> {
+    let _ = stream.set_nodelay(true);
+    let config = WebSocketConfig::default().read_buffer_size(4096);
+    let mut ws = tokio_tungstenite::accept_async_with_config(stream, Some(config)).await?;
+    while let Some(msg) = ws.next().await {
+        let mut msg = msg?;
+        loop {
+            if msg.is_text() || msg.is_binary() {
+                ws.feed(msg).await?;
+            }
+            // Echo whatever else is already buffered before flushing once.
+            match ws.next().now_or_never() {
+                Some(Some(next)) => msg = next?,
+                Some(None) => return ws.flush().await,
+                None => break,
+            }
+        }
+        ws.flush().await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let addr = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "127.0.0.1:0".into());
+    let listener = TcpListener::bind(&addr).await?;
+    println!("listening on ws://{}", listener.local_addr()?);
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let _ = echo(stream).await;
+        });
+    }
+}

@@ -1,0 +1,71 @@
+//! `loadgen idle`: server memory per idle connection. Opens N connections, exchanges one
+//! message on each (so every lazily allocated buffer exists), and compares the server's
+//! resident memory before and after.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::{connect, rss, source, Ws};
+
+/// What one measurement found.
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub conns: usize,
+    pub before: u64,
+    pub after: u64,
+}
+
+impl Outcome {
+    pub fn per_conn(&self) -> f64 {
+        self.after.saturating_sub(self.before) as f64 / self.conns as f64
+    }
+
+    pub fn row(&self, server: &str) -> String {
+        format!(
+            "| {server} | {} | {:.1} MiB | {:.1} MiB | {:.0} B ({:.2} KiB) |",
+            self.conns,
+            self.before as f64 / 1048576.0,
+            self.after as f64 / 1048576.0,
+            self.per_conn(),
+            self.per_conn() / 1024.0
+        )
+    }
+}
+
+pub const HEADER: &str = "| server | idle connections | RSS before | after | per connection |\n| --- | --- | --- | --- | --- |";
+
+async fn open_one(url: &str, i: usize) -> anyhow::Result<Ws> {
+    let mut ws = connect(url, source(i)).await?;
+    ws.send(Message::text("x")).await?;
+    match ws.next().await {
+        Some(Ok(Message::Text(_))) => Ok(ws),
+        other => bail!("no echo: {other:?}"),
+    }
+}
+
+/// Measures `conns` idle connections to the echo endpoint `url` of process `pid`; the
+/// connections stay open until the returned guard is dropped.
+pub async fn measure(url: &str, pid: u32, conns: usize) -> anyhow::Result<(Outcome, Vec<Ws>)> {
+    // Warm up: one connection, so lazily allocated runtime state is in the baseline.
+    let warm = open_one(url, 0).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss(pid)?;
+    let mut held = Vec::with_capacity(conns + 1);
+    held.push(warm);
+    for i in 0..conns {
+        held.push(open_one(url, i).await?);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss(pid)?;
+    Ok((
+        Outcome {
+            conns,
+            before,
+            after,
+        },
+        held,
+    ))
+}

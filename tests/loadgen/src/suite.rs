@@ -1,0 +1,479 @@
+//! `loadgen suite`: the side-by-side benchmark. Builds the servers, pins itself and them to
+//! different CPUs, and runs every workload against every server interleaved (A B C D, then the
+//! next round), reading each server's CPU time from /proc. Prints a Markdown table and writes
+//! it, with an SVG plot, to the output directory.
+//!
+//! Servers: wshost with the `echo` plugin; `bare-echo` (tokio-tungstenite alone, batched writes:
+//! the ceiling of our own stack); with `--peers`, Node.js `ws` and Jetty 9.4.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+
+use crate::common::{self, build, cpu_time, median, quantiles_ms, workspace_root, Payload, Server};
+use crate::{echo, fanout, idle};
+
+#[derive(Debug, clap::Args)]
+pub struct SuiteArgs {
+    /// Seconds-long run against wshost and the bare server only, with debug builds: checks that
+    /// every mode works, judges nothing (CI runs this).
+    #[arg(long)]
+    pub smoke: bool,
+    /// Also run the Node.js ws and Jetty 9.4 peers (needs node/npm and Debian's
+    /// libjetty9-java, libjetty9-extra-java).
+    #[arg(long)]
+    pub peers: bool,
+    /// Interleaved rounds.
+    #[arg(long, default_value_t = 5)]
+    pub rounds: usize,
+    /// Measuring window of each run, after a 1 s warm-up.
+    #[arg(long, default_value = "4s", value_parser = humantime_secs)]
+    pub window: Duration,
+    /// Connections for the echo workloads.
+    #[arg(long, default_value_t = 50)]
+    pub conns: usize,
+    /// Subscribers for the fan-out workload.
+    #[arg(long, default_value_t = 10_000)]
+    pub subscribers: usize,
+    /// Idle-connection counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "10000,19000")]
+    pub idle: Vec<usize>,
+    /// Where to write results.md and results.svg.
+    #[arg(long, default_value = "docs/bench")]
+    pub out: PathBuf,
+}
+
+fn humantime_secs(s: &str) -> Result<Duration, String> {
+    let secs = s.strip_suffix("ms").map_or_else(
+        || s.trim_end_matches('s').parse::<f64>(),
+        |ms| ms.parse::<f64>().map(|v| v / 1000.0),
+    );
+    secs.map(Duration::from_secs_f64)
+        .map_err(|e| format!("`{s}`: {e} (e.g. 4s, 300ms)"))
+}
+
+/// One closed-loop echo workload.
+#[derive(Debug, Clone)]
+struct Workload {
+    name: &'static str,
+    payload: Payload,
+    inflight: usize,
+}
+
+fn workloads() -> Vec<Workload> {
+    let w = |name, size, binary, inflight| Workload {
+        name,
+        payload: Payload { size, binary },
+        inflight,
+    };
+    vec![
+        w("echo 32 B text", 32, false, 8),
+        w("echo 32 B binary", 32, true, 8),
+        w("echo 16 KiB text", 16 << 10, false, 2),
+        w("echo 16 KiB binary", 16 << 10, true, 2),
+    ]
+}
+
+/// Measurements of one server in one workload, one per round.
+#[derive(Debug, Default, Clone)]
+struct Samples {
+    rate: Vec<f64>,
+    per_cpu: Vec<f64>,
+    ratio: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    p999: Vec<f64>,
+}
+
+struct Servers {
+    list: Vec<Server>,
+    /// Keeps the plugins directory alive.
+    _plugins: tempfile::TempDir,
+}
+
+const BARE: &str = "bare tokio-tungstenite";
+const WSHOST: &str = "wshost + echo plugin";
+
+fn taskset(cpu: Option<usize>, program: &str) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", &cpu.to_string(), program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn start_servers(args: &SuiteArgs, cpu: Option<usize>) -> anyhow::Result<Servers> {
+    let release = !args.smoke;
+    let dir = build(release, &["wshost", "echo", "pubsub", "bare-echo"])?;
+    let plugins = tempfile::tempdir()?;
+    for lib in ["libecho.so", "libpubsub.so"] {
+        std::fs::copy(dir.join(lib), plugins.path().join(lib))?;
+    }
+    let mut list = Vec::new();
+    let mut cmd = taskset(cpu, &dir.join("wshost").to_string_lossy());
+    let limit = (args.idle.iter().max().copied().unwrap_or(0) + 200).to_string();
+    cmd.args(common::wshost_args(
+        plugins.path(),
+        &["--max-connections", &limit],
+    ))
+    .env("RUST_LOG", "warn");
+    list.push(Server::start(WSHOST, cmd)?);
+    list.push(Server::start(
+        BARE,
+        taskset(cpu, &dir.join("bare-echo").to_string_lossy()),
+    )?);
+    if args.peers {
+        list.push(node(cpu)?);
+        list.push(jetty(cpu)?);
+    }
+    Ok(Servers {
+        list,
+        _plugins: plugins,
+    })
+}
+
+fn node(cpu: Option<usize>) -> anyhow::Result<Server> {
+    let dir = workspace_root().join("tests/loadgen/peers/node");
+    if !dir.join("node_modules/ws").exists() {
+        let ok = Command::new("npm")
+            .args(["ci", "--silent", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .context("npm (Node.js) is needed for --peers")?
+            .success();
+        if !ok {
+            bail!("npm ci in {} failed", dir.display());
+        }
+    }
+    let mut cmd = taskset(cpu, "node");
+    cmd.arg(dir.join("echo.mjs"));
+    Server::start("Node.js ws 8", cmd)
+}
+
+fn jetty(cpu: Option<usize>) -> anyhow::Result<Server> {
+    let jars: Vec<PathBuf> = std::fs::read_dir("/usr/share/java")?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            // Debian ships each jar under a versioned name and an unversioned link.
+            name.starts_with("jetty9-")
+                && name.ends_with(".jar")
+                && !name
+                    .trim_end_matches(".jar")
+                    .ends_with(|c: char| c.is_ascii_digit())
+        })
+        .chain([PathBuf::from("/usr/share/java/servlet-api.jar")])
+        .collect();
+    if !jars
+        .iter()
+        .any(|j| j.ends_with("jetty9-websocket-server.jar"))
+    {
+        bail!("Jetty 9.4 not found: apt-get install libjetty9-java libjetty9-extra-java");
+    }
+    let classpath = std::env::join_paths(&jars)?;
+    let out = workspace_root().join("target/loadgen/jetty");
+    std::fs::create_dir_all(&out)?;
+    let ok = Command::new("javac")
+        .arg("-d")
+        .arg(&out)
+        .arg("-cp")
+        .arg(&classpath)
+        .arg(workspace_root().join("tests/loadgen/peers/jetty/EchoServer.java"))
+        .status()
+        .context("javac is needed for --peers")?
+        .success();
+    if !ok {
+        bail!("compiling the Jetty echo server failed");
+    }
+    let mut cp = std::ffi::OsString::from(&out);
+    cp.push(":");
+    cp.push(&classpath);
+    let mut cmd = taskset(cpu, "java");
+    cmd.arg("-cp").arg(cp).arg("EchoServer");
+    Server::start("Jetty 9.4", cmd)
+}
+
+async fn run_echo(
+    server: &Server,
+    w: &Workload,
+    args: &SuiteArgs,
+    warmup: Duration,
+) -> anyhow::Result<(echo::Outcome, f64)> {
+    let conns = echo::open(&server.url("/echo"), args.conns).await?;
+    let cpu0 = cpu_time(server.pid())?;
+    let t0 = std::time::Instant::now();
+    let outcome = echo::closed(conns, w.inflight, &w.payload, warmup, args.window).await?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = (cpu_time(server.pid())? - cpu0).as_secs_f64();
+    // Messages per CPU-second of the server, over the whole run (warm-up included on both
+    // sides: its messages are the run's rate times its length).
+    let per_cpu = outcome.rate() * wall / cpu.max(0.01);
+    Ok((outcome, per_cpu))
+}
+
+/// Runs the suite and writes its report.
+pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let pin = cpus >= 2;
+    if pin {
+        common::pin_self(0)?;
+    }
+    let servers = start_servers(&args, pin.then_some(1))?;
+    let warmup = if args.smoke {
+        Duration::from_millis(100)
+    } else {
+        Duration::from_secs(1)
+    };
+    let rounds = if args.smoke { 1 } else { args.rounds };
+    let mut report = String::new();
+    writeln!(
+        report,
+        "Run {} on {cpus} CPUs{}: {rounds} interleaved rounds, {:.1} s windows after {:.1} s of warm-up.\n",
+        today(),
+        if pin {
+            " (generator on CPU 0, server on CPU 1)"
+        } else {
+            ""
+        },
+        args.window.as_secs_f64(),
+        warmup.as_secs_f64()
+    )?;
+
+    // Closed-loop echo throughput.
+    let loads = workloads();
+    let mut results: BTreeMap<(usize, usize), Samples> = BTreeMap::new();
+    for round in 0..rounds {
+        for (wi, w) in loads.iter().enumerate() {
+            let mut bare_per_cpu = None;
+            // Rotate the order so that no server always runs first.
+            let n = servers.list.len();
+            let mut round_results = Vec::new();
+            for k in 0..n {
+                let si = (k + round) % n;
+                let server = &servers.list[si];
+                let (o, per_cpu) = run_echo(server, w, &args, warmup)
+                    .await
+                    .with_context(|| format!("{} on {}", w.name, server.name))?;
+                eprintln!(
+                    "round {round} {:>20} {:>24}: {:>9.0} msgs/s {:>9.0} per CPU",
+                    w.name,
+                    server.name,
+                    o.rate(),
+                    per_cpu
+                );
+                if server.name == BARE {
+                    bare_per_cpu = Some(per_cpu);
+                }
+                round_results.push((si, o, per_cpu));
+            }
+            let bare = bare_per_cpu.context("the bare server ran")?;
+            for (si, o, per_cpu) in round_results {
+                let s = results.entry((wi, si)).or_default();
+                let (p50, p99, p999) = quantiles_ms(&o.latency);
+                s.rate.push(o.rate());
+                s.per_cpu.push(per_cpu);
+                s.ratio.push(per_cpu / bare);
+                s.p50.push(p50);
+                s.p99.push(p99);
+                s.p999.push(p999);
+            }
+        }
+    }
+    writeln!(
+        report,
+        "### Echo throughput (closed loop, {} connections)\n",
+        args.conns
+    )?;
+    writeln!(report, "| workload | server | msgs/s | msgs/s per server CPU | × bare (per CPU) | RTT p50 ms | p99 ms | p99.9 ms |")?;
+    writeln!(report, "| --- | --- | --- | --- | --- | --- | --- | --- |")?;
+    for (wi, w) in loads.iter().enumerate() {
+        for (si, server) in servers.list.iter().enumerate() {
+            let s = &results[&(wi, si)];
+            writeln!(
+                report,
+                "| {} ({} in flight each) | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                w.name,
+                w.inflight,
+                server.name,
+                median(&s.rate),
+                median(&s.per_cpu),
+                median(&s.ratio),
+                median(&s.p50),
+                median(&s.p99),
+                median(&s.p999)
+            )?;
+        }
+    }
+
+    // Open-loop latency at a fixed rate.
+    let rate = if args.smoke { 1_000 } else { 10_000 };
+    let mut open: Vec<Samples> = vec![Samples::default(); servers.list.len()];
+    let mut lost = vec![0u64; servers.list.len()];
+    for round in 0..rounds {
+        for k in 0..servers.list.len() {
+            let si = (k + round) % servers.list.len();
+            let server = &servers.list[si];
+            let conns = echo::open(&server.url("/echo"), 100).await?;
+            let payload = Payload {
+                size: 32,
+                binary: false,
+            };
+            let o = echo::open_loop(conns, rate, &payload, warmup, args.window).await?;
+            let (p50, p99, p999) = quantiles_ms(&o.latency);
+            eprintln!(
+                "round {round} open loop {rate}/s {:>24}: p50 {p50:.3} p99 {p99:.3} p99.9 {p999:.3} ms, {} lost",
+                server.name, o.lost
+            );
+            open[si].rate.push(o.rate());
+            open[si].p50.push(p50);
+            open[si].p99.push(p99);
+            open[si].p999.push(p999);
+            lost[si] += o.lost;
+        }
+    }
+    writeln!(
+        report,
+        "\n### Latency at a fixed rate (open loop, {rate} msgs/s of 32 B text over 100 connections, from the intended send time)\n"
+    )?;
+    writeln!(
+        report,
+        "| server | msgs/s | p50 ms | p99 ms | p99.9 ms | unanswered |"
+    )?;
+    writeln!(report, "| --- | --- | --- | --- | --- | --- |")?;
+    for (si, server) in servers.list.iter().enumerate() {
+        let s = &open[si];
+        writeln!(
+            report,
+            "| {} | {:.0} | {:.3} | {:.3} | {:.3} | {} |",
+            server.name,
+            median(&s.rate),
+            median(&s.p50),
+            median(&s.p99),
+            median(&s.p999),
+            lost[si]
+        )?;
+    }
+
+    // Idle connections.
+    let counts: Vec<usize> = if args.smoke {
+        vec![200]
+    } else {
+        args.idle.clone()
+    };
+    writeln!(report, "\n### Memory per idle connection\n")?;
+    writeln!(report, "{}", idle::HEADER)?;
+    for &n in &counts {
+        for server in &servers.list {
+            let (o, held) = idle::measure(&server.url("/echo"), server.pid(), n).await?;
+            eprintln!("idle {}", o.row(&server.name));
+            writeln!(report, "{}", o.row(&server.name))?;
+            drop(held);
+            // Let the server see the closes before the next one is measured.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    // Fan-out through wshost's channels.
+    let wshost = servers
+        .list
+        .iter()
+        .find(|s| s.name == WSHOST)
+        .context("wshost runs")?;
+    let subs = if args.smoke { 100 } else { args.subscribers };
+    let fan_rate = 20;
+    let mut fan = Samples::default();
+    let mut delivered = (0u64, 0u64);
+    for _ in 0..rounds {
+        let members = fanout::subscribers(&[wshost.url("/pubsub/bench")], subs).await?;
+        let publisher =
+            common::connect(&wshost.url("/pubsub/bench?subscribe=0"), common::source(0)).await?;
+        let payload = Payload {
+            size: 32,
+            binary: false,
+        };
+        let o = fanout::run(publisher, members, fan_rate, &payload, warmup, args.window).await?;
+        let (p50, p99, p999) = quantiles_ms(&o.latency);
+        eprintln!(
+            "fan-out {subs} subscribers: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered",
+            o.rate(),
+            o.deliveries,
+            o.expected
+        );
+        fan.rate.push(o.rate());
+        fan.p50.push(p50);
+        fan.p99.push(p99);
+        fan.p999.push(p999);
+        delivered.0 += o.deliveries;
+        delivered.1 += o.expected;
+    }
+    writeln!(report, "\n### Broadcast fan-out (`pubsub` plugin, one publisher at {fan_rate} msgs/s of 32 B, {subs} subscribers, one host)\n")?;
+    writeln!(
+        report,
+        "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered |"
+    )?;
+    writeln!(report, "| --- | --- | --- | --- | --- |")?;
+    writeln!(
+        report,
+        "| {:.0} | {:.2} | {:.2} | {:.2} | {} of {} |",
+        median(&fan.rate),
+        median(&fan.p50),
+        median(&fan.p99),
+        median(&fan.p999),
+        delivered.0,
+        delivered.1
+    )?;
+
+    println!("{report}");
+    if !args.smoke {
+        std::fs::create_dir_all(&args.out)?;
+        std::fs::write(args.out.join("results.md"), &report)?;
+        let names: Vec<&str> = servers.list.iter().map(|s| s.name.as_str()).collect();
+        let values: Vec<Vec<f64>> = (0..loads.len())
+            .map(|wi| {
+                (0..names.len())
+                    .map(|si| median(&results[&(wi, si)].per_cpu))
+                    .collect()
+            })
+            .collect();
+        let labels: Vec<&str> = loads.iter().map(|w| w.name).collect();
+        crate::plot::bars(&args.out.join("results.svg"), &labels, &names, &values)?;
+        eprintln!("wrote {}", args.out.join("results.md").display());
+    } else {
+        check_smoke(&results, &open, delivered)?;
+    }
+    Ok(())
+}
+
+/// The smoke run judges no speed, only that every mode measured something.
+fn check_smoke(
+    results: &BTreeMap<(usize, usize), Samples>,
+    open: &[Samples],
+    delivered: (u64, u64),
+) -> anyhow::Result<()> {
+    if results.values().any(|s| s.rate.iter().any(|r| *r <= 0.0)) {
+        bail!("an echo run measured no messages");
+    }
+    if open.iter().any(|s| s.rate.iter().any(|r| *r <= 0.0)) {
+        bail!("an open-loop run measured no messages");
+    }
+    if delivered.0 == 0 {
+        bail!("the fan-out delivered nothing");
+    }
+    Ok(())
+}
+
+fn today() -> String {
+    Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map_or_else(|| "today".into(), |s| s.trim().to_owned())
+}
