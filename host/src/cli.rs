@@ -131,6 +131,10 @@ pub struct ServeArgs {
     /// Most bytes queued for sending to one connection.
     #[arg(long, env = "WSHOST_MAX_SEND_QUEUE", default_value_t = Config::default().max_send_queue)]
     pub max_send_queue: usize,
+    /// Bytes tungstenite reads per call, kept per connection for its lifetime (socket reads go
+    /// through a 64 KiB buffer per thread whatever this is).
+    #[arg(long, env = "WSHOST_READ_BUFFER_SIZE", default_value_t = Config::default().read_buffer_size)]
+    pub read_buffer_size: usize,
     /// Largest plain-request body, in bytes (413 past it).
     #[arg(long, env = "WSHOST_MAX_BODY_SIZE", default_value_t = Config::default().max_body_size)]
     pub max_body_size: usize,
@@ -263,6 +267,7 @@ impl ServeArgs {
             max_message_size: self.max_message_size,
             max_frame_size: self.max_frame_size,
             max_send_queue: self.max_send_queue,
+            read_buffer_size: self.read_buffer_size.max(64),
             slow_callback: self.slow_callback,
             close_timeout: self.close_timeout,
             shutdown_timeout: self.shutdown_timeout,

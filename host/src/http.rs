@@ -310,16 +310,13 @@ fn websocket(
         hub: Arc::clone(ctx.registry.hub()),
         budget: Arc::clone(&ctx.send_budget),
         metrics: Arc::clone(&ctx.metrics),
-        shutdown: ctx.shutdown.child_token(),
+        shutdown: ctx.shutdown.clone(),
     };
-    let req = Request::from_parts(parts, body);
-    let task_ctx = Arc::clone(ctx);
-    ctx.tracker.spawn(async move {
-        match hyper::upgrade::on(req).await {
-            Ok(upgraded) => session::run(upgraded, start, &task_ctx.config).await,
-            Err(e) => tracing::debug!(conn_id = id, error = %e, "upgrade did not complete"),
-        }
-    });
+    // Only the upgrade's handle goes into the task, not the request: what a task captures stays
+    // in its memory for the life of the connection.
+    let on_upgrade = hyper::upgrade::on(Request::from_parts(parts, body));
+    ctx.tracker
+        .spawn(session::run(on_upgrade, start, Arc::clone(&ctx.config)));
     response
 }
 

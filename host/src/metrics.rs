@@ -2,15 +2,17 @@
 //! per-message path (sessions count locally and add in batches); plugin and connection gauges
 //! are read from the registry when scraped.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use prometheus_client::collector::Collector;
+use prometheus_client::encoding::MetricEncoder;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use crate::plugin::registry::Registry;
 
@@ -37,7 +39,101 @@ pub struct Metrics {
     pub(crate) send_queue_overflows: Counter,
     /// Closed connections by the code `on_close` got.
     pub(crate) closes: Family<CodeLabel, Counter>,
-    pub(crate) callback_seconds: Histogram,
+    pub(crate) callback_seconds: CallbackHistogram,
+}
+
+/// Upper bounds of the callback-duration buckets: 50 µs × 2^i, i < 16 (50 µs to ~1.6 s), then
+/// +Inf.
+const BUCKETS: usize = 17;
+const FIRST_BOUND_NS: u64 = 50_000;
+
+fn bucket_of(d: Duration) -> usize {
+    let q = (d.as_nanos() as u64).div_ceil(FIRST_BOUND_NS);
+    if q <= 1 {
+        0
+    } else {
+        ((64 - (q - 1).leading_zeros()) as usize).min(BUCKETS - 1)
+    }
+}
+
+/// Time plugin callbacks took: a Prometheus histogram whose observations are counted by each
+/// session and added in batches (prometheus-client's `Histogram` takes a lock per observation).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallbackHistogram(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    buckets: [AtomicU64; BUCKETS],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+/// One session's observations since its last flush.
+#[derive(Debug, Default)]
+pub(crate) struct LocalHistogram {
+    buckets: [u32; BUCKETS],
+    count: u32,
+    sum_ns: u64,
+}
+
+impl LocalHistogram {
+    /// Notes one callback; true when it is time to flush.
+    pub(crate) fn observe(&mut self, d: Duration) -> bool {
+        self.buckets[bucket_of(d)] += 1;
+        self.count += 1;
+        self.sum_ns += d.as_nanos() as u64;
+        self.count >= 1024
+    }
+
+    pub(crate) fn flush_into(&mut self, h: &CallbackHistogram) {
+        if self.count == 0 {
+            return;
+        }
+        for (shared, local) in h.0.buckets.iter().zip(&mut self.buckets) {
+            if *local > 0 {
+                shared.fetch_add(u64::from(std::mem::take(local)), Ordering::Relaxed);
+            }
+        }
+        h.0.count.fetch_add(
+            u64::from(std::mem::take(&mut self.count)),
+            Ordering::Relaxed,
+        );
+        h.0.sum_ns
+            .fetch_add(std::mem::take(&mut self.sum_ns), Ordering::Relaxed);
+    }
+}
+
+impl TypedMetric for CallbackHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for CallbackHistogram {
+    fn encode(&self, mut encoder: MetricEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let buckets: Vec<(f64, u64)> = self
+            .0
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let bound = if i == BUCKETS - 1 {
+                    f64::INFINITY
+                } else {
+                    (FIRST_BOUND_NS << i) as f64 / 1e9
+                };
+                (bound, n.load(Ordering::Relaxed))
+            })
+            .collect();
+        encoder.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+            self.0.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.0.count.load(Ordering::Relaxed),
+            &buckets,
+            None,
+        )
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 impl Metrics {
@@ -52,8 +148,7 @@ impl Metrics {
             bytes_out: Counter::default(),
             send_queue_overflows: Counter::default(),
             closes: Family::default(),
-            // 50 µs to ~1.6 s.
-            callback_seconds: Histogram::new(exponential_buckets(0.000_05, 2.0, 16)),
+            callback_seconds: CallbackHistogram::default(),
             prom: prometheus_client::registry::Registry::default(),
         };
         prom.register(
@@ -191,5 +286,21 @@ impl Collector for PluginCollector {
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets() {
+        assert_eq!(bucket_of(Duration::ZERO), 0);
+        assert_eq!(bucket_of(Duration::from_micros(50)), 0);
+        assert_eq!(bucket_of(Duration::from_micros(51)), 1);
+        assert_eq!(bucket_of(Duration::from_micros(100)), 1);
+        assert_eq!(bucket_of(Duration::from_micros(101)), 2);
+        assert_eq!(bucket_of(Duration::from_secs(1)), 15); // 50 µs × 2^15 = 1.64 s
+        assert_eq!(bucket_of(Duration::from_secs(10)), 16);
     }
 }

@@ -20,7 +20,7 @@ use crate::plugin::registry::Registry;
 
 /// What every connection task shares.
 pub(crate) struct Ctx {
-    pub(crate) config: Config,
+    pub(crate) config: Arc<Config>,
     pub(crate) registry: Arc<Registry>,
     /// Cancelled when the host shuts down.
     pub(crate) shutdown: CancellationToken,
@@ -98,7 +98,7 @@ impl Ctx {
         Self {
             metrics,
             send_budget: Arc::new(crate::ws::conn::SendBudget::new(config.max_buffered_total)),
-            config,
+            config: Arc::new(config),
             registry,
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

@@ -1,12 +1,14 @@
-//! The connection handle: what a plugin's `Conn` calls into. Sends queue and never block.
+//! The connection handle: what a plugin's `Conn` calls into. Sends queue and never block; the
+//! connection's session task writes the queue out.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use abi_stable::std_types::{RSlice, RStr, RString};
+use futures_util::task::AtomicWaker;
 use plugin_api::abi::ConnFfi;
 use plugin_api::SendError;
-use tokio::sync::{mpsc, Notify};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -17,7 +19,7 @@ const OPEN: u8 = 0;
 const CLOSING: u8 = 1;
 const CLOSED: u8 = 2;
 
-/// A frame for the writer, with the bytes it counts against the send queue.
+/// A queued frame, with the bytes it counts against the send queue.
 pub(crate) type Outgoing = (Message, u64);
 
 /// Bytes buffered across all connections (send queues and partly received messages), against
@@ -73,7 +75,7 @@ impl SendBudget {
     }
 }
 
-/// The state a connection shares between its reader, its writer, the hub and plugin handles.
+/// The state a connection shares between its session task, the hub and plugin handles.
 #[derive(Debug)]
 pub(crate) struct ConnShared {
     pub(crate) id: u64,
@@ -82,20 +84,25 @@ pub(crate) struct ConnShared {
     hub: Arc<Hub>,
     budget: Arc<SendBudget>,
     metrics: Arc<crate::metrics::Metrics>,
-    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Frames waiting for the session task. Allocates nothing until the first send (tokio's
+    /// channels allocate a block of slots up front, per connection).
+    queue: Mutex<VecDeque<Outgoing>>,
+    /// The session task, woken when a frame is queued.
+    waker: AtomicWaker,
+    /// The session task is running one of this connection's callbacks: it looks at the queue
+    /// right after, so sends need not wake it.
+    in_callback: AtomicBool,
     state: AtomicU8,
     buffered: AtomicU64,
     max_send_queue: u64,
     drain_wanted: AtomicBool,
-    /// Woken when the queue empties after a send was refused as full.
-    pub(crate) drain: Notify,
-    /// Woken when a close was queued.
-    pub(crate) closing: Notify,
-    /// Woken when the connection is over: the writer stops.
-    pub(crate) done: Notify,
+    /// The queue emptied after a send was refused as full: the session runs `on_drain`.
+    drained: AtomicBool,
+    /// A close was queued: the session starts its close timeout.
+    closing: AtomicBool,
     channels: Mutex<Vec<String>>,
     started: std::time::Instant,
-    /// When the writer last sent a data message, in milliseconds since `started`.
+    /// When the session last sent a data message, in milliseconds since `started`.
     last_out_ms: AtomicU64,
 }
 
@@ -108,28 +115,79 @@ impl ConnShared {
         budget: Arc<SendBudget>,
         metrics: Arc<crate::metrics::Metrics>,
         max_send_queue: u64,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<Outgoing>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Self {
+    ) -> Arc<Self> {
+        Arc::new(Self {
             id,
             remote,
             plugin,
             hub,
             budget,
             metrics,
-            tx,
+            queue: Mutex::new(VecDeque::new()),
+            waker: AtomicWaker::new(),
+            in_callback: AtomicBool::new(false),
             state: AtomicU8::new(OPEN),
             buffered: AtomicU64::new(0),
             max_send_queue,
             drain_wanted: AtomicBool::new(false),
-            drain: Notify::new(),
-            closing: Notify::new(),
-            done: Notify::new(),
+            drained: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
             channels: Mutex::new(Vec::new()),
             started: std::time::Instant::now(),
             last_out_ms: AtomicU64::new(0),
-        });
-        (shared, rx)
+        })
+    }
+
+    fn push(&self, item: Outgoing) {
+        self.queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push_back(item);
+        // SeqCst with the session's store: either it sees this frame when it looks at the
+        // queue after the callback, or this sees the flag cleared and wakes it.
+        if !self.in_callback.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
+    }
+
+    /// Moves every queued frame to the end of `into` (the session task's own queue).
+    pub(crate) fn take_queued(&self, into: &mut VecDeque<Outgoing>) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if into.is_empty() {
+            // Take the allocation along: the shared queue of an idle connection holds none.
+            *into = std::mem::take(&mut *queue);
+        } else {
+            into.append(&mut queue);
+        }
+    }
+
+    /// Whether frames are waiting in the queue.
+    pub(crate) fn has_queued(&self) -> bool {
+        !self
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// Whether the queue drained since the last call (after a refused send).
+    pub(crate) fn take_drained(&self) -> bool {
+        self.drained.load(Ordering::Acquire) && self.drained.swap(false, Ordering::AcqRel)
+    }
+
+    /// Whether a close was queued since the last call.
+    pub(crate) fn take_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire) && self.closing.swap(false, Ordering::AcqRel)
+    }
+
+    /// Registers the session task to be woken by sends.
+    pub(crate) fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    /// The session task starts (`true`) or ends (`false`) a callback of this connection.
+    pub(crate) fn set_in_callback(&self, running: bool) {
+        self.in_callback.store(running, Ordering::SeqCst);
     }
 
     pub(crate) fn is_open(&self) -> bool {
@@ -146,18 +204,15 @@ impl ConnShared {
         let before = self.buffered.fetch_add(n, Ordering::AcqRel);
         if before > 0 && before + n > self.max_send_queue || !self.budget.take(n) {
             // Ask for on_drain before undoing: whoever brings the count to zero (this undo or
-            // the writer) then sees the request, so the wake-up cannot be lost between them.
+            // the session task) then sees the request, so the wake-up cannot be lost between them.
             self.drain_wanted.store(true, Ordering::Release);
             let left = self.release(n);
             self.drained_if_empty(left);
             self.metrics.send_queue_overflows.inc();
             return Err(SendError::QueueFull);
         }
-        self.tx.send((msg, n)).map_err(|_| {
-            self.release(n);
-            self.budget.give(n);
-            SendError::Closed
-        })
+        self.push((msg, n));
+        Ok(())
     }
 
     /// Takes `n` bytes off this connection's queue count.
@@ -171,7 +226,7 @@ impl ConnShared {
         before.saturating_sub(n)
     }
 
-    /// The writer wrote `n` bytes to the socket.
+    /// The session task wrote `n` queued bytes to the socket.
     pub(crate) fn written(&self, n: u64) {
         let left = self.release(n);
         self.budget.give(n);
@@ -180,17 +235,18 @@ impl ConnShared {
 
     fn drained_if_empty(&self, left: u64) {
         if left == 0 && self.drain_wanted.swap(false, Ordering::AcqRel) {
-            self.drain.notify_one();
+            self.drained.store(true, Ordering::Release);
+            self.waker.wake();
         }
     }
 
-    /// The writer sent a data message just now.
+    /// The session task sent a data message just now.
     pub(crate) fn sent_data(&self) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_out_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// When the writer last sent a data message (the connection's start if never).
+    /// When the session task last sent a data message (the connection's start if never).
     pub(crate) fn last_data_out(&self) -> std::time::Instant {
         self.started + std::time::Duration::from_millis(self.last_out_ms.load(Ordering::Relaxed))
     }
@@ -223,8 +279,9 @@ impl ConnShared {
             code: CloseCode::from(code),
             reason: reason.to_owned().into(),
         };
-        let _ = self.tx.send((Message::Close(Some(frame)), 0));
-        self.closing.notify_one();
+        self.closing.store(true, Ordering::Release);
+        self.push((Message::Close(Some(frame)), 0));
+        self.waker.wake();
         Ok(())
     }
 
@@ -238,7 +295,6 @@ impl ConnShared {
     /// The connection is over: no more sends, and it leaves all its channels.
     pub(crate) fn finish(&self) {
         self.state.store(CLOSED, Ordering::Release);
-        self.done.notify_one();
         // What is still queued will be written or dropped; either way it leaves the budget.
         let queued = self.buffered.swap(0, Ordering::AcqRel);
         self.budget.give(queued);

@@ -1,7 +1,14 @@
 //! The socket of a session, charging every byte read to the host's memory budget until the
 //! message it belongs to is delivered: tungstenite assembles fragments out of sight, so
 //! partly received messages are bounded here, at the socket.
+//!
+//! It also reads ahead: tungstenite reads at most its read-buffer size per call, and that
+//! buffer lives as long as the connection, so a small one (lean idle connections) would mean
+//! a system call per few hundred bytes. Here every socket read goes through one 64 KiB buffer
+//! per worker thread; what tungstenite did not take yet is kept per connection only until it
+//! does.
 
+use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,6 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::conn::SendBudget;
@@ -55,16 +63,44 @@ impl Partial {
     }
 }
 
+/// Size of the per-thread read-ahead buffer: one system call reads this much at most.
+const READ_AHEAD: usize = 64 << 10;
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; READ_AHEAD].into_boxed_slice());
+}
+
 /// A socket whose reads are charged to a [`Partial`].
 #[derive(Debug)]
 pub(crate) struct Counted<S> {
     inner: S,
     partial: Arc<Partial>,
+    /// Read from the socket, not yet taken by tungstenite; empty (no allocation) when idle.
+    ahead: BytesMut,
 }
 
 impl<S> Counted<S> {
     pub(crate) fn new(inner: S, partial: Arc<Partial>) -> Self {
-        Self { inner, partial }
+        Self {
+            inner,
+            partial,
+            ahead: BytesMut::new(),
+        }
+    }
+
+    /// Charges `read` bytes just read from the socket to the budget.
+    fn charge(&self, read: u64) -> io::Result<()> {
+        if read > 0 {
+            let p = &self.partial;
+            if !p.budget.take(read) {
+                return Err(io::Error::other(BUDGET_EXHAUSTED));
+            }
+            if p.bytes.fetch_add(read, Ordering::AcqRel) == 0 {
+                let ms = p.start.elapsed().as_millis() as u64 + 1;
+                p.since_ms.store(ms, Ordering::Release);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -74,20 +110,40 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let result = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = (buf.filled().len() - before) as u64;
-        if read > 0 {
-            let p = &self.partial;
-            if !p.budget.take(read) {
-                return Poll::Ready(Err(io::Error::other(BUDGET_EXHAUSTED)));
+        let this = &mut *self;
+        if !this.ahead.is_empty() {
+            let n = this.ahead.len().min(buf.remaining());
+            buf.put_slice(&this.ahead[..n]);
+            this.ahead.advance(n);
+            if this.ahead.is_empty() {
+                // Give the memory back: an idle connection holds none.
+                this.ahead = BytesMut::new();
             }
-            if p.bytes.fetch_add(read, Ordering::AcqRel) == 0 {
-                let ms = p.start.elapsed().as_millis() as u64 + 1;
-                p.since_ms.store(ms, Ordering::Release);
-            }
+            return Poll::Ready(Ok(()));
         }
-        result
+        if buf.remaining() >= READ_AHEAD {
+            let before = buf.filled().len();
+            let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+            this.charge((buf.filled().len() - before) as u64)?;
+            return result;
+        }
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut ahead = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut this.inner).poll_read(cx, &mut ahead) {
+                Poll::Ready(Ok(())) => {
+                    let data = ahead.filled();
+                    this.charge(data.len() as u64)?;
+                    let n = data.len().min(buf.remaining());
+                    buf.put_slice(&data[..n]);
+                    if n < data.len() {
+                        this.ahead = BytesMut::from(&data[n..]);
+                    }
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            }
+        })
     }
 }
 

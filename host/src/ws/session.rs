@@ -1,18 +1,20 @@
-//! A WebSocket session: the reader task turns socket events into the plugin's callbacks, one at
-//! a time and in order; a writer task drains the connection's send queue, feeding every queued
-//! frame before a single flush.
+//! A WebSocket session: one task per connection turns socket events into the plugin's callbacks,
+//! one at a time and in order, and writes the connection's send queue out. It reads every
+//! message that has already arrived (running its callbacks, whose sends go straight into the
+//! queue without waking anyone) before it flushes once: an echo of a burst is one write.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RArc, RResult, RSlice, RStr, RString};
-use futures_util::stream::{SplitSink, SplitStream};
+use std::collections::VecDeque;
+use std::task::{Context, Poll};
+
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use plugin_api::abi::{ConnFfi_TO, ConnHandle, HandlerBox};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -20,7 +22,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::conn::{ConnRef, ConnShared, Outgoing};
+use super::conn::{ConnRef, ConnShared};
 use super::counted::{Counted, Partial, BUDGET_EXHAUSTED};
 use crate::channels::Hub;
 use crate::config::Config;
@@ -29,8 +31,11 @@ use crate::plugin::{LoadedPlugin, Settings};
 
 type Ws = WebSocketStream<Counted<TokioIo<Upgraded>>>;
 
-/// Most bytes the writer feeds before it flushes, so one flush never waits on an unbounded batch.
+/// Most bytes fed to the socket before a flush, so one flush never waits on an unbounded batch.
 const MAX_BATCH: u64 = 256 << 10;
+/// Most messages read (and answered) before the answers are flushed, so that a client that
+/// keeps sending still gets its answers.
+const MAX_READS_BEFORE_FLUSH: u32 = 64;
 
 /// Everything a session needs besides its socket.
 pub(crate) struct Start {
@@ -49,14 +54,28 @@ pub(crate) struct Start {
     pub(crate) shutdown: CancellationToken,
 }
 
-/// Runs a session on an upgraded connection until it closes.
-pub(crate) async fn run(upgraded: Upgraded, start: Start, config: &Config) {
+/// The session of an upgrade: waits for hyper to hand over the connection, then runs until it
+/// closes. A plain function (not `async`), so the task holds one future, not a future and the
+/// arguments it was made from: its size is the connection's memory.
+pub(crate) fn run(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    start: Start,
+    config: Arc<Config>,
+) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!("conn", conn_id = start.id, peer = %start.peer,
         plugin = %start.plugin.name, generation = start.plugin.generation);
-    session(upgraded, start, config).instrument(span).await;
+    session(on_upgrade, start, config).instrument(span)
 }
 
-async fn session(upgraded: Upgraded, start: Start, config: &Config) {
+async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Arc<Config>) {
+    let upgraded = match on_upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let config = &*config;
     let Start {
         id,
         peer: _,
@@ -88,7 +107,7 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         .max_send_queue
         .unwrap_or(config.max_send_queue as u64);
     let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
-    let (conn, rx) = ConnShared::new(
+    let conn = ConnShared::new(
         id,
         remote,
         plugin_name,
@@ -98,10 +117,8 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         max_send_queue,
     );
     let handle: ConnHandle = ConnFfi_TO::from_ptr(RArc::new(ConnRef(Arc::clone(&conn))), TD_Opaque);
-    let (sink, stream) = ws.split();
-    let mut writer = tokio::spawn(
-        write_loop(sink, rx, Arc::clone(&conn), Arc::clone(&metrics)).in_current_span(),
-    );
+    let mut ws = ws;
+    let mut out = Out::default();
 
     tracing::debug!("connection open");
     plugin.connection_opened();
@@ -113,26 +130,31 @@ async fn session(upgraded: Upgraded, start: Start, config: &Config) {
         failed: false,
         metrics: Arc::clone(&metrics),
         counts: Counts::default(),
+        durations: Default::default(),
     };
     s.call("on_connect", |h, c| h.on_connect(c));
     let timing = Timing::new(config, &settings);
-    let (code, reason) = s.read_loop(stream, &shutdown, timing, &partial).await;
+    let (code, reason) = s
+        .read_loop(&mut ws, &mut out, &shutdown, timing, &partial)
+        .await;
     partial.delivered();
     s.counts.flush_in(&metrics);
     s.conn.finish();
     s.call_always("on_close", |h, c| {
         h.on_close(c, code, RStr::from_str(&reason))
     });
+    s.durations.flush_into(&metrics.callback_seconds);
     plugin.connection_closed();
     drop(admission);
     tracing::debug!(code, %reason, "connection closed");
-    // Give the writer the chance to put a pending close frame on the wire.
-    if tokio::time::timeout(config.close_timeout, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
+    // Write what is still queued (an answer, a close frame), bounded by the close timeout;
+    // then the socket closes as `ws` is dropped.
+    let _ = tokio::time::timeout(
+        config.close_timeout,
+        std::future::poll_fn(|cx| out.poll_final(cx, &mut ws, &s.conn)),
+    )
+    .await;
+    out.counts.flush_out(&metrics);
     // Last, so that a scraper that sees the close also sees every count of the connection.
     metrics.closes.get_or_create(&CodeLabel { code }).inc();
 }
@@ -151,6 +173,8 @@ struct Session {
     metrics: Arc<Metrics>,
     /// Messages and bytes received since they were last added to the metrics.
     counts: Counts,
+    /// Callback durations since they were last added to the metrics.
+    durations: crate::metrics::LocalHistogram,
 }
 
 /// Message and byte counts kept by one task and added to the shared metrics in batches, so the
@@ -242,13 +266,14 @@ impl Session {
     /// Reads until the connection ends; returns the peer's close code and reason.
     async fn read_loop(
         &mut self,
-        mut stream: SplitStream<Ws>,
+        ws: &mut Ws,
+        out: &mut Out,
         shutdown: &CancellationToken,
         timing: Timing,
         partial: &Partial,
     ) -> (u16, String) {
         let mut peer_close: Option<(u16, String)> = None;
-        let mut close_deadline: Option<tokio::time::Instant> = None;
+        let mut close_deadline: Option<Instant> = None;
         let mut shutting_down = false;
         let conn = Arc::clone(&self.conn);
         let started = Instant::now();
@@ -261,17 +286,32 @@ impl Session {
         tokio::pin!(timer);
         let mut wake = self.next_wake(&timing, next_ping, awaiting_pong, last_data_in, far);
         timer.as_mut().reset(wake.into());
+        // Made once, not per message: a waiting cancellation future takes a lock to register and
+        // another to leave.
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
-            let close_wait = async {
-                match close_deadline {
-                    Some(d) => tokio::time::sleep_until(d).await,
-                    None => std::future::pending().await,
+            // Flags the connection's handle set (and woke this task for): a send that was
+            // refused has drained; a close was queued (its handshake has a deadline).
+            if conn.take_drained() {
+                self.call("on_drain", |h, c| h.on_drain(c));
+            }
+            if conn.take_closing() && close_deadline.is_none() {
+                close_deadline = Some(Instant::now() + timing.close_timeout);
+                if close_deadline < Some(wake) {
+                    wake = close_deadline.unwrap_or(wake);
+                    timer.as_mut().reset(wake.into());
                 }
-            };
+            }
             tokio::select! {
-                item = stream.next() => match item {
-                    None => break,
-                    Some(Ok(msg)) => {
+                item = std::future::poll_fn(|cx| out.poll_io(cx, ws, &conn, &self.metrics)) => match item {
+                    Io::End => break,
+                    Io::WriteFailed => {
+                        conn.peer_closed();
+                        tracing::debug!("write failed; the connection is gone");
+                        break;
+                    }
+                    Io::Read(Ok(msg)) => {
                     partial.delivered();
                     match msg {
                         Message::Text(t) => {
@@ -300,29 +340,32 @@ impl Session {
                                 (u16::from(f.code), f.reason.as_str().to_owned())
                             }));
                             conn.peer_closed();
-                            close_deadline.get_or_insert_with(|| {
-                                tokio::time::Instant::now() + timing.close_timeout
-                            });
+                            if close_deadline.is_none() {
+                                let d = Instant::now() + timing.close_timeout;
+                                close_deadline = Some(d);
+                                if d < wake {
+                                    wake = d;
+                                    timer.as_mut().reset(wake.into());
+                                }
+                            }
                         }
                         Message::Frame(_) => {}
                     }},
-                    Some(Err(e)) => {
+                    Io::Read(Err(e)) => {
                         self.read_error(e);
                         break;
                     }
                 },
-                () = conn.drain.notified() => self.call("on_drain", |h, c| h.on_drain(c)),
-                () = conn.closing.notified() => {
-                    close_deadline.get_or_insert_with(|| {
-                        tokio::time::Instant::now() + timing.close_timeout
-                    });
-                }
-                () = shutdown.cancelled(), if !shutting_down => {
+                () = &mut cancelled, if !shutting_down => {
                     shutting_down = true;
                     let _ = conn.close_unchecked(1001, "going away");
                 }
                 () = &mut timer => {
                     let now = Instant::now();
+                    if close_deadline.is_some_and(|d| now >= d) {
+                        tracing::debug!("close handshake timed out; dropping the connection");
+                        break;
+                    }
                     if awaiting_pong.is_some_and(|sent| now >= sent + timing.pong_timeout) {
                         tracing::info!(pong_timeout = ?timing.pong_timeout,
                             "no pong in time; dropping the connection");
@@ -357,11 +400,10 @@ impl Session {
                     }
                     wake = self.next_wake(&timing, next_ping, awaiting_pong,
                         last_data_in.max(conn.last_data_out()), far);
+                    if let Some(d) = close_deadline {
+                        wake = wake.min(d);
+                    }
                     timer.as_mut().reset(wake.into());
-                }
-                () = close_wait => {
-                    tracing::debug!("close handshake timed out; dropping the connection");
-                    break;
                 }
             }
         }
@@ -470,9 +512,13 @@ impl Session {
         f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
     ) {
         let started = Instant::now();
+        self.conn.set_in_callback(true);
         let result = f(&mut self.handler, &self.handle);
+        self.conn.set_in_callback(false);
         let elapsed = started.elapsed();
-        self.metrics.callback_seconds.observe(elapsed.as_secs_f64());
+        if self.durations.observe(elapsed) {
+            self.durations.flush_into(&self.metrics.callback_seconds);
+        }
         if elapsed >= self.slow {
             tracing::warn!(
                 callback = name,
@@ -501,72 +547,158 @@ fn is_data(m: &Message) -> bool {
     matches!(m, Message::Text(_) | Message::Binary(_))
 }
 
-/// Drains the send queue: feeds every frame that is ready, then flushes once.
-async fn write_loop(
-    mut sink: SplitSink<Ws, Message>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    conn: Arc<ConnShared>,
-    metrics: Arc<Metrics>,
-) {
-    let mut counts = Counts::default();
-    write_batches(&mut sink, &mut rx, &conn, &mut counts, &metrics).await;
-    counts.flush_out(&metrics);
+/// What a socket event was.
+enum Io {
+    Read(Result<Message, WsError>),
+    /// The peer's side is over (after the close handshake, or the TCP connection ended).
+    End,
+    WriteFailed,
 }
 
-async fn write_batches(
-    sink: &mut SplitSink<Ws, Message>,
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-    conn: &ConnShared,
-    counts: &mut Counts,
-    metrics: &Metrics,
-) {
-    loop {
-        let (first, n) = tokio::select! {
-            next = rx.recv() => match next {
-                Some(item) => item,
-                None => return,
-            },
-            // The connection is over: write what is still queued (an echo, a close frame),
-            // then drop the sink so the socket closes now. The session bounds this by its
-            // close timeout.
-            () = conn.done.notified() => {
-                while let Ok((msg, _)) = rx.try_recv() {
-                    if sink.feed(msg).await.is_err() {
-                        return;
+/// The writing side of a session: frames taken from the connection's queue, fed to the socket
+/// and flushed.
+#[derive(Default)]
+struct Out {
+    /// Frames taken from the shared queue, not yet fed.
+    local: VecDeque<super::conn::Outgoing>,
+    /// Queued bytes fed since the last flush (released from the send queue once flushed).
+    fed: u64,
+    /// Whether a data message is among them (for the idle timeout).
+    data: bool,
+    /// Something was fed and not flushed yet.
+    dirty: bool,
+    /// Messages read since the last flush.
+    reads: u32,
+    /// A close frame was fed: nothing after it.
+    close_fed: bool,
+    counts: Counts,
+}
+
+impl Out {
+    /// Feeds queued frames while the socket takes them.
+    fn feed(&mut self, cx: &mut Context<'_>, ws: &mut Ws, conn: &ConnShared) -> Result<(), ()> {
+        while !self.close_fed && self.fed < MAX_BATCH {
+            if self.local.is_empty() {
+                conn.take_queued(&mut self.local);
+                if self.local.is_empty() {
+                    break;
+                }
+            }
+            match ws.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Err(()),
+                Poll::Pending => break,
+            }
+            let Some((msg, n)) = self.local.pop_front() else {
+                break;
+            };
+            count_out(&mut self.counts, &msg);
+            self.data |= is_data(&msg);
+            self.close_fed = matches!(msg, Message::Close(_));
+            ws.start_send_unpin(msg).map_err(|_| ())?;
+            self.fed += n;
+            self.dirty = true;
+        }
+        Ok(())
+    }
+
+    /// Flushes what was fed; `Ready(Ok)` once it is on the wire.
+    fn flush(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Ws,
+        conn: &ConnShared,
+        metrics: &Metrics,
+    ) -> Poll<Result<(), ()>> {
+        if !self.dirty {
+            return Poll::Ready(Ok(()));
+        }
+        match ws.poll_flush_unpin(cx) {
+            Poll::Ready(Ok(())) => {
+                self.dirty = false;
+                self.reads = 0;
+                if self.local.is_empty() && self.local.capacity() > 0 {
+                    // An idle connection keeps no queue memory.
+                    self.local = VecDeque::new();
+                }
+                conn.written(std::mem::take(&mut self.fed));
+                if std::mem::take(&mut self.data) {
+                    conn.sent_data();
+                }
+                if self.counts.messages >= COUNT_BATCH {
+                    self.counts.flush_out(metrics);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(_)) => Poll::Ready(Err(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// One step of the connection's I/O: feed what is queued, read the next message if one
+    /// has arrived, and flush only when nothing more is readable (or after many reads).
+    fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Ws,
+        conn: &ConnShared,
+        metrics: &Metrics,
+    ) -> Poll<Io> {
+        conn.register(cx.waker());
+        // A few rounds of feed, read, flush; if there is still work after them, yield to the
+        // other connections and come back.
+        for _ in 0..4 {
+            if self.feed(cx, ws, conn).is_err() {
+                return Poll::Ready(Io::WriteFailed);
+            }
+            let read_polled = self.reads < MAX_READS_BEFORE_FLUSH || !self.dirty;
+            if read_polled {
+                match ws.poll_next_unpin(cx) {
+                    Poll::Ready(Some(msg)) => {
+                        self.reads += 1;
+                        return Poll::Ready(Io::Read(msg));
+                    }
+                    Poll::Ready(None) => return Poll::Ready(Io::End),
+                    Poll::Pending => {}
+                }
+            }
+            match self.flush(cx, ws, conn, metrics) {
+                Poll::Ready(Ok(())) => {
+                    // Done unless reading was skipped for this flush, or more was queued (or
+                    // held back by MAX_BATCH) meanwhile.
+                    let more = !self.close_fed && (!self.local.is_empty() || conn.has_queued());
+                    if read_polled && !more {
+                        return Poll::Pending;
                     }
                 }
-                let _ = sink.flush().await;
-                return;
+                Poll::Ready(Err(())) => return Poll::Ready(Io::WriteFailed),
+                Poll::Pending => return Poll::Pending,
             }
-        };
-        let mut batch = n;
-        count_out(counts, &first);
-        let mut data = is_data(&first);
-        let mut closing = matches!(first, Message::Close(_));
-        let mut ok = sink.feed(first).await.is_ok();
-        while ok && !closing && batch < MAX_BATCH {
-            let Ok((msg, n)) = rx.try_recv() else { break };
-            batch += n;
-            count_out(counts, &msg);
-            data |= is_data(&msg);
-            closing = matches!(msg, Message::Close(_));
-            ok = sink.feed(msg).await.is_ok();
         }
-        ok = ok && sink.flush().await.is_ok();
-        conn.written(batch);
-        if counts.messages >= COUNT_BATCH {
-            counts.flush_out(metrics);
-        }
-        if data {
-            conn.sent_data();
-        }
-        if !ok {
-            conn.peer_closed();
-            tracing::debug!("write failed; the connection is gone");
-            return;
-        }
-        if closing {
-            return;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// After the session: writes out what is still queued, then flushes.
+    fn poll_final(&mut self, cx: &mut Context<'_>, ws: &mut Ws, conn: &ConnShared) -> Poll<()> {
+        loop {
+            if self.feed(cx, ws, conn).is_err() {
+                return Poll::Ready(());
+            }
+            if !self.dirty {
+                return Poll::Ready(());
+            }
+            match ws.poll_flush_unpin(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.dirty = false;
+                    conn.written(std::mem::take(&mut self.fed));
+                    if self.close_fed || (self.local.is_empty() && !conn.has_queued()) {
+                        return Poll::Ready(());
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }

@@ -208,20 +208,15 @@ pub fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
-/// Waits until the benchmark's clock reads `t`: sleeps while more than 200 µs remain, then
-/// spins (yielding the CPU to the client's runtime between checks). Tokio's timers tick in
-/// milliseconds, far too coarse for pacing.
+/// Waits until the benchmark's clock reads `t`, in a plain thread with `nanosleep` (tokio's
+/// timers tick in milliseconds, far too coarse for pacing). It does not spin: on two CPUs the
+/// pacer shares its CPU with the client's runtime, and a spinning pacer would delay the very
+/// answers it measures. The kernel's timer slack (50 µs) makes a send up to that late, and the
+/// lateness counts in the latency (it is measured from `t`).
 pub fn wait_until(t: u64) {
-    loop {
-        let now = now_ns();
-        if now >= t {
-            return;
-        }
-        if t - now > 200_000 {
-            std::thread::sleep(Duration::from_nanos(t - now - 150_000));
-        } else {
-            std::thread::yield_now();
-        }
+    let now = now_ns();
+    if now < t {
+        std::thread::sleep(Duration::from_nanos(t - now));
     }
 }
 
@@ -276,5 +271,71 @@ pub fn median(v: &[f64]) -> f64 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// A `redis-server` on a free loopback port; killed when dropped.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Redis {
+    /// Starts one (under `prefix`, e.g. `taskset -c 1`), or `None` if redis-server is missing.
+    pub fn start(prefix: &[&str]) -> anyhow::Result<Option<Self>> {
+        if Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            return Ok(None);
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let (program, args) = match prefix.split_first() {
+            Some((p, rest)) => (
+                *p,
+                rest.iter()
+                    .map(|s| s.to_string())
+                    .chain(["redis-server".into()])
+                    .collect::<Vec<_>>(),
+            ),
+            None => ("redis-server", Vec::new()),
+        };
+        let child = Command::new(program)
+            .args(args)
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("redis-server did not start");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Some(Self { child, port }))
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
     }
 }

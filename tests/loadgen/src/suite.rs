@@ -91,12 +91,16 @@ struct Samples {
 
 struct Servers {
     list: Vec<Server>,
+    /// Where the built binaries are.
+    dir: PathBuf,
     /// Keeps the plugins directory alive.
     _plugins: tempfile::TempDir,
 }
 
 const BARE: &str = "bare tokio-tungstenite";
 const WSHOST: &str = "wshost + echo plugin";
+const NODE: &str = "Node.js ws 8";
+const JETTY: &str = "Jetty 9.4";
 
 fn taskset(cpu: Option<usize>, program: &str) -> Command {
     match cpu {
@@ -116,27 +120,43 @@ fn start_servers(args: &SuiteArgs, cpu: Option<usize>) -> anyhow::Result<Servers
     for lib in ["libecho.so", "libpubsub.so"] {
         std::fs::copy(dir.join(lib), plugins.path().join(lib))?;
     }
-    let mut list = Vec::new();
-    let mut cmd = taskset(cpu, &dir.join("wshost").to_string_lossy());
-    let limit = (args.idle.iter().max().copied().unwrap_or(0) + 200).to_string();
-    cmd.args(common::wshost_args(
-        plugins.path(),
-        &["--max-connections", &limit],
-    ))
-    .env("RUST_LOG", "warn");
-    list.push(Server::start(WSHOST, cmd)?);
-    list.push(Server::start(
-        BARE,
-        taskset(cpu, &dir.join("bare-echo").to_string_lossy()),
-    )?);
-    if args.peers {
-        list.push(node(cpu)?);
-        list.push(jetty(cpu)?);
-    }
-    Ok(Servers {
-        list,
+    let mut servers = Servers {
+        list: Vec::new(),
+        dir,
         _plugins: plugins,
-    })
+    };
+    let mut kinds = vec![WSHOST, BARE];
+    if args.peers {
+        kinds.extend([NODE, JETTY]);
+    }
+    for kind in kinds {
+        let server = servers.spawn(kind, cpu)?;
+        servers.list.push(server);
+    }
+    Ok(servers)
+}
+
+impl Servers {
+    /// Starts a server of `kind` (one of the names above) pinned to `cpu`.
+    fn spawn(&self, kind: &str, cpu: Option<usize>) -> anyhow::Result<Server> {
+        match kind {
+            WSHOST => {
+                let mut cmd = taskset(cpu, &self.dir.join("wshost").to_string_lossy());
+                cmd.args(common::wshost_args(
+                    self._plugins.path(),
+                    &["--max-connections", "20000"],
+                ))
+                .env("RUST_LOG", "warn");
+                Server::start(WSHOST, cmd)
+            }
+            BARE => Server::start(
+                BARE,
+                taskset(cpu, &self.dir.join("bare-echo").to_string_lossy()),
+            ),
+            NODE => node(cpu),
+            _ => jetty(cpu),
+        }
+    }
 }
 
 fn node(cpu: Option<usize>) -> anyhow::Result<Server> {
@@ -154,7 +174,7 @@ fn node(cpu: Option<usize>) -> anyhow::Result<Server> {
     }
     let mut cmd = taskset(cpu, "node");
     cmd.arg(dir.join("echo.mjs"));
-    Server::start("Node.js ws 8", cmd)
+    Server::start(NODE, cmd)
 }
 
 fn jetty(cpu: Option<usize>) -> anyhow::Result<Server> {
@@ -197,7 +217,7 @@ fn jetty(cpu: Option<usize>) -> anyhow::Result<Server> {
     cp.push(&classpath);
     let mut cmd = taskset(cpu, "java");
     cmd.arg("-cp").arg(cp).arg("EchoServer");
-    Server::start("Jetty 9.4", cmd)
+    Server::start(JETTY, cmd)
 }
 
 async fn run_echo(
@@ -367,16 +387,24 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     } else {
         args.idle.clone()
     };
-    writeln!(report, "\n### Memory per idle connection\n")?;
+    writeln!(
+        report,
+        "\n### Memory per idle connection (a fresh server process for each line)\n"
+    )?;
     writeln!(report, "{}", idle::HEADER)?;
     for &n in &counts {
-        for server in &servers.list {
+        for kind in servers
+            .list
+            .iter()
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+        {
+            let server = servers.spawn(&kind, pin.then_some(1))?;
             let (o, held) = idle::measure(&server.url("/echo"), server.pid(), n).await?;
             eprintln!("idle {}", o.row(&server.name));
             writeln!(report, "{}", o.row(&server.name))?;
             drop(held);
-            // Let the server see the closes before the next one is measured.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(server);
         }
     }
 
@@ -387,7 +415,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         .find(|s| s.name == WSHOST)
         .context("wshost runs")?;
     let subs = if args.smoke { 100 } else { args.subscribers };
-    let fan_rate = 20;
+    let fan_rate = 10;
     let mut fan = Samples::default();
     let mut delivered = (0u64, 0u64);
     for _ in 0..rounds {
@@ -429,6 +457,83 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         delivered.0,
         delivered.1
     )?;
+
+    // The same fan-out across two hosts that share a Redis: subscribers split between them,
+    // the publisher on the first.
+    let pinned: Vec<String> = if pin {
+        vec!["taskset".into(), "-c".into(), "1".into()]
+    } else {
+        Vec::new()
+    };
+    let prefix: Vec<&str> = pinned.iter().map(String::as_str).collect();
+    match common::Redis::start(&prefix)? {
+        None => writeln!(
+            report,
+            "\n(redis-server not installed: no fan-out across hosts)"
+        )?,
+        Some(redis) => {
+            let mut hosts = Vec::new();
+            for _ in 0..2 {
+                let exe = servers.dir.join("wshost");
+                let mut cmd = taskset(pin.then_some(1), &exe.to_string_lossy());
+                cmd.args(common::wshost_args(
+                    servers._plugins.path(),
+                    &["--bus", &redis.url(), "--max-connections", "20000"],
+                ))
+                .env("RUST_LOG", "warn");
+                hosts.push(Server::start("wshost --bus redis", cmd)?);
+            }
+            let urls: Vec<String> = hosts.iter().map(|h| h.url("/pubsub/bench")).collect();
+            let mut fan2 = Samples::default();
+            let mut delivered2 = (0u64, 0u64);
+            for _ in 0..rounds {
+                let members = fanout::subscribers(&urls, subs).await?;
+                let publisher = common::connect(
+                    &hosts[0].url("/pubsub/bench?subscribe=0"),
+                    common::source(0),
+                )
+                .await?;
+                let payload = Payload {
+                    size: 32,
+                    binary: false,
+                };
+                let o = fanout::run(publisher, members, fan_rate, &payload, warmup, args.window)
+                    .await?;
+                let (p50, p99, p999) = quantiles_ms(&o.latency);
+                eprintln!(
+                    "fan-out over Redis, {subs} subscribers on 2 hosts: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered",
+                    o.rate(),
+                    o.deliveries,
+                    o.expected
+                );
+                fan2.rate.push(o.rate());
+                fan2.p50.push(p50);
+                fan2.p99.push(p99);
+                fan2.p999.push(p999);
+                delivered2.0 += o.deliveries;
+                delivered2.1 += o.expected;
+            }
+            writeln!(report, "\n### The same across two hosts through Redis (`--bus redis://`, half the subscribers on each, publisher on the first)\n")?;
+            writeln!(
+                report,
+                "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered |"
+            )?;
+            writeln!(report, "| --- | --- | --- | --- | --- |")?;
+            writeln!(
+                report,
+                "| {:.0} | {:.2} | {:.2} | {:.2} | {} of {} |",
+                median(&fan2.rate),
+                median(&fan2.p50),
+                median(&fan2.p99),
+                median(&fan2.p999),
+                delivered2.0,
+                delivered2.1
+            )?;
+            if delivered2.0 == 0 {
+                bail!("the fan-out across hosts delivered nothing");
+            }
+        }
+    }
 
     println!("{report}");
     if !args.smoke {
