@@ -87,6 +87,9 @@ pub(crate) struct ConnShared {
     /// Frames waiting for the session task. Allocates nothing until the first send (tokio's
     /// channels allocate a block of slots up front, per connection).
     queue: Mutex<VecDeque<Outgoing>>,
+    /// Whether `queue` has frames (changed under its lock): the session looks at this before
+    /// it takes the lock.
+    queued: AtomicBool,
     /// The session task, woken when a frame is queued.
     waker: AtomicWaker,
     /// The session task is running one of this connection's callbacks: it looks at the queue
@@ -124,6 +127,7 @@ impl ConnShared {
             budget,
             metrics,
             queue: Mutex::new(VecDeque::new()),
+            queued: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             in_callback: AtomicBool::new(false),
             state: AtomicU8::new(OPEN),
@@ -139,10 +143,11 @@ impl ConnShared {
     }
 
     fn push(&self, item: Outgoing) {
-        self.queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push_back(item);
+        {
+            let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            queue.push_back(item);
+            self.queued.store(true, Ordering::SeqCst);
+        }
         // SeqCst with the session's store: either it sees this frame when it looks at the
         // queue after the callback, or this sees the flag cleared and wakes it.
         if !self.in_callback.load(Ordering::SeqCst) {
@@ -152,7 +157,11 @@ impl ConnShared {
 
     /// Moves every queued frame to the end of `into` (the session task's own queue).
     pub(crate) fn take_queued(&self, into: &mut VecDeque<Outgoing>) {
+        if !self.queued.load(Ordering::SeqCst) {
+            return;
+        }
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        self.queued.store(false, Ordering::SeqCst);
         if into.is_empty() {
             // Take the allocation along: the shared queue of an idle connection holds none.
             *into = std::mem::take(&mut *queue);
@@ -163,11 +172,7 @@ impl ConnShared {
 
     /// Whether frames are waiting in the queue.
     pub(crate) fn has_queued(&self) -> bool {
-        !self
-            .queue
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty()
+        self.queued.load(Ordering::SeqCst)
     }
 
     /// Whether the queue drained since the last call (after a refused send).

@@ -303,7 +303,12 @@ impl Session {
                     timer.as_mut().reset(wake.into());
                 }
             }
+            // Biased, I/O first: while messages are ready nothing else is polled (the timer and
+            // the cancellation future each take a lock or a clock read when polled). Tokio's
+            // cooperative budget makes a busy socket return Pending now and then, so the other
+            // branches still get their turn.
             tokio::select! {
+                biased;
                 item = std::future::poll_fn(|cx| out.poll_io(cx, ws, &conn, &self.metrics)) => match item {
                     Io::End => break,
                     Io::WriteFailed => {
@@ -316,14 +321,14 @@ impl Session {
                     match msg {
                         Message::Text(t) => {
                             if self.data_in(t.len(), &mut last_data_in, rate.as_mut()) {
-                                self.call("on_text", |h, c| {
+                                self.call_at(last_data_in, "on_text", |h, c| {
                                     h.on_text(c, RStr::from_str(t.as_str()))
                                 });
                             }
                         }
                         Message::Binary(b) => {
                             if self.data_in(b.len(), &mut last_data_in, rate.as_mut()) {
-                                self.call("on_binary", |h, c| {
+                                self.call_at(last_data_in, "on_binary", |h, c| {
                                     h.on_binary(c, RSlice::from_slice(&b))
                                 });
                             }
@@ -511,7 +516,27 @@ impl Session {
         name: &'static str,
         f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
     ) {
-        let started = Instant::now();
+        self.run_callback(Instant::now(), name, f);
+    }
+
+    /// As `call`, for a callback whose message arrived at `now` (one clock read per message).
+    fn call_at(
+        &mut self,
+        now: Instant,
+        name: &'static str,
+        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+    ) {
+        if !self.failed {
+            self.run_callback(now, name, f);
+        }
+    }
+
+    fn run_callback(
+        &mut self,
+        started: Instant,
+        name: &'static str,
+        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+    ) {
         self.conn.set_in_callback(true);
         let result = f(&mut self.handler, &self.handle);
         self.conn.set_in_callback(false);
