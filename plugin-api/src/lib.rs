@@ -351,8 +351,9 @@ impl Host {
         &self.config
     }
 
-    /// Publishes a text message to every subscriber of this plugin's `channel`; returns how many
-    /// connections it was queued for.
+    /// Publishes a text message to every subscriber of this plugin's `channel` (on every host,
+    /// when hosts share a bus: `wshost serve --bus redis://…`); returns how many connections of
+    /// this host it was queued for.
     pub fn publish_text(&self, channel: &str, text: &str) -> u64 {
         self.handle
             .publish_text(RStr::from_str(channel), RStr::from_str(text))
@@ -364,7 +365,7 @@ impl Host {
             .publish_binary(RStr::from_str(channel), RSlice::from_slice(data))
     }
 
-    /// How many connections are subscribed to this plugin's `channel`.
+    /// How many connections of this host are subscribed to this plugin's `channel`.
     pub fn subscribers(&self, channel: &str) -> u64 {
         self.handle.subscribers(RStr::from_str(channel))
     }

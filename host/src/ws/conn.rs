@@ -22,6 +22,40 @@ const CLOSED: u8 = 2;
 /// A queued frame, with the bytes it counts against the send queue.
 pub(crate) type Outgoing = (Message, u64);
 
+/// A send queue whose first frame is stored inline: a connection that has one frame queued at a
+/// time (a fan-out delivery, an answer) never allocates for queueing, and an idle one holds no
+/// queue memory.
+#[derive(Debug, Default)]
+pub(crate) struct Queue {
+    head: Option<Outgoing>,
+    rest: VecDeque<Outgoing>,
+}
+
+impl Queue {
+    fn push_back(&mut self, item: Outgoing) {
+        if self.head.is_none() && self.rest.is_empty() {
+            self.head = Some(item);
+        } else {
+            self.rest.push_back(item);
+        }
+    }
+
+    pub(crate) fn pop_front(&mut self) -> Option<Outgoing> {
+        self.head.take().or_else(|| self.rest.pop_front())
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.head.is_none() && self.rest.is_empty()
+    }
+
+    /// Gives back the memory of an empty queue.
+    pub(crate) fn shrink_if_empty(&mut self) {
+        if self.rest.is_empty() && self.rest.capacity() > 0 {
+            self.rest = VecDeque::new();
+        }
+    }
+}
+
 /// Bytes buffered across all connections (send queues and partly received messages), against
 /// `max_buffered_total`.
 #[derive(Debug)]
@@ -86,7 +120,7 @@ pub(crate) struct ConnShared {
     metrics: Arc<crate::metrics::Metrics>,
     /// Frames waiting for the session task. Allocates nothing until the first send (tokio's
     /// channels allocate a block of slots up front, per connection).
-    queue: Mutex<VecDeque<Outgoing>>,
+    queue: Mutex<Queue>,
     /// Whether `queue` has frames (changed under its lock): the session looks at this before
     /// it takes the lock.
     queued: AtomicBool,
@@ -126,7 +160,7 @@ impl ConnShared {
             hub,
             budget,
             metrics,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new(Queue::default()),
             queued: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             in_callback: AtomicBool::new(false),
@@ -156,17 +190,19 @@ impl ConnShared {
     }
 
     /// Moves every queued frame to the end of `into` (the session task's own queue).
-    pub(crate) fn take_queued(&self, into: &mut VecDeque<Outgoing>) {
+    pub(crate) fn take_queued(&self, into: &mut Queue) {
         if !self.queued.load(Ordering::SeqCst) {
             return;
         }
         let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         self.queued.store(false, Ordering::SeqCst);
         if into.is_empty() {
-            // Take the allocation along: the shared queue of an idle connection holds none.
-            *into = std::mem::take(&mut *queue);
+            std::mem::swap(into, &mut *queue);
+            queue.shrink_if_empty();
         } else {
-            into.append(&mut queue);
+            while let Some(item) = queue.pop_front() {
+                into.push_back(item);
+            }
         }
     }
 
@@ -376,5 +412,29 @@ impl ConnFfi for ConnRef {
     }
     fn unsubscribe(&self, channel: RStr<'_>) -> bool {
         self.0.unsubscribe(channel.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(i: u64) -> Outgoing {
+        (Message::text(i.to_string()), i)
+    }
+
+    #[test]
+    fn queue_keeps_order_and_its_first_frame_inline() {
+        let mut q = Queue::default();
+        q.push_back(item(1));
+        assert_eq!(q.rest.capacity(), 0, "one frame needs no allocation");
+        q.push_back(item(2));
+        assert_eq!(q.pop_front().map(|i| i.1), Some(1));
+        q.push_back(item(3));
+        assert_eq!(q.pop_front().map(|i| i.1), Some(2));
+        assert_eq!(q.pop_front().map(|i| i.1), Some(3));
+        assert!(q.is_empty());
+        q.shrink_if_empty();
+        assert_eq!(q.rest.capacity(), 0, "an empty queue holds no memory");
     }
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::std_types::{RArc, RResult, RSlice, RStr, RString};
-use std::collections::VecDeque;
 use std::task::{Context, Poll};
 
 use futures_util::{SinkExt, StreamExt};
@@ -585,7 +584,7 @@ enum Io {
 #[derive(Default)]
 struct Out {
     /// Frames taken from the shared queue, not yet fed.
-    local: VecDeque<super::conn::Outgoing>,
+    local: super::conn::Queue,
     /// Queued bytes fed since the last flush (released from the send queue once flushed).
     fed: u64,
     /// Whether a data message is among them (for the idle timeout).
@@ -642,10 +641,8 @@ impl Out {
             Poll::Ready(Ok(())) => {
                 self.dirty = false;
                 self.reads = 0;
-                if self.local.is_empty() && self.local.capacity() > 0 {
-                    // An idle connection keeps no queue memory.
-                    self.local = VecDeque::new();
-                }
+                // An idle connection keeps no queue memory.
+                self.local.shrink_if_empty();
                 conn.written(std::mem::take(&mut self.fed));
                 if std::mem::take(&mut self.data) {
                     conn.sent_data();

@@ -99,6 +99,25 @@ enum Bench {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Steady open-loop echo load for minutes against a running server, sampling its RSS every
+    /// 10 s: memory must stay flat.
+    Soak {
+        /// The server's echo endpoint.
+        #[arg(long)]
+        url: String,
+        /// The server's process id (for its RSS).
+        #[arg(long)]
+        pid: u32,
+        /// Minutes of load.
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Messages per second, in total.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// Connections.
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+    },
     /// Time from renaming a new plugin build into place to it serving a new connection.
     Reload {
         /// Swaps per configuration.
@@ -195,7 +214,78 @@ fn main() -> anyhow::Result<()> {
                 );
                 Ok(())
             }
+            Bench::Soak {
+                url,
+                pid,
+                minutes,
+                rate,
+                conns,
+            } => soak(&url, pid, minutes, rate, conns).await,
             Bench::Reload { rounds } => reload::run(rounds).await,
         }
     })
+}
+
+async fn soak(url: &str, pid: u32, minutes: u64, rate: u64, conns: usize) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let ws = echo::open(url, conns).await?;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (samples, stop) = (Arc::clone(&samples), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let start = std::time::Instant::now();
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(r) = common::rss(pid) {
+                    samples
+                        .lock()
+                        .expect("not poisoned")
+                        .push((start.elapsed().as_secs_f64(), r));
+                }
+                for _ in 0..100 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+    };
+    let payload = Payload {
+        size: 32,
+        binary: false,
+    };
+    let o = echo::open_loop(
+        ws,
+        rate,
+        &payload,
+        Duration::from_secs(1),
+        Duration::from_secs(minutes * 60),
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    let _ = sampler.join();
+    let samples = samples.lock().expect("not poisoned").clone();
+    println!("| minute | server RSS |\n| --- | --- |");
+    let mut next_minute = 0.0;
+    for (t, r) in &samples {
+        if *t >= next_minute {
+            println!("| {:.0} | {:.1} MiB |", t / 60.0, *r as f64 / 1048576.0);
+            next_minute += 60.0;
+        }
+    }
+    let after_1 = samples.iter().find(|(t, _)| *t >= 60.0).map_or(0, |s| s.1);
+    let last = samples.last().map_or(0, |s| s.1);
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    println!(
+        "\nRSS after 1 min {:.1} MiB, at the end {:.1} MiB, highest {:.1} MiB; {} messages, {} unanswered",
+        after_1 as f64 / 1048576.0,
+        last as f64 / 1048576.0,
+        max as f64 / 1048576.0,
+        o.latency.len(),
+        o.lost
+    );
+    print(&o);
+    Ok(())
 }

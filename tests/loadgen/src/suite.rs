@@ -426,13 +426,17 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
             size: 32,
             binary: false,
         };
+        let (cpu0, t0) = (cpu_time(wshost.pid())?, std::time::Instant::now());
         let o = fanout::run(publisher, members, fan_rate, &payload, warmup, args.window).await?;
+        let busy = (cpu_time(wshost.pid())? - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+        fan.per_cpu.push(busy);
         let (p50, p99, p999) = quantiles_ms(&o.latency);
         eprintln!(
-            "fan-out {subs} subscribers: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered",
+            "fan-out {subs} subscribers: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered, server CPU {:.0}%",
             o.rate(),
             o.deliveries,
-            o.expected
+            o.expected,
+            busy * 100.0
         );
         fan.rate.push(o.rate());
         fan.p50.push(p50);
@@ -444,18 +448,19 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     writeln!(report, "\n### Broadcast fan-out (`pubsub` plugin, one publisher at {fan_rate} msgs/s of 32 B, {subs} subscribers, one host)\n")?;
     writeln!(
         report,
-        "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered |"
+        "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered | server CPU busy |"
     )?;
-    writeln!(report, "| --- | --- | --- | --- | --- |")?;
+    writeln!(report, "| --- | --- | --- | --- | --- | --- |")?;
     writeln!(
         report,
-        "| {:.0} | {:.2} | {:.2} | {:.2} | {} of {} |",
+        "| {:.0} | {:.2} | {:.2} | {:.2} | {} of {} | {:.0}% |",
         median(&fan.rate),
         median(&fan.p50),
         median(&fan.p99),
         median(&fan.p999),
         delivered.0,
-        delivered.1
+        delivered.1,
+        median(&fan.per_cpu) * 100.0
     )?;
 
     // The same fan-out across two hosts that share a Redis: subscribers split between them,
