@@ -156,8 +156,11 @@ impl Drop for Redis {
     }
 }
 
+/// A host on `redis`, once both its links (publish, subscribe) are connected: a publish made
+/// before its publish link is up waits in the bus queue and could reach a host that subscribed
+/// meanwhile.
 fn bus_host(redis: &Redis, plugin: &str) -> Host {
-    Host::builder()
+    let host = Host::builder()
         .plugin(plugin)
         .args(&["--bus", &redis.url()])
         .args(&[
@@ -166,7 +169,15 @@ fn bus_host(redis: &Redis, plugin: &str) -> Host {
             "--bus-reconnect-max",
             "200ms",
         ])
-        .start()
+        .start();
+    let deadline = Instant::now() + PATIENCE;
+    while metric(&host, "wshost_bus_connected{link=\"publish\"}") < 1.0
+        || metric(&host, "wshost_bus_connected{link=\"subscribe\"}") < 1.0
+    {
+        assert!(Instant::now() < deadline, "the bus never connected");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    host
 }
 
 /// The value of the metric line starting with `name` (labels included), or 0.
