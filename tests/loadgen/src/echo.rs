@@ -178,6 +178,7 @@ pub async fn open_loop(
     // connection when its time comes, however late the connection is.
     let period = 1e9 / rate as f64;
     let pacer = std::thread::spawn(move || {
+        crate::common::precise_timers();
         let mut per_conn = vec![0u64; senders.len()];
         let mut i = 0u64;
         loop {

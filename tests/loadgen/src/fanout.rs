@@ -100,6 +100,7 @@ pub async fn run(
     });
     let period = 1e9 / rate as f64;
     let pacer = std::thread::spawn(move || {
+        crate::common::precise_timers();
         let (mut i, mut published, mut last_t) = (0u64, 0u64, 0u64);
         loop {
             let intended = start + (i as f64 * period) as u64;
