@@ -45,6 +45,18 @@ struct Load {
     seconds: f64,
 }
 
+impl Load {
+    /// The connections, the payload and the measuring window these flags describe.
+    async fn open(&self) -> anyhow::Result<(Vec<common::Ws>, Payload, Duration)> {
+        let conns = echo::open(&self.url, self.conns).await?;
+        let payload = Payload {
+            size: self.size,
+            binary: self.binary,
+        };
+        Ok((conns, payload, Duration::from_secs_f64(self.seconds)))
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Bench {
     /// The side-by-side benchmark; writes docs/bench/results.{md,svg}.
@@ -150,22 +162,12 @@ fn main() -> anyhow::Result<()> {
         match cli.bench {
             Bench::Suite(args) => suite::run(args).await,
             Bench::Echo { load, inflight } => {
-                let conns = echo::open(&load.url, load.conns).await?;
-                let payload = Payload {
-                    size: load.size,
-                    binary: load.binary,
-                };
-                let window = Duration::from_secs_f64(load.seconds);
+                let (conns, payload, window) = load.open().await?;
                 print(&echo::closed(conns, inflight, &payload, warmup, window).await?);
                 Ok(())
             }
             Bench::Rate { load, rate } => {
-                let conns = echo::open(&load.url, load.conns).await?;
-                let payload = Payload {
-                    size: load.size,
-                    binary: load.binary,
-                };
-                let window = Duration::from_secs_f64(load.seconds);
+                let (conns, payload, window) = load.open().await?;
                 print(&echo::open_loop(conns, rate, &payload, warmup, window).await?);
                 Ok(())
             }

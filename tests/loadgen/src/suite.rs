@@ -416,52 +416,23 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         .context("wshost runs")?;
     let subs = if args.smoke { 100 } else { args.subscribers };
     let fan_rate = 10;
-    let mut fan = Samples::default();
-    let mut delivered = (0u64, 0u64);
-    for _ in 0..rounds {
-        let members = fanout::subscribers(&[wshost.url("/pubsub/bench")], subs).await?;
-        let publisher =
-            common::connect(&wshost.url("/pubsub/bench?subscribe=0"), common::source(0)).await?;
-        let payload = Payload {
-            size: 32,
-            binary: false,
-        };
-        let (cpu0, t0) = (cpu_time(wshost.pid())?, std::time::Instant::now());
-        let o = fanout::run(publisher, members, fan_rate, &payload, warmup, args.window).await?;
-        let busy = (cpu_time(wshost.pid())? - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
-        fan.per_cpu.push(busy);
-        let (p50, p99, p999) = quantiles_ms(&o.latency);
-        eprintln!(
-            "fan-out {subs} subscribers: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered, server CPU {:.0}%",
-            o.rate(),
-            o.deliveries,
-            o.expected,
-            busy * 100.0
-        );
-        fan.rate.push(o.rate());
-        fan.p50.push(p50);
-        fan.p99.push(p99);
-        fan.p999.push(p999);
-        delivered.0 += o.deliveries;
-        delivered.1 += o.expected;
-    }
+    let fan = FanOut {
+        subs,
+        rate: fan_rate,
+        rounds,
+        warmup,
+        window: args.window,
+    };
+    let (one, delivered) = fan
+        .rounds(
+            &[wshost.url("/pubsub/bench")],
+            &wshost.url("/pubsub/bench?subscribe=0"),
+            &[wshost.pid()],
+            "one host",
+        )
+        .await?;
     writeln!(report, "\n### Broadcast fan-out (`pubsub` plugin, one publisher at {fan_rate} msgs/s of 32 B, {subs} subscribers, one host)\n")?;
-    writeln!(
-        report,
-        "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered | server CPU busy |"
-    )?;
-    writeln!(report, "| --- | --- | --- | --- | --- | --- |")?;
-    writeln!(
-        report,
-        "| {:.0} | {:.2} | {:.2} | {:.2} | {} of {} | {:.0}% |",
-        median(&fan.rate),
-        median(&fan.p50),
-        median(&fan.p99),
-        median(&fan.p999),
-        delivered.0,
-        delivered.1,
-        median(&fan.per_cpu) * 100.0
-    )?;
+    fanout_table(&mut report, &one, delivered)?;
 
     // The same fan-out across two hosts that share a Redis: subscribers split between them,
     // the publisher on the first.
@@ -489,51 +460,17 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
                 hosts.push(Server::start("wshost --bus redis", cmd)?);
             }
             let urls: Vec<String> = hosts.iter().map(|h| h.url("/pubsub/bench")).collect();
-            let mut fan2 = Samples::default();
-            let mut delivered2 = (0u64, 0u64);
-            for _ in 0..rounds {
-                let members = fanout::subscribers(&urls, subs).await?;
-                let publisher = common::connect(
+            let pids: Vec<u32> = hosts.iter().map(Server::pid).collect();
+            let (two, delivered2) = fan
+                .rounds(
+                    &urls,
                     &hosts[0].url("/pubsub/bench?subscribe=0"),
-                    common::source(0),
+                    &pids,
+                    "two hosts over Redis",
                 )
                 .await?;
-                let payload = Payload {
-                    size: 32,
-                    binary: false,
-                };
-                let o = fanout::run(publisher, members, fan_rate, &payload, warmup, args.window)
-                    .await?;
-                let (p50, p99, p999) = quantiles_ms(&o.latency);
-                eprintln!(
-                    "fan-out over Redis, {subs} subscribers on 2 hosts: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered",
-                    o.rate(),
-                    o.deliveries,
-                    o.expected
-                );
-                fan2.rate.push(o.rate());
-                fan2.p50.push(p50);
-                fan2.p99.push(p99);
-                fan2.p999.push(p999);
-                delivered2.0 += o.deliveries;
-                delivered2.1 += o.expected;
-            }
-            writeln!(report, "\n### The same across two hosts through Redis (`--bus redis://`, half the subscribers on each, publisher on the first)\n")?;
-            writeln!(
-                report,
-                "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered |"
-            )?;
-            writeln!(report, "| --- | --- | --- | --- | --- |")?;
-            writeln!(
-                report,
-                "| {:.0} | {:.2} | {:.2} | {:.2} | {} of {} |",
-                median(&fan2.rate),
-                median(&fan2.p50),
-                median(&fan2.p99),
-                median(&fan2.p999),
-                delivered2.0,
-                delivered2.1
-            )?;
+            writeln!(report, "\n### The same across two hosts through Redis (`--bus redis://`, half the subscribers on each, publisher on the first; CPU of both hosts)\n")?;
+            fanout_table(&mut report, &two, delivered2)?;
             if delivered2.0 == 0 {
                 bail!("the fan-out across hosts delivered nothing");
             }
@@ -559,6 +496,90 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         check_smoke(&results, &open, delivered)?;
     }
     Ok(())
+}
+
+/// One fan-out setup, measured the same way on one host and across hosts.
+struct FanOut {
+    subs: usize,
+    rate: u64,
+    rounds: usize,
+    warmup: Duration,
+    window: Duration,
+}
+
+impl FanOut {
+    /// Runs the rounds: subscribers spread over `sub_urls`, the publisher on `pub_url`; `pids`
+    /// are the server processes whose CPU time is counted. Returns the samples (`per_cpu` holds
+    /// how busy the servers were) and (delivered, expected).
+    async fn rounds(
+        &self,
+        sub_urls: &[String],
+        pub_url: &str,
+        pids: &[u32],
+        label: &str,
+    ) -> anyhow::Result<(Samples, (u64, u64))> {
+        let cpu = |pids: &[u32]| -> anyhow::Result<f64> {
+            pids.iter().map(|p| Ok(cpu_time(*p)?.as_secs_f64())).sum()
+        };
+        let payload = Payload {
+            size: 32,
+            binary: false,
+        };
+        let mut samples = Samples::default();
+        let mut delivered = (0u64, 0u64);
+        for _ in 0..self.rounds {
+            let members = fanout::subscribers(sub_urls, self.subs).await?;
+            let publisher = common::connect(pub_url, common::source(0)).await?;
+            let (cpu0, t0) = (cpu(pids)?, std::time::Instant::now());
+            let o = fanout::run(
+                publisher,
+                members,
+                self.rate,
+                &payload,
+                self.warmup,
+                self.window,
+            )
+            .await?;
+            let busy = (cpu(pids)? - cpu0) / t0.elapsed().as_secs_f64();
+            let (p50, p99, p999) = quantiles_ms(&o.latency);
+            eprintln!(
+                "fan-out, {label}, {} subscribers: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered, server CPU {:.0}%",
+                self.subs,
+                o.rate(),
+                o.deliveries,
+                o.expected,
+                busy * 100.0
+            );
+            samples.rate.push(o.rate());
+            samples.per_cpu.push(busy);
+            samples.p50.push(p50);
+            samples.p99.push(p99);
+            samples.p999.push(p999);
+            delivered.0 += o.deliveries;
+            delivered.1 += o.expected;
+        }
+        Ok((samples, delivered))
+    }
+}
+
+/// The Markdown table of a fan-out setup.
+fn fanout_table(report: &mut String, s: &Samples, delivered: (u64, u64)) -> std::fmt::Result {
+    writeln!(
+        report,
+        "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered | server CPU busy |"
+    )?;
+    writeln!(report, "| --- | --- | --- | --- | --- | --- |")?;
+    writeln!(
+        report,
+        "| {:.0} | {:.2} | {:.2} | {:.2} | {} of {} | {:.0}% |",
+        median(&s.rate),
+        median(&s.p50),
+        median(&s.p99),
+        median(&s.p999),
+        delivered.0,
+        delivered.1,
+        median(&s.per_cpu) * 100.0
+    )
 }
 
 /// The smoke run judges no speed, only that every mode measured something.
