@@ -123,32 +123,32 @@ pub struct ServeArgs {
     #[arg(long, env = ENV_PLUGINS, default_value = "plugins")]
     pub plugins: PathBuf,
     /// Largest message accepted from a client, in bytes (close 1009 past it).
-    #[arg(long, env = "WSHOST_MAX_MESSAGE_SIZE", default_value_t = Config::default().max_message_size)]
+    #[arg(long, env = "WSHOST_MAX_MESSAGE_SIZE", value_parser = size, default_value_t = Config::default().max_message_size)]
     pub max_message_size: usize,
     /// Largest frame accepted from a client, in bytes.
-    #[arg(long, env = "WSHOST_MAX_FRAME_SIZE", default_value_t = Config::default().max_frame_size)]
+    #[arg(long, env = "WSHOST_MAX_FRAME_SIZE", value_parser = size, default_value_t = Config::default().max_frame_size)]
     pub max_frame_size: usize,
     /// Most bytes queued for sending to one connection.
-    #[arg(long, env = "WSHOST_MAX_SEND_QUEUE", default_value_t = Config::default().max_send_queue)]
+    #[arg(long, env = "WSHOST_MAX_SEND_QUEUE", value_parser = size, default_value_t = Config::default().max_send_queue)]
     pub max_send_queue: usize,
     /// Bytes tungstenite reads per call, kept per connection for its lifetime (socket reads go
     /// through a 64 KiB buffer per thread whatever this is).
-    #[arg(long, env = "WSHOST_READ_BUFFER_SIZE", default_value_t = Config::default().read_buffer_size)]
+    #[arg(long, env = "WSHOST_READ_BUFFER_SIZE", value_parser = size, default_value_t = Config::default().read_buffer_size)]
     pub read_buffer_size: usize,
     /// Largest plain-request body, in bytes (413 past it).
-    #[arg(long, env = "WSHOST_MAX_BODY_SIZE", default_value_t = Config::default().max_body_size)]
+    #[arg(long, env = "WSHOST_MAX_BODY_SIZE", value_parser = size, default_value_t = Config::default().max_body_size)]
     pub max_body_size: usize,
     /// How long a plain request's body may take (408 past it).
-    #[arg(long, env = "WSHOST_BODY_TIMEOUT", default_value = "30s", value_parser = duration)]
+    #[arg(long, env = "WSHOST_BODY_TIMEOUT", default_value = "30s", value_parser = nonzero_duration)]
     pub body_timeout: Duration,
     /// How long a client may take to send its request head.
-    #[arg(long, env = "WSHOST_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "WSHOST_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
     pub header_read_timeout: Duration,
     /// Log a warning when a plugin callback runs longer than this.
     #[arg(long, env = "WSHOST_SLOW_CALLBACK", default_value = "50ms", value_parser = duration)]
     pub slow_callback: Duration,
     /// How long to wait for the peer's close frame after sending ours.
-    #[arg(long, env = "WSHOST_CLOSE_TIMEOUT", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "WSHOST_CLOSE_TIMEOUT", default_value = "5s", value_parser = nonzero_duration)]
     pub close_timeout: Duration,
     /// On shutdown, how long to wait for connections to close.
     #[arg(long, env = "WSHOST_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = duration)]
@@ -157,7 +157,7 @@ pub struct ServeArgs {
     #[arg(long, env = "WSHOST_PING_INTERVAL", default_value = "30s", value_parser = duration)]
     pub ping_interval: Duration,
     /// Drop a connection whose pong does not arrive within this time after a ping.
-    #[arg(long, env = "WSHOST_PONG_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "WSHOST_PONG_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
     pub pong_timeout: Duration,
     /// Close (1001) a connection without data messages either way for this long; 0 disables it.
     #[arg(long, env = "WSHOST_IDLE_TIMEOUT", default_value = "300s", value_parser = duration)]
@@ -170,10 +170,10 @@ pub struct ServeArgs {
     #[arg(long, env = "WSHOST_MESSAGE_TIMEOUT", default_value = "60s", value_parser = duration)]
     pub message_timeout: Duration,
     /// Largest request head (request line and headers), in bytes; 431 past it.
-    #[arg(long, env = "WSHOST_MAX_HEADER_SIZE", default_value_t = Config::default().max_header_size)]
+    #[arg(long, env = "WSHOST_MAX_HEADER_SIZE", value_parser = size, default_value_t = Config::default().max_header_size)]
     pub max_header_size: usize,
     /// Most WebSocket connections at once; 503 past it. Default: the open-file limit less 512.
-    #[arg(long, env = "WSHOST_MAX_CONNECTIONS", default_value_t = Config::default().max_connections)]
+    #[arg(long, env = "WSHOST_MAX_CONNECTIONS", value_parser = size, default_value_t = Config::default().max_connections)]
     pub max_connections: usize,
     /// Most WebSocket connections from one client IP; 429 past it. 0 disables the cap.
     #[arg(long, env = "WSHOST_MAX_CONNECTIONS_PER_IP",
@@ -182,7 +182,7 @@ pub struct ServeArgs {
     /// Bytes buffered across all connections (send queues, partly received messages); past it
     /// sends fail with QueueFull and incoming data that does not fit closes with 1013.
     #[arg(long, env = "WSHOST_MAX_BUFFERED_TOTAL",
-        default_value_t = Config::default().max_buffered_total)]
+        value_parser = size_u64, default_value_t = Config::default().max_buffered_total)]
     pub max_buffered_total: u64,
     /// An origin allowed to open WebSockets (repeatable; e.g. https://example.com). None set:
     /// every origin is allowed.
@@ -226,16 +226,16 @@ pub struct ServeArgs {
     #[arg(long, env = "WSHOST_BUS_PREFIX", default_value = "wshost")]
     pub bus_prefix: String,
     /// First wait before reconnecting to Redis; doubles up to --bus-reconnect-max.
-    #[arg(long, env = "WSHOST_BUS_RECONNECT_MIN", default_value = "100ms", value_parser = duration)]
+    #[arg(long, env = "WSHOST_BUS_RECONNECT_MIN", default_value = "100ms", value_parser = nonzero_duration)]
     pub bus_reconnect_min: Duration,
     /// Longest wait between attempts to reconnect to Redis.
-    #[arg(long, env = "WSHOST_BUS_RECONNECT_MAX", default_value = "5s", value_parser = duration)]
+    #[arg(long, env = "WSHOST_BUS_RECONNECT_MAX", default_value = "5s", value_parser = nonzero_duration)]
     pub bus_reconnect_max: Duration,
     /// Publishes waiting to be written to Redis; past it they are dropped (and counted).
-    #[arg(long, env = "WSHOST_BUS_QUEUE", default_value_t = 65_536)]
+    #[arg(long, env = "WSHOST_BUS_QUEUE", value_parser = size, default_value_t = 65_536)]
     pub bus_queue: usize,
     /// How long the probe process may take to load a plugin.
-    #[arg(long, env = "WSHOST_PROBE_TIMEOUT", default_value = "10s", value_parser = duration)]
+    #[arg(long, env = "WSHOST_PROBE_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
     pub probe_timeout: Duration,
 }
 
@@ -320,8 +320,40 @@ pub struct CheckArgs {
     pub files: Vec<PathBuf>,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 5s, 1m)"))
+/// A duration of at most [`crate::config::MAX_DURATION`] (longer ones would overflow the
+/// clock arithmetic of every connection).
+pub fn duration(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s.trim())
+        .map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 5s, 1m)"))?;
+    if d > crate::config::MAX_DURATION {
+        return Err(format!(
+            "`{s}` is too long: at most {}",
+            humantime::format_duration(crate::config::MAX_DURATION)
+        ));
+    }
+    Ok(d)
+}
+
+/// A [`duration`] that is not zero.
+pub fn nonzero_duration(s: &str) -> Result<Duration, String> {
+    match duration(s)? {
+        d if d.is_zero() => Err(format!("`{s}`: must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
+/// A size or count of at least 1.
+pub fn size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err(format!("`{s}`: must be at least 1")),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}`: {e} (a whole number of at least 1)")),
+    }
+}
+
+/// As [`size`], as a `u64`.
+pub fn size_u64(s: &str) -> Result<u64, String> {
+    size(s).map(|n| n as u64)
 }
 
 /// The version line: the host's and the plugin interface's.

@@ -170,36 +170,60 @@ pub fn load(file: &Path, serve: &clap::Command) -> Result<ConfigFile, ConfigErro
         }
         let flag = format!("--{}", arg.get_long().expect("checked above"));
         let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
+        let is_list = matches!(arg.get_action(), clap::ArgAction::Append);
+        // Each value is checked here with the flag's own parser, so that a bad value is
+        // reported with the file, line and key; it then goes on as `--flag=value` (a value
+        // like `-1` is never taken for a flag).
+        let mut push = |v: &toml::Value, what: &str| -> Result<(), ConfigError> {
+            let text = scalar(v).ok_or_else(|| key_error(None, key, what.to_owned()))?;
+            let arg_text = format!("{flag}={text}");
+            if let Err(e) = serve
+                .clone()
+                .try_get_matches_from(["serve", arg_text.as_str()])
+            {
+                return Err(key_error(None, key, value_problem(&e)));
+            }
+            out.args.push(arg_text.into());
+            Ok(())
+        };
         match value {
             toml::Value::Boolean(b) if is_switch => {
                 if *b {
                     out.args.push(flag.into());
                 }
             }
-            toml::Value::Array(items) => {
+            toml::Value::Array(items) if is_list => {
                 for item in items {
-                    out.args.push(flag.clone().into());
-                    out.args.push(
-                        scalar(item)
-                            .ok_or_else(|| {
-                                key_error(None, key, "list items must be strings or numbers".into())
-                            })?
-                            .into(),
-                    );
+                    push(item, "list items must be strings or numbers")?;
                 }
             }
-            v if !is_switch => {
-                out.args.push(flag.into());
-                out.args.push(
-                    scalar(v)
-                        .ok_or_else(|| key_error(None, key, "must be a string or a number".into()))?
-                        .into(),
-                );
+            toml::Value::Array(_) | toml::Value::Table(_) if !is_switch => {
+                return Err(key_error(
+                    None,
+                    key,
+                    "must be a single value, not a list or table".into(),
+                ))
             }
+            v if !is_switch => push(v, "must be a string or a number")?,
             _ => return Err(key_error(None, key, "must be true or false".into())),
         }
     }
     Ok(out)
+}
+
+/// clap's complaint about a value, without the flag's name (the file's key names it).
+fn value_problem(e: &clap::Error) -> String {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or("").trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    // "invalid value 'X' for '--flag <FLAG>': why" → "invalid value 'X': why"
+    match first.find(" for '--") {
+        Some(at) => match first[at + 7..].find('\'') {
+            Some(end) => format!("{}{}", &first[..at], &first[at + 7 + end + 1..]),
+            None => first.to_owned(),
+        },
+        None => first.to_owned(),
+    }
 }
 
 fn scalar(v: &toml::Value) -> Option<String> {
@@ -227,15 +251,12 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
             "must be a positive number of bytes".to_owned(),
         )),
     };
-    let time = |k: &str, v: &toml::Value| {
-        v.as_str()
-            .and_then(|s| humantime::parse_duration(s).ok())
-            .ok_or_else(|| {
-                (
-                    k.to_owned(),
-                    "must be a duration like \"30s\" or \"500ms\"".to_owned(),
-                )
-            })
+    let time = |k: &str, v: &toml::Value| match v.as_str() {
+        Some(s) => crate::cli::duration(s).map_err(|e| (k.to_owned(), e)),
+        None => Err((
+            k.to_owned(),
+            "must be a duration like \"30s\" or \"500ms\"".to_owned(),
+        )),
     };
     for (k, v) in t {
         match k.as_str() {

@@ -28,7 +28,7 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    let response = match upgrade::inspect(req.method(), req.headers()) {
+    let response = match upgrade::inspect(req.method(), req.version(), req.headers()) {
         Handshake::Plain => plain(req, &ctx, peer, local).await,
         Handshake::Invalid(status, why) => {
             let label = StatusLabel {
@@ -171,6 +171,20 @@ async fn plain(
     };
     let (parts, body) = req.into_parts();
     let limit = ctx.config.max_body_size;
+    // A declared length past the limit is refused before the body is read, so a client that
+    // sent `Expect: 100-continue` gets 413 instead of "100 Continue".
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        tracing::debug!(%peer, limit, declared, "request body too large (Content-Length)");
+        return text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body larger than {limit} bytes"),
+        );
+    }
     let read = tokio::time::timeout(ctx.config.body_timeout, Limited::new(body, limit).collect());
     let body = match read.await {
         Err(_) => return text(StatusCode::REQUEST_TIMEOUT, "request body timed out"),

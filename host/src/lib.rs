@@ -166,12 +166,17 @@ impl Server {
         } else {
             None
         };
-        let metrics = Arc::new(metrics::Metrics::new(Arc::clone(&self.registry)));
+        let budget = Arc::new(ws::conn::SendBudget::new(self.config.max_buffered_total));
+        let metrics = Arc::new(metrics::Metrics::new(
+            Arc::clone(&self.registry),
+            Arc::clone(&budget),
+        ));
         let ctx = Arc::new(server::Ctx::new(
             self.config,
             Arc::clone(&self.registry),
             self.tls,
             Arc::clone(&metrics),
+            budget,
         ));
         if let Some(admin) = self.admin {
             tokio::spawn(admin::serve(

@@ -15,6 +15,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
 use crate::plugin::registry::Registry;
+use crate::ws::conn::SendBudget;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StatusLabel {
@@ -138,7 +139,7 @@ impl EncodeMetric for CallbackHistogram {
 
 impl Metrics {
     /// Metrics for a host whose plugins are in `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, budget: Arc<SendBudget>) -> Self {
         let mut prom = prometheus_client::registry::Registry::with_prefix("wshost");
         let m = Self {
             upgrades: Family::default(),
@@ -220,7 +221,7 @@ impl Metrics {
                 bus.channels.clone(),
             );
         }
-        prom.register_collector(Box::new(PluginCollector { registry }));
+        prom.register_collector(Box::new(PluginCollector { registry, budget }));
         Self { prom, ..m }
     }
 
@@ -237,6 +238,7 @@ impl Metrics {
 #[derive(Debug)]
 struct PluginCollector {
     registry: Arc<Registry>,
+    budget: Arc<SendBudget>,
 }
 
 impl Collector for PluginCollector {
@@ -244,7 +246,7 @@ impl Collector for PluginCollector {
         let status = self.registry.status();
         {
             let mut family = encoder.encode_descriptor(
-                "wshost_connections_open",
+                "connections_open",
                 "Open WebSocket connections by plugin and generation",
                 None,
                 MetricType::Gauge,
@@ -262,21 +264,29 @@ impl Collector for PluginCollector {
         }
         let gauge = ConstGauge::new(status.plugins.len() as i64);
         gauge.encode(encoder.encode_descriptor(
-            "wshost_plugins",
+            "plugins",
             "Plugins being served",
             None,
             MetricType::Gauge,
         )?)?;
         let gauge = ConstGauge::new(status.mapped_libraries as i64);
         gauge.encode(encoder.encode_descriptor(
-            "wshost_mapped_libraries",
+            "mapped_libraries",
             "Plugin libraries mapped (never unmapped), replaced generations included",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        let gauge = ConstGauge::new(i64::try_from(self.budget.used()).unwrap_or(i64::MAX));
+        gauge.encode(encoder.encode_descriptor(
+            "buffered_bytes",
+            "Bytes buffered across all connections (send queues, partly received messages), \
+             against --max-buffered-total",
             None,
             MetricType::Gauge,
         )?)?;
         let (ok, refused) = self.registry.load_counts();
         let mut family = encoder.encode_descriptor(
-            "wshost_plugin_loads",
+            "plugin_loads",
             "Plugin loads by result",
             None,
             MetricType::Counter,

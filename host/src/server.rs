@@ -94,10 +94,11 @@ impl Ctx {
         registry: Arc<Registry>,
         tls: Option<tokio_rustls::TlsAcceptor>,
         metrics: Arc<crate::metrics::Metrics>,
+        send_budget: Arc<crate::ws::conn::SendBudget>,
     ) -> Self {
         Self {
             metrics,
-            send_budget: Arc::new(crate::ws::conn::SendBudget::new(config.max_buffered_total)),
+            send_budget,
             config: Arc::new(config),
             registry,
             shutdown: CancellationToken::new(),

@@ -77,6 +77,11 @@ impl SendBudget {
         }
     }
 
+    /// Bytes buffered now, across all connections.
+    pub(crate) fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
     pub(crate) fn take(&self, n: u64) -> bool {
         let before = self.used.fetch_add(n, Ordering::AcqRel);
         if before > 0 && before + n > self.max {
@@ -216,6 +221,11 @@ impl ConnShared {
         self.drained.load(Ordering::Acquire) && self.drained.swap(false, Ordering::AcqRel)
     }
 
+    /// Whether a flag for the session is set (drained, closing): it then looks at them.
+    pub(crate) fn has_flags(&self) -> bool {
+        self.drained.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire)
+    }
+
     /// Whether a close was queued since the last call.
     pub(crate) fn take_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire) && self.closing.swap(false, Ordering::AcqRel)
@@ -235,15 +245,20 @@ impl ConnShared {
         self.state.load(Ordering::Acquire) == OPEN
     }
 
-    /// Queues a data or ping frame, counting it against the send queue. One message is always
-    /// accepted into an empty queue, so a message larger than the queue can still be sent.
+    /// Queues a data or ping frame, counting it against the send queue: a message larger than
+    /// the whole queue is refused with `MessageTooLarge`, one that does not fit now with
+    /// `QueueFull` (and `on_drain` follows once the queue has emptied).
     pub(crate) fn enqueue(&self, msg: Message) -> Result<(), SendError> {
         if !self.is_open() {
             return Err(SendError::Closed);
         }
         let n = msg.len() as u64;
+        if n > self.max_send_queue {
+            self.metrics.send_queue_overflows.inc();
+            return Err(SendError::MessageTooLarge);
+        }
         let before = self.buffered.fetch_add(n, Ordering::AcqRel);
-        if before > 0 && before + n > self.max_send_queue || !self.budget.take(n) {
+        if before + n > self.max_send_queue || !self.budget.take(n) {
             // Ask for on_drain before undoing: whoever brings the count to zero (this undo or
             // the session task) then sees the request, so the wake-up cannot be lost between them.
             self.drain_wanted.store(true, Ordering::Release);
@@ -333,12 +348,18 @@ impl ConnShared {
             .compare_exchange(OPEN, CLOSING, Ordering::AcqRel, Ordering::Acquire);
     }
 
-    /// The connection is over: no more sends, and it leaves all its channels.
-    pub(crate) fn finish(&self) {
-        self.state.store(CLOSED, Ordering::Release);
-        // What is still queued will be written or dropped; either way it leaves the budget.
+    /// Gives back to the budget what is still counted as queued: after the session's last
+    /// write, queued frames that were not written are dropped. (Frames written before are
+    /// given back by [`ConnShared::written`], so nothing is given back twice.)
+    pub(crate) fn release_queued(&self) {
         let queued = self.buffered.swap(0, Ordering::AcqRel);
         self.budget.give(queued);
+    }
+
+    /// The connection is over: no more sends, and it leaves all its channels. What is still
+    /// queued stays counted until the final write ([`ConnShared::release_queued`]).
+    pub(crate) fn finish(&self) {
+        self.state.store(CLOSED, Ordering::Release);
         let channels =
             std::mem::take(&mut *self.channels.lock().unwrap_or_else(PoisonError::into_inner));
         for channel in channels {

@@ -127,6 +127,7 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         conn,
         slow: config.slow_callback,
         failed: false,
+        host_close: None,
         metrics: Arc::clone(&metrics),
         counts: Counts::default(),
         durations: Default::default(),
@@ -153,6 +154,7 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         std::future::poll_fn(|cx| out.poll_final(cx, &mut ws, &s.conn)),
     )
     .await;
+    s.conn.release_queued();
     out.counts.flush_out(&metrics);
     // Last, so that a scraper that sees the close also sees every count of the connection.
     metrics.closes.get_or_create(&CodeLabel { code }).inc();
@@ -169,6 +171,9 @@ struct Session {
     slow: Duration,
     /// A callback panicked: no more callbacks but `on_close`.
     failed: bool,
+    /// The close frame the host itself started the close handshake with (a limit, an error,
+    /// shutdown): `on_close` is told this code rather than the peer's echo of it.
+    host_close: Option<(u16, String)>,
     metrics: Arc<Metrics>,
     /// Messages and bytes received since they were last added to the metrics.
     counts: Counts,
@@ -218,7 +223,12 @@ pub(crate) struct Timing {
 
 impl Timing {
     fn new(config: &Config, settings: &Settings) -> Self {
-        let ms = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_millis);
+        // A plugin's 101 may carry any number of milliseconds: bounded, so that no deadline
+        // overflows the clock.
+        let ms = |v: Option<u64>, default: Duration| {
+            v.map_or(default, Duration::from_millis)
+                .min(crate::config::MAX_DURATION)
+        };
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Self {
             ping_interval: nonzero(ms(settings.ping_interval_ms, config.ping_interval)),
@@ -262,7 +272,15 @@ impl RateLimit {
 }
 
 impl Session {
-    /// Reads until the connection ends; returns the peer's close code and reason.
+    /// Starts the close handshake for a reason of the host's; `on_close` will get this code.
+    fn close_by_host(&mut self, code: u16, reason: &str) {
+        if self.conn.close_unchecked(code, reason).is_ok() {
+            self.host_close = Some((code, reason.to_owned()));
+        }
+    }
+
+    /// Reads until the connection ends; returns the code and reason `on_close` gets: the
+    /// host's if it started the close, else the peer's (1006 if the peer sent none).
     async fn read_loop(
         &mut self,
         ws: &mut Ws,
@@ -310,6 +328,7 @@ impl Session {
                 biased;
                 item = std::future::poll_fn(|cx| out.poll_io(cx, ws, &conn, &self.metrics)) => match item {
                     Io::End => break,
+                    Io::Flags => {}
                     Io::WriteFailed => {
                         conn.peer_closed();
                         tracing::debug!("write failed; the connection is gone");
@@ -362,7 +381,7 @@ impl Session {
                 },
                 () = &mut cancelled, if !shutting_down => {
                     shutting_down = true;
-                    let _ = conn.close_unchecked(1001, "going away");
+                    self.close_by_host(1001, "going away");
                 }
                 () = &mut timer => {
                     let now = Instant::now();
@@ -392,14 +411,14 @@ impl Session {
                         if partial.pending_for(now).is_some_and(|d| d >= limit) && conn.is_open() {
                             tracing::info!(message_timeout = ?limit,
                                 "a message took too long to arrive; closing with 1008");
-                            let _ = conn.close_unchecked(1008, "message timeout");
+                            self.close_by_host(1008, "message timeout");
                         }
                     }
                     if let Some(idle) = timing.idle_timeout {
                         let last = last_data_in.max(conn.last_data_out());
                         if now >= last + idle && conn.is_open() {
                             tracing::info!(idle_timeout = ?idle, "idle connection closed");
-                            let _ = conn.close_unchecked(1001, "idle timeout");
+                            self.close_by_host(1001, "idle timeout");
                         }
                     }
                     wake = self.next_wake(&timing, next_ping, awaiting_pong,
@@ -411,7 +430,10 @@ impl Session {
                 }
             }
         }
-        peer_close.unwrap_or((1006, String::new()))
+        self.host_close
+            .take()
+            .or(peer_close)
+            .unwrap_or((1006, String::new()))
     }
 
     /// When the timer must next look at the connection.
@@ -474,9 +496,7 @@ impl Session {
                 "message rate limit exceeded; closing with 1008"
             );
             self.failed = true;
-            let _ = self
-                .conn
-                .close_unchecked(1008, "message rate limit exceeded");
+            self.close_by_host(1008, "message rate limit exceeded");
         }
         false
     }
@@ -496,7 +516,7 @@ impl Session {
         let text = e.to_string();
         self.call("on_error", |h, c| h.on_error(c, RStr::from_str(&text)));
         if let Some(code) = code {
-            let _ = self.conn.close_unchecked(code, "");
+            self.close_by_host(code, "");
         }
     }
 
@@ -555,7 +575,7 @@ impl Session {
             tracing::error!(callback = name, %panic,
                 "plugin callback panicked; closing the connection with 1011");
             self.failed = true;
-            let _ = self.conn.close_unchecked(1011, "internal error");
+            self.close_by_host(1011, "internal error");
         }
     }
 }
@@ -576,6 +596,9 @@ enum Io {
     Read(Result<Message, WsError>),
     /// The peer's side is over (after the close handshake, or the TCP connection ended).
     End,
+    /// The connection's handle set a flag (the queue drained after a refusal, a close was
+    /// queued) for the session to act on.
+    Flags,
     WriteFailed,
 }
 
@@ -667,6 +690,9 @@ impl Out {
         metrics: &Metrics,
     ) -> Poll<Io> {
         conn.register(cx.waker());
+        if conn.has_flags() {
+            return Poll::Ready(Io::Flags);
+        }
         // A few rounds of feed, read, flush; if there is still work after them, yield to the
         // other connections and come back.
         for _ in 0..4 {
@@ -689,6 +715,10 @@ impl Out {
                     // Done unless reading was skipped for this flush, or more was queued (or
                     // held back by MAX_BATCH) meanwhile.
                     let more = !self.close_fed && (!self.local.is_empty() || conn.has_queued());
+                    if conn.has_flags() {
+                        // The flush emptied a queue a refused send waits on: `on_drain` now.
+                        return Poll::Ready(Io::Flags);
+                    }
                     if read_polled && !more {
                         return Poll::Pending;
                     }

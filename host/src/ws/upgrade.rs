@@ -5,7 +5,7 @@ use base64::Engine as _;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Response, StatusCode};
+use hyper::{Method, Response, StatusCode, Version};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 
 /// What a request is, as far as the WebSocket handshake goes.
@@ -31,9 +31,15 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 
 /// Classifies a request: a request with `Upgrade: websocket` is a WebSocket handshake, which is
 /// either valid or refused (400, or 426 for a version other than 13).
-pub(crate) fn inspect(method: &Method, headers: &HeaderMap) -> Handshake {
+pub(crate) fn inspect(method: &Method, version: Version, headers: &HeaderMap) -> Handshake {
     if !has_token(headers, header::UPGRADE, "websocket") {
         return Handshake::Plain;
+    }
+    if version != Version::HTTP_11 {
+        return Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake needs HTTP/1.1",
+        );
     }
     if method != Method::GET {
         return Handshake::Invalid(
@@ -52,6 +58,12 @@ pub(crate) fn inspect(method: &Method, headers: &HeaderMap) -> Handshake {
         return Handshake::Invalid(
             StatusCode::UPGRADE_REQUIRED,
             "unsupported Sec-WebSocket-Version: this server speaks 13",
+        );
+    }
+    if headers.get_all(header::SEC_WEBSOCKET_KEY).iter().count() > 1 {
+        return Handshake::Invalid(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake has one Sec-WebSocket-Key",
         );
     }
     let key = match headers.get(header::SEC_WEBSOCKET_KEY).map(|k| k.to_str()) {
@@ -170,7 +182,7 @@ mod tests {
 
     #[test]
     fn valid_handshake_with_subprotocols() {
-        let h = inspect(&Method::GET, &headers(GOOD));
+        let h = inspect(&Method::GET, Version::HTTP_11, &headers(GOOD));
         assert_eq!(
             h,
             Handshake::Valid {
@@ -182,17 +194,17 @@ mod tests {
 
     #[test]
     fn plain_requests_are_not_handshakes() {
-        assert_eq!(inspect(&Method::GET, &HeaderMap::new()), Handshake::Plain);
+        assert_eq!(inspect(&Method::GET, Version::HTTP_11, &HeaderMap::new()), Handshake::Plain);
     }
 
     #[test]
     fn refused_handshakes() {
         let without = |name: &str| {
             let pairs: Vec<_> = GOOD.iter().copied().filter(|(k, _)| *k != name).collect();
-            inspect(&Method::GET, &headers(&pairs))
+            inspect(&Method::GET, Version::HTTP_11, &headers(&pairs))
         };
         assert!(matches!(
-            inspect(&Method::POST, &headers(GOOD)),
+            inspect(&Method::POST, Version::HTTP_11, &headers(GOOD)),
             Handshake::Invalid(StatusCode::BAD_REQUEST, _)
         ));
         assert!(matches!(
@@ -210,7 +222,21 @@ mod tests {
         let mut bad_key: Vec<_> = GOOD.to_vec();
         bad_key[3] = ("sec-websocket-key", "c2hvcnQ=");
         assert!(matches!(
-            inspect(&Method::GET, &headers(&bad_key)),
+            inspect(&Method::GET, Version::HTTP_11, &headers(&bad_key)),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+    }
+
+    #[test]
+    fn refused_http10_and_repeated_keys() {
+        assert!(matches!(
+            inspect(&Method::GET, Version::HTTP_10, &headers(GOOD)),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+        let mut two_keys: Vec<_> = GOOD.to_vec();
+        two_keys.push(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(matches!(
+            inspect(&Method::GET, Version::HTTP_11, &headers(&two_keys)),
             Handshake::Invalid(StatusCode::BAD_REQUEST, _)
         ));
     }
