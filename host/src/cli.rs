@@ -69,9 +69,17 @@ pub enum Command {
 /// `wshost status` and `wshost reload`.
 #[derive(Debug, Args)]
 pub struct AdminArgs {
-    /// The host's admin address.
-    #[arg(long, env = ENV_ADMIN, default_value = DEFAULT_ADMIN)]
-    pub admin: SocketAddr,
+    /// The host's admin address: HOST:PORT, http://HOST:PORT or unix:PATH. Default: the
+    /// address a running host wrote to its runtime file (`$WSHOST_RUNTIME_DIR/admin`,
+    /// `$XDG_RUNTIME_DIR/wshost/admin` or `/tmp/wshost-UID/admin`), else 127.0.0.1:8181.
+    #[arg(long, env = ENV_ADMIN)]
+    pub admin: Option<crate::admin::AdminAddr>,
+    /// Give up when the host has not answered within this time.
+    #[arg(long, default_value = "10s", value_parser = nonzero_duration)]
+    pub timeout: Duration,
+    /// A file holding the bearer token the host was started with (`--admin-token-file`).
+    #[arg(long, env = "WSHOST_ADMIN_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,
@@ -209,9 +217,14 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "WSHOST_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Address of the admin endpoint (`wshost status`, `wshost reload`), or `off`.
+    /// Address of the admin endpoint (`wshost status`, `wshost reload`, `/metrics`): a
+    /// loopback HOST:PORT, `unix:PATH` (a socket only this user can open), or `off`.
     #[arg(long, env = ENV_ADMIN, default_value = DEFAULT_ADMIN)]
     pub admin_listen: AdminListen,
+    /// A file holding a token the admin endpoint requires as `Authorization: Bearer TOKEN`
+    /// (all but /healthz and /readyz).
+    #[arg(long, env = "WSHOST_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Do not watch the plugins directory (reload with SIGHUP or `wshost reload` instead).
     #[arg(long, env = "WSHOST_NO_WATCH")]
     pub no_watch: bool,
@@ -237,23 +250,48 @@ pub struct ServeArgs {
     /// How long the probe process may take to load a plugin.
     #[arg(long, env = "WSHOST_PROBE_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
     pub probe_timeout: Duration,
+    /// Plugin files larger than this many bytes are refused without being read.
+    #[arg(long, env = "WSHOST_MAX_PLUGIN_SIZE", value_parser = size_u64,
+        default_value_t = crate::plugin::registry::DEFAULT_MAX_PLUGIN_SIZE)]
+    pub max_plugin_size: u64,
 }
 
 /// Where the admin endpoint listens, if anywhere.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AdminListen(pub Option<SocketAddr>);
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdminListen {
+    /// No admin endpoint.
+    Off,
+    /// A TCP address.
+    Tcp(SocketAddr),
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+}
 
 impl std::str::FromStr for AdminListen {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
         if s == "off" {
-            return Ok(Self(None));
+            return Ok(Self::Off);
         }
-        s.parse()
-            .map(|a| Self(Some(a)))
-            .map_err(|e| format!("`{s}`: {e} (an address like 127.0.0.1:8181, or off)"))
+        if let Some(path) = s.strip_prefix("unix:") {
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        s.parse().map(Self::Tcp).map_err(|e| {
+            format!("`{s}`: {e} (an address like 127.0.0.1:8181, unix:/path/admin.sock, or off)")
+        })
     }
+}
+
+/// Reads a token file: its first line, trimmed; an empty token is an error.
+pub fn read_token_file(file: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("cannot read the token file {}: {e}", file.display()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_owned();
+    if token.is_empty() {
+        return Err(format!("the token file {} is empty", file.display()));
+    }
+    Ok(token)
 }
 
 impl ServeArgs {
@@ -303,6 +341,8 @@ impl ServeArgs {
                     })
                 }
             },
+            config_file: self.config.clone(),
+            max_plugin_size: self.max_plugin_size,
             probe: exe.filter(|_| !self.no_probe).map(|exe| Probe {
                 exe,
                 timeout: self.probe_timeout,
@@ -315,6 +355,10 @@ impl ServeArgs {
 /// `wshost check`.
 #[derive(Debug, Args)]
 pub struct CheckArgs {
+    /// A config file whose `[plugin.NAME]` sections apply (the plugin's config table, its
+    /// mounts), as `wshost serve --config FILE` would apply them.
+    #[arg(long, env = "WSHOST_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Plugin files to check.
     #[arg(required = true)]
     pub files: Vec<PathBuf>,

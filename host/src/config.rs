@@ -80,6 +80,11 @@ pub struct Config {
     /// Reverse proxies whose `Forwarded` / `X-Forwarded-For` headers are believed: requests from
     /// them take the client address from those headers.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The config file the `plugins` sections came from: read again on every reload (SIGHUP,
+    /// `wshost reload`, a change in the plugins directory).
+    pub config_file: Option<PathBuf>,
+    /// Plugin files larger than this are refused without being read. Default 256 MiB.
+    pub max_plugin_size: u64,
     /// Per-plugin route mounts, limits and configuration tables (the config file's
     /// `[plugin.NAME]` sections), by plugin name.
     pub plugins: std::collections::BTreeMap<String, crate::config_file::PluginSection>,
@@ -119,6 +124,8 @@ impl Default for Config {
             require_origin: false,
             trusted_proxies: Vec::new(),
             plugins: Default::default(),
+            config_file: None,
+            max_plugin_size: crate::plugin::registry::DEFAULT_MAX_PLUGIN_SIZE,
             tls: None,
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(10),

@@ -110,6 +110,17 @@ fn line_of(text: &str, section: Option<&str>, key: &str) -> usize {
     0
 }
 
+/// Reads only the `[plugin.NAME]` sections of `file` (after checking all of it), as a reload
+/// does.
+pub fn load_plugin_sections(file: &Path) -> Result<BTreeMap<String, PluginSection>, ConfigError> {
+    use clap::CommandFactory as _;
+    let cli = crate::cli::Cli::command();
+    let serve = cli
+        .find_subcommand("serve")
+        .expect("serve is a subcommand");
+    load(file, serve).map(|f| f.plugins)
+}
+
 /// Reads `file` against the arguments of the `serve` command.
 pub fn load(file: &Path, serve: &clap::Command) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {

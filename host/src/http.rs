@@ -76,12 +76,17 @@ fn internal_error() -> Response<Body> {
 }
 
 /// The ring request map of `parts`.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts of one request map, each from another layer"
+)]
 fn request_map(
     ctx: &Ctx,
     parts: &hyper::http::request::Parts,
     client: IpAddr,
     local: SocketAddr,
     is_upgrade: bool,
+    route: &str,
     subprotocols: Vec<String>,
     body: Vec<u8>,
 ) -> HostRequest {
@@ -123,6 +128,7 @@ fn request_map(
         subprotocols: subprotocols.into_iter().map(RString::from).collect(),
         body: RVec::from(body),
         is_upgrade,
+        route: RString::from(route),
     }
 }
 
@@ -166,9 +172,10 @@ async fn plain(
     local: SocketAddr,
 ) -> Response<Body> {
     let table = ctx.registry.table();
-    let Some(plugin) = table.route(req.uri().path()).cloned() else {
+    let Some((route, plugin)) = table.route_prefix(req.uri().path()) else {
         return not_found();
     };
+    let (route, plugin) = (route.to_owned(), Arc::clone(plugin));
     let (parts, body) = req.into_parts();
     let limit = ctx.config.max_body_size;
     // A declared length past the limit is refused before the body is read, so a client that
@@ -202,7 +209,7 @@ async fn plain(
         Ok(Ok(collected)) => collected.to_bytes().to_vec(),
     };
     let client = client_ip(peer.ip(), &parts.headers, &ctx.config.trusted_proxies);
-    let map = request_map(ctx, &parts, client, local, false, Vec::new(), body);
+    let map = request_map(ctx, &parts, client, local, false, &route, Vec::new(), body);
     match plugin.request(&map) {
         Ok(answer) => plain_response(answer, &plugin.name),
         Err(panic) => {
@@ -271,7 +278,16 @@ fn websocket(
             return text(status, why);
         }
     };
-    let map = request_map(ctx, &parts, client, local, true, subprotocols, Vec::new());
+    let map = request_map(
+        ctx,
+        &parts,
+        client,
+        local,
+        true,
+        &prefix,
+        subprotocols,
+        Vec::new(),
+    );
     let mut answer = match plugin.upgrade(&map) {
         Ok(a) => a,
         Err(panic) => {

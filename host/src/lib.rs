@@ -77,7 +77,7 @@ pub struct Server {
     reload_rx: tokio::sync::mpsc::UnboundedReceiver<
         Option<tokio::sync::oneshot::Sender<plugin::registry::ReloadReport>>,
     >,
-    admin: Option<TcpListener>,
+    admin: Option<(admin::AdminListener, admin::AdminGuard)>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     bus: Option<bus::Pending>,
 }
@@ -104,9 +104,12 @@ impl Server {
             }
         };
         let hub = Arc::new(hub);
+        plugin::retire::set_slow(config.slow_callback);
         let registry = Registry::new(hub, config.probe.clone())
             .map_err(Error::PrivateDir)?
-            .with_plugin_sections(config.plugins.clone());
+            .with_plugin_sections(config.plugins.clone())
+            .with_config_file(config.config_file.clone())
+            .with_max_plugin_size(config.max_plugin_size);
         registry
             .reconcile(&config.plugins_dir)
             .map_err(|source| Error::PluginsDir {
@@ -125,9 +128,9 @@ impl Server {
         })
     }
 
-    /// Also serves the admin endpoint (`/status`, `/reload`) on `listener`.
-    pub fn with_admin(mut self, listener: TcpListener) -> Self {
-        self.admin = Some(listener);
+    /// Also serves the admin endpoint (`/status`, `/reload`, `/metrics`) on `listener`.
+    pub fn with_admin(mut self, listener: admin::AdminListener, guard: admin::AdminGuard) -> Self {
+        self.admin = Some((listener, guard));
         self
     }
 
@@ -154,18 +157,23 @@ impl Server {
             dir.clone(),
             self.reload_rx,
         ));
-        let _watcher = if self.config.watch {
-            match plugin::watcher::watch(&dir, self.reloader.clone()) {
+        let stop_watching = tokio_util::sync::CancellationToken::new();
+        if self.config.watch {
+            let first = match plugin::watcher::watch(&dir, self.reloader.clone()) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::error!(dir = %dir.display(), error = %e,
                         "cannot watch the plugins directory; reload with SIGHUP or `wshost reload`");
                     None
                 }
-            }
-        } else {
-            None
-        };
+            };
+            tokio::spawn(plugin::watcher::keep_watching(
+                dir.clone(),
+                self.reloader.clone(),
+                first,
+                stop_watching.clone(),
+            ));
+        }
         let budget = Arc::new(ws::conn::SendBudget::new(self.config.max_buffered_total));
         let metrics = Arc::new(metrics::Metrics::new(
             Arc::clone(&self.registry),
@@ -178,9 +186,10 @@ impl Server {
             Arc::clone(&metrics),
             budget,
         ));
-        if let Some(admin) = self.admin {
+        if let Some((admin, guard)) = self.admin {
             tokio::spawn(admin::serve(
                 admin,
+                guard,
                 Arc::clone(&self.registry),
                 metrics,
                 self.reloader.clone(),
@@ -188,6 +197,7 @@ impl Server {
             ));
         }
         server::run(ctx, listener, shutdown).await;
+        stop_watching.cancel();
         reloads.abort();
     }
 }

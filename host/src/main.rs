@@ -104,16 +104,25 @@ fn serve(
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         let mut out = std::io::stdout().lock();
-        if let Some(admin_addr) = args.admin_listen.0 {
-            let admin = TcpListener::bind(admin_addr).await.with_context(|| {
-                format!("cannot listen on {admin_addr} for the admin endpoint (--admin-listen)")
-            })?;
-            let admin_addr = admin.local_addr().context("reading the admin address")?;
-            if !admin_addr.ip().is_loopback() {
-                tracing::warn!(%admin_addr, "the admin endpoint is reachable from other hosts");
+        let mut runtime_addr = None;
+        if let Some((listener, addr)) = bind_admin(&args.admin_listen).await? {
+            let token = args
+                .admin_token_file
+                .as_deref()
+                .map(wshost::cli::read_token_file)
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("--admin-token-file: {e}"))?;
+            let guard = wshost::admin::AdminGuard {
+                token,
+                header_read_timeout: args.header_read_timeout,
+            };
+            writeln!(out, "admin on {addr}").context("writing to stdout")?;
+            match wshost::admin::write_runtime_file(&addr) {
+                Ok(_) => runtime_addr = Some(addr),
+                Err(e) => tracing::warn!(error = %e, file = %wshost::admin::runtime_file().display(),
+                    "cannot write the admin address where `wshost status` looks for it"),
             }
-            writeln!(out, "admin on http://{admin_addr}").context("writing to stdout")?;
-            server = server.with_admin(admin);
+            server = server.with_admin(listener, guard);
         }
         tracing::info!(%addr, "listening");
         // Tests and scripts read this line to learn the real address.
@@ -123,8 +132,64 @@ fn serve(
         drop(out);
         reload_on_sighup(server.reloader());
         server.serve(listener, shutdown_signal()).await;
+        if let Some(addr) = runtime_addr {
+            wshost::admin::remove_runtime_file(&addr);
+        }
+        if let wshost::cli::AdminListen::Unix(path) = &args.admin_listen {
+            let _ = std::fs::remove_file(path);
+        }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Binds the admin endpoint as `--admin-listen` says: a TCP address, or a Unix socket that
+/// only this user may open.
+async fn bind_admin(
+    listen: &wshost::cli::AdminListen,
+) -> anyhow::Result<Option<(wshost::admin::AdminListener, wshost::admin::AdminAddr)>> {
+    use std::os::unix::fs::PermissionsExt as _;
+    use wshost::admin::{AdminAddr, AdminListener};
+    use wshost::cli::AdminListen;
+    Ok(match listen {
+        AdminListen::Off => None,
+        AdminListen::Tcp(at) => {
+            let admin = TcpListener::bind(at).await.with_context(|| {
+                format!("cannot listen on {at} for the admin endpoint (--admin-listen)")
+            })?;
+            let addr = admin.local_addr().context("reading the admin address")?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(admin_addr = %addr, "the admin endpoint is reachable from other hosts");
+            }
+            Some((AdminListener::Tcp(admin), AdminAddr::Tcp(addr.to_string())))
+        }
+        AdminListen::Unix(path) => {
+            // A socket left by a host that did not exit cleanly: nobody answers on it.
+            if std::os::unix::net::UnixStream::connect(path).is_err() {
+                let _ = std::fs::remove_file(path);
+            }
+            let admin = tokio::net::UnixListener::bind(path).with_context(|| {
+                format!("cannot listen on {} for the admin endpoint (--admin-listen)", path.display())
+            })?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private", path.display()))?;
+            Some((AdminListener::Unix(admin), AdminAddr::Unix(path.clone())))
+        }
+    })
+}
+
+/// The admin client's address and token.
+fn admin_target(args: &AdminArgs) -> anyhow::Result<(wshost::admin::AdminAddr, Option<String>)> {
+    let addr = args
+        .admin
+        .clone()
+        .unwrap_or_else(wshost::admin::default_client_addr);
+    let token = args
+        .token_file
+        .as_deref()
+        .map(wshost::cli::read_token_file)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--token-file: {e}"))?;
+    Ok((addr, token))
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
@@ -176,10 +241,13 @@ fn admin_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn status(args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let (addr, token) = admin_target(args)?;
     let status: Status = admin_runtime()?.block_on(wshost::admin::request(
-        args.admin,
+        &addr,
         hyper::Method::GET,
         "/status",
+        token.as_deref(),
+        args.timeout,
     ))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -216,10 +284,13 @@ fn status(args: &AdminArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn reload(args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let (addr, token) = admin_target(args)?;
     let report: ReloadReport = admin_runtime()?.block_on(wshost::admin::request(
-        args.admin,
+        &addr,
         hyper::Method::POST,
         "/reload",
+        token.as_deref(),
+        args.timeout,
     ))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -233,11 +304,14 @@ fn reload(args: &AdminArgs) -> anyhow::Result<ExitCode> {
         for r in &report.refused {
             println!("refused {r}");
         }
+        if let Some(e) = &report.config_error {
+            println!("config file not re-read (the running plugin sections stay): {e}");
+        }
         if report.loaded.is_empty() && report.unloaded.is_empty() && report.refused.is_empty() {
             println!("no changes");
         }
     }
-    Ok(if report.refused.is_empty() {
+    Ok(if report.refused.is_empty() && report.config_error.is_none() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -267,8 +341,14 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         exe,
         timeout: std::time::Duration::from_secs(10),
     };
-    let registry =
-        Registry::new(Default::default(), Some(probe)).context("creating a private directory")?;
+    let sections = match &args.config {
+        Some(file) => wshost::config_file::load_plugin_sections(file)
+            .map_err(|e| anyhow::anyhow!("config file: {e}"))?,
+        None => Default::default(),
+    };
+    let registry = Registry::new(Default::default(), Some(probe))
+        .context("creating a private directory")?
+        .with_plugin_sections(sections);
     let mut refused = 0;
     for file in &args.files {
         match registry.check_file(file) {

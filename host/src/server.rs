@@ -177,13 +177,15 @@ pub(crate) async fn run(ctx: Arc<Ctx>, listener: TcpListener, shutdown: impl Fut
             "shutdown timeout passed; dropping the remaining connections"
         );
     }
-    ctx.registry.shutdown_all();
+    // Plugin shutdowns run plugin code: on retirement threads, waited for off this one.
+    let (registry, timeout) = (Arc::clone(&ctx.registry), ctx.config.shutdown_timeout);
+    let _ = tokio::task::spawn_blocking(move || registry.shutdown_all(timeout)).await;
     tracing::info!("stopped");
 }
 
 /// Errors of `accept` are about one client, or about this process running out of descriptors;
 /// in the second case, back off instead of spinning.
-async fn accept_error(e: &std::io::Error) {
+pub(crate) async fn accept_error(e: &std::io::Error) {
     const EMFILE: i32 = 24;
     const ENFILE: i32 = 23;
     if matches!(e.raw_os_error(), Some(EMFILE | ENFILE)) {

@@ -158,6 +158,11 @@ pub trait RequestFfi {
     /// Whether this is a WebSocket upgrade request.
     #[sabi(last_prefix_field)]
     fn is_upgrade(&self) -> bool;
+    /// The route prefix the request matched (the plugin's own, or the config file's mount).
+    /// Since 1.1; a 1.0 host has none, and this default answers an empty string.
+    fn route(&self) -> RStr<'_> {
+        RStr::from_str("")
+    }
 }
 
 /// A response. Implemented by the plugin; the host takes its parts once.
@@ -264,15 +269,64 @@ pub const ROOT_SYMBOL: &str = abi_stable::library::ROOT_MODULE_LOADER_NAME;
 // ----------------------------------------------------------------------------------------------
 // Panic containment.
 
-/// Runs `f`, turning a panic into an error string that names `what`.
+thread_local! {
+    /// How many guarded calls this thread is inside (the panic hook stays quiet in them).
+    static GUARDED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+    /// Where the last panic inside a guarded call happened.
+    static LAST_PANIC_AT: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The host's services of this plugin's instance, for panics on the plugin's own threads.
+static PANIC_LOG: std::sync::OnceLock<HostHandle> = std::sync::OnceLock::new();
+
+/// Installs this plugin's panic hook (the plugin has its own standard library, so the hook is
+/// the plugin's alone): it prints nothing. A panic inside a call from the host is reported by
+/// the host in one log line, with this location; a panic on a plugin thread goes to the host's
+/// log through `host`. The default hook would print raw text (and, with `RUST_BACKTRACE`, a
+/// slow backtrace) on the host's standard error, past its log format.
+fn install_panic_hook(host: &HostHandle) {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    let _ = PANIC_LOG.set(host.clone());
+    HOOK.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+                .unwrap_or_default();
+            if GUARDED.with(std::cell::Cell::get) > 0 {
+                LAST_PANIC_AT.with(|p| *p.borrow_mut() = Some(at));
+                return;
+            }
+            let msg = panic_message(info.payload());
+            let thread = std::thread::current();
+            let text = format!(
+                "panic on plugin thread `{}` at {at}: {msg}",
+                thread.name().unwrap_or("unnamed")
+            );
+            match PANIC_LOG.get() {
+                Some(host) => host.log(level::ERROR, RStr::from_str(&text)),
+                None => eprintln!("{text}"),
+            }
+        }));
+    });
+}
+
+/// Runs `f`, turning a panic into an error string that names `what` and where it panicked.
 pub(crate) fn guard<R>(what: &str, f: impl FnOnce() -> R) -> RResult<R, RString> {
-    match catch_unwind(AssertUnwindSafe(f)) {
+    GUARDED.with(|g| g.set(g.get() + 1));
+    let result = catch_unwind(AssertUnwindSafe(f));
+    GUARDED.with(|g| g.set(g.get().saturating_sub(1)));
+    match result {
         Ok(v) => RResult::ROk(v),
         Err(payload) => {
             let msg = panic_message(&*payload);
             // Dropping the payload could itself panic; keep that inside the plugin too.
             let _ = catch_unwind(AssertUnwindSafe(move || drop(payload)));
-            RResult::RErr(RString::from(format!("{what} panicked: {msg}")))
+            let at = LAST_PANIC_AT
+                .with(|p| p.borrow_mut().take())
+                .map(|at| format!(" (at {at})"))
+                .unwrap_or_default();
+            RResult::RErr(RString::from(format!("{what} panicked: {msg}{at}")))
         }
     }
 }
@@ -499,6 +553,7 @@ extern "C" fn mod_self_test() -> RResult<(), RString> {
 }
 
 extern "C" fn mod_create<P: crate::Plugin>(host: HostHandle) -> RResult<PluginBox, RString> {
+    install_panic_hook(&host);
     let created = guard("new", || P::new(crate::Host::from_handle(host)));
     match created {
         RResult::ROk(Ok(plugin)) => RResult::ROk(PluginFfi_TO::from_value(

@@ -465,6 +465,31 @@ impl<'a> Request<'a> {
     pub fn is_upgrade(&self) -> bool {
         self.inner.is_upgrade()
     }
+    /// The route prefix this request matched: one of the plugin's `ROUTES`, or the route the
+    /// host's config file mounted the plugin at (`[plugin.NAME] routes = [...]`). Use it (or
+    /// [`Request::path_info`]) instead of hard-coding a prefix, so the plugin works wherever
+    /// it is mounted. Empty from a host older than plugin-api 1.1.
+    pub fn route(&self) -> &str {
+        self.inner.route().as_str()
+    }
+    /// The path below the matched route: `/lobby` for `/rooms/lobby` under route `/rooms`,
+    /// empty for `/rooms` itself. The whole path under route `/` (and from a host older
+    /// than plugin-api 1.1).
+    ///
+    /// ```
+    /// # fn room(req: &plugin_api::Request<'_>) -> Option<String> {
+    /// // A chat room at ROUTE/ROOM, wherever the plugin is mounted.
+    /// let room = req.path_info().strip_prefix('/')?;
+    /// (!room.is_empty() && !room.contains('/')).then(|| room.to_owned())
+    /// # }
+    /// ```
+    pub fn path_info(&self) -> &str {
+        let path = self.path();
+        match self.route() {
+            "" | "/" => path,
+            route => path.strip_prefix(route).unwrap_or(path),
+        }
+    }
 }
 
 impl fmt::Debug for Request<'_> {

@@ -18,8 +18,6 @@ pub(crate) struct Mapped {
     pub(crate) module: PluginModRef,
     /// The plugin-api version the plugin was built against.
     pub(crate) api_version: String,
-    /// The private copy that was mapped.
-    pub(crate) private_path: PathBuf,
 }
 
 static COPIES: AtomicU64 = AtomicU64::new(0);
@@ -28,6 +26,42 @@ static MAPPED: AtomicU64 = AtomicU64::new(0);
 /// How many libraries this process has mapped (they are never unmapped).
 pub(crate) fn mapped_count() -> u64 {
     MAPPED.load(Ordering::Relaxed)
+}
+
+/// Checks `file` itself before anything copies or reads it whole: a regular file of at most
+/// `max_size` bytes (a sparse 2 GiB file would otherwise be copied and read) that starts with a
+/// 64-bit ELF header.
+pub(crate) fn check_original(file: &Path, max_size: u64) -> Result<(), LoadError> {
+    use std::io::Read as _;
+    let io = |source| LoadError::Io {
+        file: file.to_owned(),
+        source,
+    };
+    let not = |reason: String| LoadError::NotAPlugin {
+        file: file.to_owned(),
+        reason,
+    };
+    let meta = std::fs::metadata(file).map_err(io)?;
+    if !meta.is_file() {
+        return Err(not("not a regular file".into()));
+    }
+    if meta.len() > max_size {
+        return Err(not(format!(
+            "{} bytes, larger than --max-plugin-size ({max_size} bytes); not read",
+            meta.len()
+        )));
+    }
+    let mut head = [0u8; 5];
+    std::fs::File::open(file)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .map_err(|_| not("not an ELF file (shorter than an ELF header)".into()))?;
+    if &head[..4] != b"\x7fELF" {
+        return Err(not("not an ELF file".into()));
+    }
+    if head[4] != 2 {
+        return Err(not("not a 64-bit ELF file".into()));
+    }
+    Ok(())
 }
 
 /// Copies `file` into `private_dir` under a name never used before.
@@ -131,7 +165,6 @@ pub(crate) fn map(file: &Path, path: &Path) -> Result<Mapped, LoadError> {
     Ok(Mapped {
         module,
         api_version,
-        private_path,
     })
 }
 

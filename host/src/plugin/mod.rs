@@ -29,6 +29,7 @@ mod elf;
 mod loader;
 pub mod probe;
 pub mod registry;
+pub(crate) mod retire;
 pub mod watcher;
 
 /// How many plugin libraries this process has mapped; they are never unmapped.
@@ -141,11 +142,12 @@ pub struct LoadedPlugin {
     pub api_version: String,
     /// The file it was loaded from.
     pub file: PathBuf,
-    /// The private copy that is mapped.
-    pub mapped_copy: PathBuf,
     /// Which load of this plugin's name this is (1 for the first).
     pub generation: u64,
-    instance: PluginBox,
+    /// The instance; taken by the retirement thread when the generation is dropped.
+    instance: Option<PluginBox>,
+    /// The host services this generation was handed (refused once it has shut down).
+    services: Arc<HostInner>,
     /// Limits for this plugin's connections from the config file.
     pub(crate) limits: Settings,
     /// Limits for connections on one of its routes, from the config file, over `limits`.
@@ -196,25 +198,27 @@ pub(crate) struct Candidate {
 }
 
 impl Candidate {
-    /// Copies `file` privately, checks it is a complete library, loads it in a probe process
-    /// first if `probe` is set, and maps it.
+    /// Checks `file`'s size and ELF header, copies it privately, checks the copy is a complete
+    /// library, loads it in a probe process first if `probe` is set (creating the plugin with
+    /// its table of `configs`, as the host will), and maps it. The private copy is removed once
+    /// mapped: the mapping keeps its inode alive, and nothing piles up on disk.
     pub(crate) fn open(
         file: &Path,
         private_dir: &Path,
         probe: Option<&probe::Probe>,
+        max_size: u64,
+        configs: &BTreeMap<String, BTreeMap<String, String>>,
     ) -> Result<Self, LoadError> {
+        loader::check_original(file, max_size)?;
         let private = loader::private_copy(file, private_dir)?;
         let opened = (|| {
             loader::check_elf(file, &private)?;
             if let Some(probe) = probe {
-                probe.run(file, &private)?;
+                probe.run(file, &private, configs)?;
             }
             Self::from_mapped(file, loader::map(file, &private)?)
         })();
-        if opened.is_err() {
-            // A mapped library stays mapped; its file is not needed either way.
-            let _ = std::fs::remove_file(&private);
-        }
+        let _ = std::fs::remove_file(&private);
         opened
     }
 
@@ -305,12 +309,15 @@ impl Candidate {
         limits: Settings,
         route_limits: BTreeMap<String, Settings>,
     ) -> Result<LoadedPlugin, LoadError> {
-        let services = HostServices(Arc::new(HostInner {
+        let inner = Arc::new(HostInner {
             plugin: self.name.clone(),
             generation,
             hub: Arc::clone(hub),
             config: config.into_iter().collect(),
-        }));
+            retired: AtomicBool::new(false),
+            warned: AtomicBool::new(false),
+        });
+        let services = HostServices(Arc::clone(&inner));
         let handle = HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque);
         let instance = match self.mapped.module.create()(handle) {
             RResult::ROk(instance) => instance,
@@ -328,9 +335,9 @@ impl Candidate {
             routes: self.routes,
             api_version: self.mapped.api_version,
             file: self.file,
-            mapped_copy: self.mapped.private_path,
             generation,
-            instance,
+            instance: Some(instance),
+            services: inner,
             limits,
             route_limits,
             open_conns: AtomicU64::new(0),
@@ -343,24 +350,58 @@ impl LoadedPlugin {
     /// Asks the plugin to decide an upgrade; `Err` carries its panic message.
     pub(crate) fn upgrade(&self, req: &HostRequest) -> Result<Answer, String> {
         let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
-        into_answer(self.instance.upgrade(req))
+        into_answer(self.instance().upgrade(req))
+    }
+
+    fn instance(&self) -> &PluginBox {
+        self.instance
+            .as_ref()
+            .expect("the instance is taken only when the generation is dropped")
     }
 
     /// Asks the plugin to answer a plain request; `Err` carries its panic message.
     pub(crate) fn request(&self, req: &HostRequest) -> Result<Answer, String> {
         let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
-        into_answer(self.instance.request(req))
+        into_answer(self.instance().request(req))
     }
 
-    /// Tells the plugin it gets no more calls; runs once. `Err` carries its panic message.
+    /// Tells the plugin it gets no more calls; runs once, on the calling thread. From then on
+    /// the generation's host services are refused. `Err` carries its panic message.
     pub(crate) fn shutdown(&self) -> Result<(), String> {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        self.instance
+        let result = self
+            .instance()
             .shutdown()
             .into_result()
-            .map_err(RString::into_string)
+            .map_err(RString::into_string);
+        self.services.retired.store(true, Ordering::Release);
+        result
+    }
+
+    /// Runs this generation's `shutdown` on a retirement thread (not an I/O thread), and logs
+    /// it. The host's stop waits for it ([`retire::wait_idle`]).
+    pub(crate) fn retire(self: &Arc<Self>) {
+        if self.shut_down.load(Ordering::Acquire) {
+            return;
+        }
+        let this = Arc::clone(self);
+        retire::submit(&self.name, self.generation, "shutdown", move || {
+            this.shutdown_logged();
+        });
+    }
+
+    fn shutdown_logged(&self) {
+        if self.shut_down.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(panic) = self.shutdown() {
+            tracing::error!(plugin = %self.name, generation = self.generation, %panic,
+                "plugin shutdown panicked");
+        }
+        tracing::info!(plugin = %self.name, generation = self.generation,
+            "generation shut down; its code stays mapped");
     }
 
     /// Connections open on this instance.
@@ -445,13 +486,27 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
 
 impl Drop for LoadedPlugin {
     /// The last reference is gone: no route and no connection uses this generation any more.
+    /// Its `shutdown` (unless it already ran) and the drop of its instance run plugin code, so
+    /// they go to a retirement thread: this may be the I/O thread of its last connection.
     fn drop(&mut self) {
-        if let Err(panic) = self.shutdown() {
-            tracing::error!(plugin = %self.name, generation = self.generation, %panic,
-                "plugin shutdown panicked");
-        }
-        tracing::info!(plugin = %self.name, generation = self.generation,
-            "generation shut down; its code stays mapped");
+        let Some(instance) = self.instance.take() else {
+            return;
+        };
+        let shut_down = self.shut_down.swap(true, Ordering::AcqRel);
+        let (name, generation) = (self.name.clone(), self.generation);
+        let services = Arc::clone(&self.services);
+        let what = if shut_down { "drop" } else { "shutdown" };
+        retire::submit(&self.name, self.generation, what, move || {
+            if !shut_down {
+                if let RResult::RErr(panic) = instance.shutdown() {
+                    tracing::error!(plugin = %name, generation, %panic, "plugin shutdown panicked");
+                }
+                services.retired.store(true, Ordering::Release);
+                tracing::info!(plugin = %name, generation,
+                    "generation shut down; its code stays mapped");
+            }
+            drop(instance);
+        });
     }
 }
 
@@ -464,6 +519,25 @@ struct HostInner {
     generation: u64,
     hub: Arc<Hub>,
     config: Vec<(String, String)>,
+    /// The generation's `shutdown` has run: its calls are refused.
+    retired: AtomicBool,
+    /// A refused call was logged.
+    warned: AtomicBool,
+}
+
+impl HostInner {
+    /// Whether `call` is refused because the generation has shut down (logged once).
+    fn refused(&self, call: &str) -> bool {
+        if !self.retired.load(Ordering::Acquire) {
+            return false;
+        }
+        if !self.warned.swap(true, Ordering::AcqRel) {
+            tracing::warn!(plugin = %self.plugin, generation = self.generation, call,
+                "refused a host call from a generation that has shut down (a thread it did not \
+                 stop in `shutdown`?); its calls are refused from now on");
+        }
+        true
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -478,6 +552,9 @@ macro_rules! plugin_event {
 
 impl HostFfi for HostServices {
     fn log(&self, level: u8, message: RStr<'_>) {
+        if self.0.refused("log") {
+            return;
+        }
         let m = message.as_str();
         let i = &self.0;
         match level {
@@ -508,16 +585,25 @@ impl HostFfi for HostServices {
     }
 
     fn publish_text(&self, channel: RStr<'_>, text: RStr<'_>) -> u64 {
+        if self.0.refused("publish_text") {
+            return 0;
+        }
         let msg = Message::text(text.as_str());
         self.0.hub.publish(&self.0.plugin, channel.as_str(), &msg)
     }
 
     fn publish_binary(&self, channel: RStr<'_>, data: RSlice<'_, u8>) -> u64 {
+        if self.0.refused("publish_binary") {
+            return 0;
+        }
         let msg = Message::Binary(bytes::Bytes::copy_from_slice(data.as_slice()));
         self.0.hub.publish(&self.0.plugin, channel.as_str(), &msg)
     }
 
     fn subscribers(&self, channel: RStr<'_>) -> u64 {
+        if self.0.refused("subscribers") {
+            return 0;
+        }
         self.0.hub.subscribers(&self.0.plugin, channel.as_str())
     }
 
@@ -543,6 +629,8 @@ pub(crate) struct HostRequest {
     pub(crate) subprotocols: RVec<RString>,
     pub(crate) body: RVec<u8>,
     pub(crate) is_upgrade: bool,
+    /// The route prefix that matched.
+    pub(crate) route: RString,
 }
 
 impl RequestFfi for HostRequest {
@@ -581,6 +669,9 @@ impl RequestFfi for HostRequest {
     }
     fn is_upgrade(&self) -> bool {
         self.is_upgrade
+    }
+    fn route(&self) -> RStr<'_> {
+        self.route.as_rstr()
     }
 }
 

@@ -27,8 +27,15 @@ const OK: &str = "probe ok";
 const REFUSED: &str = "probe refused: ";
 
 impl Probe {
-    /// Loads `private` (a private copy of `file`) in a child process; `Ok` if it passed.
-    pub(crate) fn run(&self, file: &Path, private: &Path) -> Result<(), LoadError> {
+    /// Loads `private` (a private copy of `file`) in a child process; `Ok` if it passed. The
+    /// child creates the plugin with its table from `configs` (by plugin name), as the host
+    /// will; the tables go to it on its standard input.
+    pub(crate) fn run(
+        &self,
+        file: &Path,
+        private: &Path,
+        configs: &BTreeMap<String, BTreeMap<String, String>>,
+    ) -> Result<(), LoadError> {
         let refuse = |reason: String| LoadError::Probe {
             file: file.to_owned(),
             reason,
@@ -39,7 +46,7 @@ impl Probe {
             .arg(file)
             .arg(private)
             .env("RUST_LOG", "off")
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -49,6 +56,13 @@ impl Probe {
                     self.exe.display()
                 ))
             })?;
+        let tables = serde_json::to_vec(configs).unwrap_or_default();
+        let mut stdin = child.stdin.take().expect("piped");
+        std::thread::spawn(move || {
+            use std::io::Write as _;
+            // A child that dies early closes its end: nothing to do about that here.
+            let _ = stdin.write_all(&tables);
+        });
         let mut stdout = child.stdout.take().expect("piped");
         let mut stderr = child.stderr.take().expect("piped");
         let out = std::thread::spawn(move || {
@@ -146,20 +160,23 @@ fn strip_file(text: &str, display: &Path) -> String {
 }
 
 fn probe_here(display: &Path, path: &Path) -> Result<(), LoadError> {
+    let mut input = String::new();
+    let _ = std::io::stdin().read_to_string(&mut input);
+    let mut configs: BTreeMap<String, BTreeMap<String, String>> =
+        serde_json::from_str(&input).unwrap_or_default();
     loader::check_elf(display, path)?;
     let candidate = Candidate::from_mapped(display, loader::map(display, path)?)?;
     candidate.self_test()?;
     let hub = Arc::new(crate::channels::Hub::default());
-    let plugin = candidate.create(
-        1,
-        &hub,
-        BTreeMap::new(),
-        Default::default(),
-        BTreeMap::new(),
-    )?;
-    plugin.shutdown().map_err(|reason| LoadError::Create {
+    let config = configs.remove(&candidate.name).unwrap_or_default();
+    let plugin = candidate.create(1, &hub, config, Default::default(), BTreeMap::new())?;
+    let shut = plugin.shutdown().map_err(|reason| LoadError::Create {
         name: plugin.name.clone(),
         file: display.to_owned(),
         reason: format!("shutdown panicked: {reason}"),
-    })
+    });
+    drop(plugin);
+    // The instance is dropped on a retirement thread: let it finish, as the host would.
+    super::retire::wait_idle(Duration::from_secs(5));
+    shut
 }

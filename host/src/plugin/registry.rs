@@ -79,13 +79,15 @@ struct FileRecord {
     fingerprint: Fingerprint,
     /// The plugin this file last loaded successfully, if any.
     plugin: Option<String>,
+    /// Load it again even if unchanged (its plugin's config file section changed).
+    stale: bool,
 }
 
+/// What only reconciliations use; its lock is held for a whole pass (probes included), and
+/// nothing that serves requests, status or metrics ever takes it.
 #[derive(Debug, Default)]
 struct State {
     files: BTreeMap<PathBuf, FileRecord>,
-    /// Replaced generations that may still serve open connections.
-    retired: Vec<Weak<LoadedPlugin>>,
     /// The last generation number given to each plugin name.
     generations: BTreeMap<String, u64>,
 }
@@ -99,6 +101,9 @@ pub struct ReloadReport {
     pub unloaded: Vec<String>,
     /// Files refused, with the reason.
     pub refused: Vec<String>,
+    /// The config file could not be read again: the running plugin sections stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_error: Option<String>,
 }
 
 /// One generation of a plugin, as `wshost status` shows it.
@@ -154,10 +159,18 @@ pub struct Registry {
     private_dir: tempfile::TempDir,
     probe: Option<Probe>,
     state: Mutex<State>,
+    /// Replaced generations that may still serve open connections (locked only briefly).
+    retired: Mutex<Vec<Weak<LoadedPlugin>>>,
     loads_ok: std::sync::atomic::AtomicU64,
     loads_refused: std::sync::atomic::AtomicU64,
-    sections: BTreeMap<String, crate::config_file::PluginSection>,
+    sections: Mutex<BTreeMap<String, crate::config_file::PluginSection>>,
+    /// The config file the sections come from, read again on every reload.
+    config_file: Option<PathBuf>,
+    max_plugin_size: u64,
 }
+
+/// The default of `--max-plugin-size`: 256 MiB.
+pub const DEFAULT_MAX_PLUGIN_SIZE: u64 = 256 << 20;
 
 impl Registry {
     /// An empty registry whose mapped copies go into a new private temporary directory. With
@@ -172,19 +185,85 @@ impl Registry {
             private_dir,
             probe,
             state: Mutex::new(State::default()),
+            retired: Mutex::new(Vec::new()),
             loads_ok: Default::default(),
             loads_refused: Default::default(),
-            sections: BTreeMap::new(),
+            sections: Mutex::new(BTreeMap::new()),
+            config_file: None,
+            max_plugin_size: DEFAULT_MAX_PLUGIN_SIZE,
         })
     }
 
     /// Applies the config file's `[plugin.NAME]` sections to the plugins loaded from now on.
     pub fn with_plugin_sections(
-        mut self,
+        self,
         sections: BTreeMap<String, crate::config_file::PluginSection>,
     ) -> Self {
-        self.sections = sections;
+        *self.sections.lock().unwrap_or_else(PoisonError::into_inner) = sections;
         self
+    }
+
+    /// Reads the plugin sections from `file` again on every [`Registry::reload_config`].
+    pub fn with_config_file(mut self, file: Option<PathBuf>) -> Self {
+        self.config_file = file;
+        self
+    }
+
+    /// Refuses plugin files larger than `bytes` without reading them.
+    pub fn with_max_plugin_size(mut self, bytes: u64) -> Self {
+        self.max_plugin_size = bytes;
+        self
+    }
+
+    /// Reads the config file's plugin sections again (if the host has a config file). Plugins
+    /// whose section changed load again as a new generation at the next reconciliation. On
+    /// error the running sections stay.
+    pub fn reload_config(&self) -> Result<(), String> {
+        let Some(file) = &self.config_file else {
+            return Ok(());
+        };
+        let fresh = crate::config_file::load_plugin_sections(file).map_err(|e| e.to_string())?;
+        let changed: Vec<String> = {
+            let mut sections = self.sections.lock().unwrap_or_else(PoisonError::into_inner);
+            let names: HashSet<&String> = sections.keys().chain(fresh.keys()).collect();
+            let changed = names
+                .into_iter()
+                .filter(|n| sections.get(*n) != fresh.get(*n))
+                .cloned()
+                .collect();
+            *sections = fresh;
+            changed
+        };
+        if !changed.is_empty() {
+            tracing::info!(plugins = ?changed, file = %file.display(),
+                "config file re-read: these plugins load again with their new sections");
+            let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            for record in state.files.values_mut() {
+                if record.plugin.as_ref().is_some_and(|p| changed.contains(p)) {
+                    record.stale = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `[plugin.NAME.config]` tables, by plugin name (what the probe creates plugins with).
+    fn config_tables(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        self.sections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, s)| (name.clone(), s.config.clone()))
+            .collect()
+    }
+
+    fn section(&self, name: &str) -> crate::config_file::PluginSection {
+        self.sections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// The current route table.
@@ -239,18 +318,20 @@ impl Registry {
                 continue;
             };
             let previous = state.files.get(&file);
-            if previous.is_some_and(|r| r.fingerprint == fingerprint) {
+            if previous.is_some_and(|r| r.fingerprint == fingerprint && !r.stale) {
                 continue;
             }
             let previous_plugin = previous.and_then(|r| r.plugin.clone());
             let started = Instant::now();
-            let loaded = Candidate::open(&file, self.private_dir.path(), self.probe.as_ref())
-                .and_then(|mut candidate| {
-                    let section = self
-                        .sections
-                        .get(&candidate.name)
-                        .cloned()
-                        .unwrap_or_default();
+            let loaded = Candidate::open(
+                &file,
+                self.private_dir.path(),
+                self.probe.as_ref(),
+                self.max_plugin_size,
+                &self.config_tables(),
+            )
+            .and_then(|mut candidate| {
+                    let section = self.section(&candidate.name);
                     if let Some(routes) = &section.routes {
                         candidate.mount(routes)?;
                     }
@@ -288,6 +369,7 @@ impl Registry {
                         FileRecord {
                             fingerprint,
                             plugin: Some(plugin.name.clone()),
+                            stale: false,
                         },
                     );
                     announcements.push((plugin, replaced.is_some(), load_ms));
@@ -304,12 +386,14 @@ impl Registry {
                         FileRecord {
                             fingerprint,
                             plugin: previous_plugin,
+                            stale: false,
                         },
                     );
                 }
             }
         }
 
+        drop(state);
         // Swap first, then say so: whoever reads the log line finds the new table in place.
         self.table.store(Arc::new(RouteTable::new(current)));
         for old in unrouted {
@@ -324,13 +408,14 @@ impl Registry {
                 mapped_libraries = super::mapped_libraries(),
                 "{}", if replaced { "plugin reloaded" } else { "plugin loaded" });
         }
+        let mut retired_list = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
         for old in retired {
             let open = old.open_connections();
             tracing::info!(plugin = %old.name, generation = old.generation, open_connections = open,
                 "previous generation retired; it serves its open connections until they close");
-            state.retired.push(Arc::downgrade(&old));
+            retired_list.push(Arc::downgrade(&old));
         }
-        state.retired.retain(|w| w.strong_count() > 0);
+        retired_list.retain(|w| w.strong_count() > 0);
         Ok(report)
     }
 
@@ -378,13 +463,24 @@ impl Registry {
     }
 
     /// Loads one file outside the route table, as `wshost check` does.
+    /// Its config file section (`with_plugin_sections`) applies, as it would in the host.
     pub fn check_file(&self, file: &Path) -> Result<Arc<LoadedPlugin>, LoadError> {
-        let candidate = Candidate::open(file, self.private_dir.path(), self.probe.as_ref())?;
+        let mut candidate = Candidate::open(
+            file,
+            self.private_dir.path(),
+            self.probe.as_ref(),
+            self.max_plugin_size,
+            &self.config_tables(),
+        )?;
+        let section = self.section(&candidate.name);
+        if let Some(routes) = &section.routes {
+            candidate.mount(routes)?;
+        }
         candidate
             .create(
                 1,
                 &self.hub,
-                BTreeMap::new(),
+                section.config,
                 Default::default(),
                 BTreeMap::new(),
             )
@@ -394,10 +490,7 @@ impl Registry {
     /// The plugins, their generations and connections.
     pub fn status(&self) -> Status {
         let table = self.table();
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.retired.retain(|w| w.strong_count() > 0);
-        let old: Vec<Arc<LoadedPlugin>> = state.retired.iter().filter_map(Weak::upgrade).collect();
-        drop(state);
+        let old = self.retired_alive();
         let plugins = table
             .plugins()
             .map(|p| {
@@ -437,13 +530,28 @@ impl Registry {
         }
     }
 
-    /// Calls every current plugin's shutdown.
-    pub fn shutdown_all(&self) {
-        for p in self.table().plugins() {
-            if let Err(panic) = p.shutdown() {
-                tracing::error!(plugin = %p.name, %panic, "plugin shutdown panicked");
-            }
+    /// Replaced generations still alive (serving connections, or held by a plugin thread).
+    fn retired_alive(&self) -> Vec<Arc<LoadedPlugin>> {
+        let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        retired.retain(|w| w.strong_count() > 0);
+        retired.iter().filter_map(Weak::upgrade).collect()
+    }
+
+    /// Retires every generation, current and replaced: each `shutdown` runs on a retirement
+    /// thread; waits up to `timeout` for them. Removes the private directory.
+    pub fn shutdown_all(&self, timeout: std::time::Duration) {
+        let (table, old) = (self.table(), self.retired_alive());
+        for p in table.plugins().chain(old.iter()) {
+            p.retire();
         }
+        let left = super::retire::wait_idle(timeout);
+        if left > 0 {
+            tracing::warn!(
+                running = left,
+                "plugin shutdowns still running after the shutdown timeout; exiting without them"
+            );
+        }
+        let _ = std::fs::remove_dir_all(self.private_dir.path());
     }
 }
 

@@ -55,8 +55,19 @@ pub(crate) async fn run(
             waiting.push(more);
         }
         let (reg, d) = (Arc::clone(&registry), dir.clone());
-        match tokio::task::spawn_blocking(move || reg.reconcile(&d)).await {
+        let pass = tokio::task::spawn_blocking(move || {
+            let config = reg.reload_config();
+            reg.reconcile(&d).map(|mut report| {
+                report.config_error = config.err();
+                report
+            })
+        });
+        match pass.await {
             Ok(Ok(report)) => {
+                if let Some(e) = &report.config_error {
+                    tracing::error!(error = %e,
+                        "config file not re-read: the running plugin sections stay");
+                }
                 for tx in waiting.into_iter().flatten() {
                     let _ = tx.send(report.clone());
                 }
@@ -65,6 +76,69 @@ pub(crate) async fn run(
                 tracing::error!(dir = %dir.display(), error = %e, "cannot read the plugins directory")
             }
             Err(e) => tracing::error!(error = %e, "plugin reload task failed"),
+        }
+    }
+}
+
+/// How often the watcher looks at whether the plugins directory itself was replaced.
+const DIR_CHECK: Duration = Duration::from_secs(1);
+
+/// The identity of a directory: a removed and recreated directory has another.
+fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::metadata(dir)
+        .ok()
+        .filter(|m| m.is_dir())
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Watches `dir` until `stop` is cancelled, starting with `first` (the watch set up at start).
+/// An inotify watch ends with its directory: when the directory is removed and created again
+/// (a deploy that swaps it), the watch is set up again, logged, and a reload asked for.
+pub(crate) async fn keep_watching(
+    dir: PathBuf,
+    reloader: Reloader,
+    first: Option<Debouncer<notify::RecommendedWatcher>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut current = first.map(|w| (dir_identity(&dir), w));
+    let mut missing = false;
+    let mut tick = tokio::time::interval(DIR_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let id = dir_identity(&dir);
+        if id.is_none() {
+            if !missing {
+                tracing::warn!(dir = %dir.display(),
+                    "the plugins directory is gone; watching for it to come back");
+                missing = true;
+            }
+            current = None;
+            continue;
+        }
+        if current.as_ref().is_some_and(|(known, _)| *known == id) {
+            continue;
+        }
+        let again = missing || current.is_some();
+        current = None;
+        match watch(&dir, reloader.clone()) {
+            Ok(w) => {
+                if again {
+                    tracing::info!(dir = %dir.display(),
+                        "the plugins directory was replaced; watching it again and reloading");
+                    reloader.request();
+                }
+                current = Some((id, w));
+                missing = false;
+            }
+            Err(e) => {
+                tracing::error!(dir = %dir.display(), error = %e,
+                    "cannot watch the plugins directory; trying again");
+            }
         }
     }
 }

@@ -44,7 +44,7 @@ impl Plugin for Chat {
     }
 
     fn upgrade(&self, req: &Request<'_>) -> Response {
-        let Some(room) = room_of(req.path()) else {
+        let Some(room) = room_of(req.path_info()) else {
             return Response::reject(400, "room names are 1-64 letters, digits, '-' or '_'\n");
         };
         let name = match req.query_param("name") {
@@ -62,16 +62,17 @@ impl Plugin for Chat {
     }
 
     fn request(&self, req: &Request<'_>) -> Response {
-        match (req.method(), req.path()) {
-            ("GET", "/chat" | "/chat/") => Response::html(PAGE),
+        match (req.method(), req.path_info()) {
+            ("GET", "" | "/") => Response::html(PAGE),
             _ => Response::not_found(),
         }
     }
 }
 
-/// The room of `/chat/<room>`, if the path names a valid one.
-fn room_of(path: &str) -> Option<&str> {
-    let room = path.strip_prefix("/chat/")?;
+/// The room of `/<room>` (the path below the plugin's route, `/chat` or wherever it is
+/// mounted), if it names a valid one.
+fn room_of(path_info: &str) -> Option<&str> {
+    let room = path_info.strip_prefix('/')?;
     let valid = !room.is_empty()
         && room.len() <= MAX_NAME
         && room
@@ -146,12 +147,12 @@ mod tests {
 
     #[test]
     fn rooms() {
-        assert_eq!(room_of("/chat/lobby"), Some("lobby"));
-        assert_eq!(room_of("/chat/a-b_9"), Some("a-b_9"));
-        assert_eq!(room_of("/chat/"), None);
-        assert_eq!(room_of("/chat"), None);
-        assert_eq!(room_of("/chat/a/b"), None);
-        assert_eq!(room_of("/chat/a%20b"), None);
+        assert_eq!(room_of("/lobby"), Some("lobby"));
+        assert_eq!(room_of("/a-b_9"), Some("a-b_9"));
+        assert_eq!(room_of("/"), None);
+        assert_eq!(room_of(""), None);
+        assert_eq!(room_of("/a/b"), None);
+        assert_eq!(room_of("/a%20b"), None);
     }
 
     #[test]

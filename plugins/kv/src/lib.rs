@@ -60,7 +60,8 @@ impl Plugin for Kv {
     }
 
     fn request(&self, req: &Request<'_>) -> Response {
-        let key = req.path().strip_prefix("/kv").unwrap_or("");
+        // The key is the path below the route (`/kv`, or wherever the plugin is mounted).
+        let key = req.path_info();
         let key = key.strip_prefix('/').unwrap_or(key);
         match (req.method(), key) {
             ("GET", "") => {

@@ -26,7 +26,7 @@ impl Plugin for PubSub {
     }
 
     fn upgrade(&self, req: &Request<'_>) -> Response {
-        let Some(channel) = channel_of(req.path()) else {
+        let Some(channel) = channel_of(req.path_info()) else {
             return Response::reject(400, "use /pubsub/<channel> (1-128 bytes, no '/')\n");
         };
         Response::accept(Member {
@@ -37,8 +37,9 @@ impl Plugin for PubSub {
     }
 }
 
-fn channel_of(path: &str) -> Option<&str> {
-    let channel = path.strip_prefix("/pubsub/")?;
+/// The channel of `/<channel>`, the path below the plugin's route.
+fn channel_of(path_info: &str) -> Option<&str> {
+    let channel = path_info.strip_prefix('/')?;
     (!channel.is_empty() && channel.len() <= MAX_CHANNEL && !channel.contains('/'))
         .then_some(channel)
 }
@@ -77,9 +78,9 @@ mod tests {
 
     #[test]
     fn channels() {
-        assert_eq!(channel_of("/pubsub/prices"), Some("prices"));
-        assert_eq!(channel_of("/pubsub/"), None);
-        assert_eq!(channel_of("/pubsub/a/b"), None);
-        assert_eq!(channel_of("/other/a"), None);
+        assert_eq!(channel_of("/prices"), Some("prices"));
+        assert_eq!(channel_of("/"), None);
+        assert_eq!(channel_of("/a/b"), None);
+        assert_eq!(channel_of(""), None);
     }
 }

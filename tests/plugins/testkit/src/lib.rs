@@ -41,6 +41,7 @@ impl Plugin for Testkit {
                     closes: Arc::clone(&self.closes),
                     observe,
                     panic_on_drop: false,
+                    stream_left: 0,
                 })
                 .header("set-cookie", "testkit=1");
                 if let Some(p) = req.query_param("proto") {
@@ -50,6 +51,9 @@ impl Plugin for Testkit {
                 }
                 if let Some(n) = req.query_param("max_message").and_then(|n| n.parse().ok()) {
                     response = response.max_message_size(n);
+                }
+                if let Some(n) = req.query_param("max_queue").and_then(|n| n.parse().ok()) {
+                    response = response.max_send_queue(n);
                 }
                 response
             }
@@ -69,10 +73,12 @@ impl Plugin for Testkit {
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect();
                 Response::text(&format!(
-                    "method={} path={} query={} scheme={} protocol={} server_name={} \
-                     server_port={} remote_addr={} upgrade={} headers={}",
+                    "method={} path={} route={} path_info={} query={} scheme={} protocol={} \
+                     server_name={} server_port={} remote_addr={} upgrade={} headers={}",
                     req.method(),
                     req.path(),
+                    req.route(),
+                    req.path_info(),
                     req.query(),
                     req.scheme(),
                     req.protocol(),
@@ -86,6 +92,22 @@ impl Plugin for Testkit {
             _ => Response::not_found(),
         }
     }
+
+    fn shutdown(&self) {
+        let thread = std::thread::current();
+        self.host.info(&format!(
+            "testkit shutdown on thread {}",
+            thread.name().unwrap_or("unnamed")
+        ));
+        if let Some(ms) = self
+            .host
+            .config()
+            .get("shutdown_sleep_ms")
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
 }
 
 struct Kit {
@@ -93,11 +115,31 @@ struct Kit {
     closes: Arc<AtomicU64>,
     observe: bool,
     panic_on_drop: bool,
+    /// Bytes of a `stream` command still to send.
+    stream_left: u64,
 }
 
 impl Kit {
     fn event(&self, line: &str) {
         self.host.publish_text("events", line);
+    }
+
+    /// Sends the stream's next messages until the queue is full (`on_drain` goes on) or the
+    /// stream is done (then it says `stream done`).
+    fn pump(&mut self, conn: &Conn) {
+        const CHUNK: u64 = 64 << 10;
+        while self.stream_left > 0 {
+            let n = self.stream_left.min(CHUNK);
+            match conn.send_binary(&vec![b'x'; n as usize]) {
+                Ok(()) => self.stream_left -= n,
+                Err(plugin_api::SendError::QueueFull) => return,
+                Err(_) => {
+                    self.stream_left = 0;
+                    return;
+                }
+            }
+        }
+        let _ = conn.send_text("stream done");
     }
 }
 
@@ -194,6 +236,35 @@ impl Handler for Kit {
                 return;
             }
             "closes" => format!("closes {}", self.closes.load(Ordering::SeqCst)),
+            "leak" => {
+                // A thread that publishes to ARG forever: `shutdown` does not stop it.
+                let (host, channel) = (self.host.clone(), arg.to_owned());
+                std::thread::spawn(move || {
+                    for i in 0u64.. {
+                        host.publish_text(&channel, &format!("leak {i}"));
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                });
+                "leaking".to_owned()
+            }
+            "send" => {
+                // Send one binary message of ARG bytes; report the result.
+                let n: usize = arg.parse().unwrap_or(0);
+                format!("send {:?}", conn.send_binary(&vec![b's'; n]).map_err(|e| format!("{e:?}")))
+            }
+            "stream" => {
+                // Send ARG bytes in 64 KiB messages, paced by `on_drain`.
+                self.stream_left = arg.parse().unwrap_or(0);
+                self.pump(conn);
+                return;
+            }
+            "thread-panic" => {
+                std::thread::Builder::new()
+                    .name("testkit-worker".into())
+                    .spawn(|| panic!("testkit: a plugin thread panics"))
+                    .expect("a thread starts");
+                "spawned".to_owned()
+            }
             "config" => format!("{:?}", self.host.config().get(arg)),
             _ => text.to_owned(),
         };
@@ -212,6 +283,10 @@ impl Handler for Kit {
     }
 
     fn on_drain(&mut self, conn: &Conn) {
+        if self.stream_left > 0 {
+            self.pump(conn);
+            return;
+        }
         self.event(&format!("drain {}", conn.id()));
     }
 

@@ -3,7 +3,8 @@
 //!
 //! Build-time environment: `WSHOST_VARIANT_NAME` (default `variant`), `WSHOST_VARIANT_ROUTE`
 //! (default `/variant`), `WSHOST_VARIANT_TAG` (default `v`; replies are `TAG:message`),
-//! `WSHOST_VARIANT_NEW` (`panic` or `abort`: how its constructor misbehaves).
+//! `WSHOST_VARIANT_NEW` (`panic`, `abort`, `needs-config`: refuses without a `token` config key,
+//! `wait-file`: blocks until the file its `release` config key names exists).
 
 use plugin_api::{export_plugin, Conn, Handler, Host, Plugin, PluginError, Request, Response};
 
@@ -27,10 +28,24 @@ impl Plugin for Variant {
         None => "/variant",
     }];
 
-    fn new(_host: Host) -> Result<Self, PluginError> {
+    fn new(host: Host) -> Result<Self, PluginError> {
         match option_env!("WSHOST_VARIANT_NEW") {
             Some("panic") => panic!("variant: the constructor panics on purpose"),
             Some("abort") => std::process::abort(),
+            Some("needs-config") if !host.config().contains_key("token") => Err(PluginError::new(
+                "variant: the config table has no `token`",
+            )),
+            Some("wait-file") => {
+                // Blocks until the file named by its config key `release` exists (a slow
+                // constructor that a test controls); says so in `release.started` first.
+                if let Some(path) = host.config().get("release") {
+                    let _ = std::fs::write(format!("{path}.started"), b"");
+                    while !std::path::Path::new(path).exists() {
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                    }
+                }
+                Ok(Variant)
+            }
             _ => Ok(Variant),
         }
     }
