@@ -3,8 +3,8 @@
 
 use std::convert::Infallible;
 use std::path::PathBuf;
-use std::time::Duration;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
@@ -134,7 +134,10 @@ fn refusal(req: &Request<Incoming>, guard: &AdminGuard) -> Option<(StatusCode, &
         .get(hyper::header::HOST)
         .and_then(|h| h.to_str().ok());
     if host.is_some_and(|h| !loopback_host(h)) {
-        return Some((StatusCode::FORBIDDEN, "the Host header must name a loopback address"));
+        return Some((
+            StatusCode::FORBIDDEN,
+            "the Host header must name a loopback address",
+        ));
     }
     let open = matches!(req.uri().path(), "/healthz" | "/readyz");
     if let (Some(token), false) = (&guard.token, open) {
@@ -232,10 +235,7 @@ impl std::str::FromStr for AdminAddr {
         if let Some(path) = s.strip_prefix("unix:") {
             return Ok(AdminAddr::Unix(PathBuf::from(path)));
         }
-        let hostport = s
-            .strip_prefix("http://")
-            .unwrap_or(s)
-            .trim_end_matches('/');
+        let hostport = s.strip_prefix("http://").unwrap_or(s).trim_end_matches('/');
         let valid = hostport
             .rsplit_once(':')
             .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
@@ -314,8 +314,10 @@ pub enum ClientError {
     #[error("admin request to {addr} failed: {0}", addr = .1)]
     Http(hyper::Error, AdminAddr),
     /// No answer in time.
-    #[error("no answer from the wshost admin endpoint at {addr} within {after:?} (the host is \
-             stalled or overloaded, or something else listens there); --timeout sets the wait")]
+    #[error(
+        "no answer from the wshost admin endpoint at {addr} within {after:?} (the host is \
+             stalled or overloaded, or something else listens there); --timeout sets the wait"
+    )]
     Timeout {
         /// The admin address.
         addr: AdminAddr,
@@ -386,9 +388,7 @@ async fn exchange<T: serde::de::DeserializeOwned>(
     if let Some(token) = token {
         req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let req = req
-        .body(Full::new(Bytes::new()))
-        .expect("a valid request");
+    let req = req.body(Full::new(Bytes::new())).expect("a valid request");
     let resp = sender
         .send_request(req)
         .await
@@ -429,10 +429,22 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for ok in ["localhost", "localhost:8181", "127.0.0.1:1", "[::1]:80", "[::1]", "127.1.2.3"] {
+        for ok in [
+            "localhost",
+            "localhost:8181",
+            "127.0.0.1:1",
+            "[::1]:80",
+            "[::1]",
+            "127.1.2.3",
+        ] {
             assert!(loopback_host(ok), "{ok}");
         }
-        for bad in ["evil.example.com", "evil.example.com:8181", "10.0.0.1:80", "[::2]"] {
+        for bad in [
+            "evil.example.com",
+            "evil.example.com:8181",
+            "10.0.0.1:80",
+            "[::2]",
+        ] {
             assert!(!loopback_host(bad), "{bad}");
         }
     }

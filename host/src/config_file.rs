@@ -115,9 +115,7 @@ fn line_of(text: &str, section: Option<&str>, key: &str) -> usize {
 pub fn load_plugin_sections(file: &Path) -> Result<BTreeMap<String, PluginSection>, ConfigError> {
     use clap::CommandFactory as _;
     let cli = crate::cli::Cli::command();
-    let serve = cli
-        .find_subcommand("serve")
-        .expect("serve is a subcommand");
+    let serve = cli.find_subcommand("serve").expect("serve is a subcommand");
     load(file, serve).map(|f| f.plugins)
 }
 

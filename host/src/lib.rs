@@ -160,7 +160,11 @@ impl Server {
         let stop_watching = tokio_util::sync::CancellationToken::new();
         if self.config.watch {
             let first = match plugin::watcher::watch(&dir, self.reloader.clone()) {
-                Ok(w) => Some(w),
+                Ok(w) => {
+                    // A file put in since the first load and before the watch began.
+                    self.reloader.request();
+                    Some(w)
+                }
                 Err(e) => {
                     tracing::error!(dir = %dir.display(), error = %e,
                         "cannot watch the plugins directory; reload with SIGHUP or `wshost reload`");

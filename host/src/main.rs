@@ -119,8 +119,10 @@ fn serve(
             writeln!(out, "admin on {addr}").context("writing to stdout")?;
             match wshost::admin::write_runtime_file(&addr) {
                 Ok(_) => runtime_addr = Some(addr),
-                Err(e) => tracing::warn!(error = %e, file = %wshost::admin::runtime_file().display(),
-                    "cannot write the admin address where `wshost status` looks for it"),
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %wshost::admin::runtime_file().display(),
+                    "cannot write the admin address where `wshost status` looks for it")
+                }
             }
             server = server.with_admin(listener, guard);
         }
@@ -168,7 +170,10 @@ async fn bind_admin(
                 let _ = std::fs::remove_file(path);
             }
             let admin = tokio::net::UnixListener::bind(path).with_context(|| {
-                format!("cannot listen on {} for the admin endpoint (--admin-listen)", path.display())
+                format!(
+                    "cannot listen on {} for the admin endpoint (--admin-listen)",
+                    path.display()
+                )
             })?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                 .with_context(|| format!("making {} private", path.display()))?;
@@ -311,11 +316,13 @@ fn reload(args: &AdminArgs) -> anyhow::Result<ExitCode> {
             println!("no changes");
         }
     }
-    Ok(if report.refused.is_empty() && report.config_error.is_none() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(
+        if report.refused.is_empty() && report.config_error.is_none() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
 }
 
 fn new_plugin(args: &NewArgs) -> anyhow::Result<ExitCode> {

@@ -40,12 +40,14 @@ async fn unsubscribe_and_close_leave_the_channel() {
     assert_eq!(text(&mut b).await, "one");
     b.close(None).await.unwrap();
     // Leaving on close happens as the connection ends; wait until it has.
+    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
     loop {
         let n = ask(&mut publisher, "subscribers:room").await;
         if n == "subscribers 0" {
             break;
         }
-        tokio::task::yield_now().await;
+        assert!(std::time::Instant::now() < deadline, "still {n}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     assert_eq!(ask(&mut publisher, "pub:room:two").await, "published 0");
     a.send(Message::text("a is fine")).await.unwrap();

@@ -227,6 +227,7 @@ impl HostBuilder {
             std::fs::write(dir.path().join(name), bytes).unwrap();
         }
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshost"));
+        let runtime = tempfile::tempdir().unwrap();
         let config = self.config.as_ref().map(|toml| {
             let file = tempfile::NamedTempFile::new().unwrap();
             std::fs::write(file.path(), toml).unwrap();
@@ -244,6 +245,8 @@ impl HostBuilder {
         .args(&self.args)
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
+        // Each host writes its admin address into a runtime folder of its own.
+        .env("WSHOST_RUNTIME_DIR", runtime.path())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -297,6 +300,8 @@ impl HostBuilder {
             admin,
             log,
             dir,
+            config,
+            runtime,
         }
     }
 }
@@ -327,9 +332,33 @@ pub struct Host {
     pub admin: SocketAddr,
     log: Arc<Log>,
     dir: tempfile::TempDir,
+    config: Option<tempfile::NamedTempFile>,
+    /// The host's `WSHOST_RUNTIME_DIR`.
+    pub runtime: tempfile::TempDir,
 }
 
 impl Host {
+    /// The config file the host was started with.
+    pub fn config_path(&self) -> &Path {
+        self.config
+            .as_ref()
+            .expect("started with a config file")
+            .path()
+    }
+
+    /// A scrape of `/metrics`.
+    pub fn metrics(&self) -> String {
+        let (status, _, body) = get(self.admin, "/metrics");
+        assert_eq!(status, 200);
+        String::from_utf8(body).unwrap()
+    }
+
+    /// The value of the metric line `name` (with labels, if any) in a scrape.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = self.metrics();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
     pub fn builder() -> HostBuilder {
         HostBuilder::default()
     }

@@ -23,7 +23,8 @@ fn refusal_status(err: tokio_tungstenite::tungstenite::Error) -> u16 {
 async fn the_host_pings_and_drops_a_peer_whose_pong_does_not_come() {
     let host = Host::builder()
         .plugin("testkit")
-        .args(&["--ping-interval", "200ms", "--pong-timeout", "300ms"])
+        // A pong timeout long enough for a busy machine's reader to answer in time.
+        .args(&["--ping-interval", "200ms", "--pong-timeout", "3s"])
         .args(&["--idle-timeout", "0"])
         .start();
     // A client that reads answers pings (tungstenite does) and stays: it sees ten pings,
@@ -123,10 +124,17 @@ async fn connections_past_the_limits_get_503_and_429() {
     host.wait_for_log(&["upgrade refused: connection limit", "503"]);
     drop(a);
     // A place frees up when a connection ends.
+    let deadline = std::time::Instant::now() + PATIENCE;
     let mut c = loop {
         match tokio_tungstenite::connect_async(host.url("/echo")).await {
             Ok((ws, _)) => break ws,
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(e) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no place freed up: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
         }
     };
     assert_eq!(ask(&mut c, "in").await, "in");
@@ -202,9 +210,14 @@ async fn a_client_trickling_its_request_head_is_dropped() {
             }
         })
     };
-    // The host gives up on the head and closes: the read ends (408 or EOF).
+    // The host gives up on the head and closes: the read ends (408 or EOF). A read that times
+    // out instead (the host never dropped the client) is an error, not an empty answer.
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
+    let read = s.read_to_end(&mut buf);
+    assert!(
+        read.is_ok(),
+        "the host kept the trickling client (the read timed out): {read:?}"
+    );
     let answer = String::from_utf8_lossy(&buf);
     assert!(
         answer.is_empty() || answer.starts_with("HTTP/1.1 408"),

@@ -10,6 +10,7 @@ mod channels;
 mod chat;
 mod config;
 mod conformance;
+mod defects;
 mod echo;
 mod kv;
 mod limits;

@@ -27,13 +27,18 @@ async fn metrics_count_upgrades_messages_closes_and_connections() {
     ws.close(None).await.unwrap();
     let _ = closed_with(&mut ws).await;
     // Counts are added when a connection ends (or every 1,024 messages).
+    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
     let text = loop {
         let (_, _, body) = get(host.admin, "/metrics");
         let text = String::from_utf8(body).unwrap();
         if text.contains("wshost_closes_total{code=\"1005\"} 1") {
             break text;
         }
-        tokio::task::yield_now().await;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no close counted:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     };
     assert!(text.contains("wshost_messages_received_total 10"), "{text}");
     assert!(text.contains("wshost_messages_sent_total 10"), "{text}");

@@ -162,8 +162,7 @@ async fn add_remove_replace_and_failed_replacements() {
     ];
     for (what, bytes, reason) in bad {
         install(&dir, "liblife.so", bytes);
-        let line = host.wait_for_log(&["plugin refused", "liblife.so", reason]);
-        assert!(!line.is_empty(), "{what}");
+        host.wait_for_log(&["plugin refused", "liblife.so", reason]);
         let mut ws = connect(&host.url("/life")).await;
         assert_eq!(ask(&mut ws, "still").await, "one:still", "after {what}");
     }

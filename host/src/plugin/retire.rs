@@ -27,7 +27,12 @@ pub(crate) fn slow() -> Duration {
 
 /// Runs `job` (plugin code: a `shutdown`, an instance's drop) on a thread of its own, named
 /// after `plugin`; logs it when it took longer than the slow threshold.
-pub(crate) fn submit(plugin: &str, generation: u64, what: &'static str, job: impl FnOnce() + Send + 'static) {
+pub(crate) fn submit(
+    plugin: &str,
+    generation: u64,
+    what: &'static str,
+    job: impl FnOnce() + Send + 'static,
+) {
     *PENDING.lock().unwrap_or_else(PoisonError::into_inner) += 1;
     let name = plugin.to_owned();
     let spawned = std::thread::Builder::new()

@@ -194,7 +194,10 @@ mod tests {
 
     #[test]
     fn plain_requests_are_not_handshakes() {
-        assert_eq!(inspect(&Method::GET, Version::HTTP_11, &HeaderMap::new()), Handshake::Plain);
+        assert_eq!(
+            inspect(&Method::GET, Version::HTTP_11, &HeaderMap::new()),
+            Handshake::Plain
+        );
     }
 
     #[test]

@@ -31,17 +31,18 @@ impl Plugin for Testkit {
     }
 
     fn upgrade(&self, req: &Request<'_>) -> Response {
-        match req.path() {
-            "/testkit/reject" => Response::reject(403, "go away").header("x-reason", "testing"),
-            "/testkit/panic" => panic!("testkit: upgrade panics on request"),
+        match req.path_info() {
+            "/reject" => Response::reject(403, "go away").header("x-reason", "testing"),
+            "/panic" => panic!("testkit: upgrade panics on request"),
             path => {
-                let observe = path == "/testkit/observe";
+                let observe = path == "/observe";
                 let mut response = Response::accept(Kit {
                     host: self.host.clone(),
                     closes: Arc::clone(&self.closes),
                     observe,
                     panic_on_drop: false,
                     stream_left: 0,
+                    streaming: false,
                 })
                 .header("set-cookie", "testkit=1");
                 if let Some(p) = req.query_param("proto") {
@@ -61,12 +62,12 @@ impl Plugin for Testkit {
     }
 
     fn request(&self, req: &Request<'_>) -> Response {
-        match req.path() {
-            "/testkit/panic" => panic!("testkit: request panics on request"),
-            "/testkit/body" => Response::status(200)
+        match req.path_info() {
+            "/panic" => panic!("testkit: request panics on request"),
+            "/body" => Response::status(200)
                 .header("content-type", "application/octet-stream")
                 .body(req.body()),
-            "/testkit/info" => {
+            "/info" => {
                 let headers: Vec<String> = req
                     .headers()
                     .filter(|(k, _)| k.starts_with("x-"))
@@ -94,11 +95,10 @@ impl Plugin for Testkit {
     }
 
     fn shutdown(&self) {
-        let thread = std::thread::current();
-        self.host.info(&format!(
-            "testkit shutdown on thread {}",
-            thread.name().unwrap_or("unnamed")
-        ));
+        // The OS name of the thread (this plugin's own std does not know the host's threads).
+        let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
+        self.host
+            .info(&format!("testkit shutdown on thread {}", thread.trim()));
         if let Some(ms) = self
             .host
             .config()
@@ -117,6 +117,8 @@ struct Kit {
     panic_on_drop: bool,
     /// Bytes of a `stream` command still to send.
     stream_left: u64,
+    /// A `stream` command is under way (its last word may still be waiting for room).
+    streaming: bool,
 }
 
 impl Kit {
@@ -134,12 +136,16 @@ impl Kit {
                 Ok(()) => self.stream_left -= n,
                 Err(plugin_api::SendError::QueueFull) => return,
                 Err(_) => {
+                    self.streaming = false;
                     self.stream_left = 0;
                     return;
                 }
             }
         }
-        let _ = conn.send_text("stream done");
+        // The last word waits for room too.
+        if conn.send_text("stream done") != Err(plugin_api::SendError::QueueFull) {
+            self.streaming = false;
+        }
     }
 }
 
@@ -250,11 +256,16 @@ impl Handler for Kit {
             "send" => {
                 // Send one binary message of ARG bytes; report the result.
                 let n: usize = arg.parse().unwrap_or(0);
-                format!("send {:?}", conn.send_binary(&vec![b's'; n]).map_err(|e| format!("{e:?}")))
+                format!(
+                    "send {:?}",
+                    conn.send_binary(&vec![b's'; n])
+                        .map_err(|e| format!("{e:?}"))
+                )
             }
             "stream" => {
                 // Send ARG bytes in 64 KiB messages, paced by `on_drain`.
                 self.stream_left = arg.parse().unwrap_or(0);
+                self.streaming = true;
                 self.pump(conn);
                 return;
             }
@@ -283,7 +294,7 @@ impl Handler for Kit {
     }
 
     fn on_drain(&mut self, conn: &Conn) {
-        if self.stream_left > 0 {
+        if self.streaming {
             self.pump(conn);
             return;
         }

@@ -32,9 +32,9 @@ impl Plugin for Variant {
         match option_env!("WSHOST_VARIANT_NEW") {
             Some("panic") => panic!("variant: the constructor panics on purpose"),
             Some("abort") => std::process::abort(),
-            Some("needs-config") if !host.config().contains_key("token") => Err(PluginError::new(
-                "variant: the config table has no `token`",
-            )),
+            Some("needs-config") if !host.config().contains_key("token") => {
+                Err(PluginError::new("variant: the config table has no `token`"))
+            }
             Some("wait-file") => {
                 // Blocks until the file named by its config key `release` exists (a slow
                 // constructor that a test controls); says so in `release.started` first.
