@@ -142,7 +142,8 @@ pub enum SendError {
     /// The connection is closed or closing.
     #[error("connection is closed")]
     Closed,
-    /// The send queue is full (see `max_send_queue`): drop the message, or close.
+    /// The message does not fit in the send queue now (see `max_send_queue`) or the host's
+    /// memory budget: drop it, wait for [`Handler::on_drain`], or close.
     #[error("send queue is full")]
     QueueFull,
     /// The close code may not be sent (1004-1006, 1015, below 1000, reserved ranges).
@@ -154,7 +155,7 @@ pub enum SendError {
     /// A ping payload is longer than 125 bytes.
     #[error("control frame payload longer than 125 bytes")]
     PayloadTooLong,
-    /// The message is larger than the connection's limit.
+    /// The message is larger than the connection's whole send queue: it can never be sent.
     #[error("message too large")]
     MessageTooLarge,
     /// An error this version of plugin-api does not know (from a newer host).
@@ -659,7 +660,9 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     }
 
     /// Called once when the host stops using this instance (shutdown, or the last connection of
-    /// a replaced version closed). Stop the plugin's threads here.
+    /// a replaced version closed), on a thread of the host's own (not an I/O thread): it may
+    /// block to join the plugin's threads. Stop them here: afterwards the host refuses this
+    /// instance's `Host` calls.
     fn shutdown(&self) {}
 }
 
@@ -687,7 +690,8 @@ pub trait Handler: Send + 'static {
     fn on_pong(&mut self, conn: &Conn, payload: &[u8]) {
         let _ = (conn, payload);
     }
-    /// The send queue emptied after a send was refused with [`SendError::QueueFull`].
+    /// The send queue emptied after a send was refused with [`SendError::QueueFull`]: runs as
+    /// soon as the host has written the queue out.
     fn on_drain(&mut self, conn: &Conn) {
         let _ = conn;
     }
@@ -695,8 +699,10 @@ pub trait Handler: Send + 'static {
     fn on_error(&mut self, conn: &Conn, error: &str) {
         let _ = (conn, error);
     }
-    /// The connection closed: `code` and `reason` are the peer's (1005 when its close frame had
-    /// no code, 1006 when the connection ended without a close frame).
+    /// The connection closed. When the host started the close (a limit, an error, shutdown, a
+    /// panic), `code` and `reason` are the ones it sent (1001, 1002, 1007, 1008, 1009, 1011,
+    /// 1013); otherwise the peer's (1005 when its close frame had no code, 1006 when the
+    /// connection ended without a close frame).
     fn on_close(&mut self, conn: &Conn, code: u16, reason: &str) {
         let _ = (conn, code, reason);
     }

@@ -23,6 +23,9 @@ fn autobahn_cases_1_to_10_have_no_failures() {
         .arg("16777216")
         .arg("--max-frame-size")
         .arg("16777216")
+        // The echo sends the 16 MiB messages back: they must fit in one send queue.
+        .arg("--max-send-queue")
+        .arg("16777216")
         .arg("--max-message-rate")
         .arg("0")
         .start();
