@@ -459,3 +459,66 @@ mod tests {
         assert_eq!(q.rest.capacity(), 0, "an empty queue holds no memory");
     }
 }
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    fn conn(max_send_queue: u64, budget: &Arc<SendBudget>) -> Arc<ConnShared> {
+        let hub = Arc::new(Hub::default());
+        let registry = Arc::new(
+            crate::plugin::registry::Registry::new(Arc::clone(&hub), None).expect("a temp dir"),
+        );
+        let metrics = Arc::new(crate::metrics::Metrics::new(registry, Arc::clone(budget)));
+        ConnShared::new(
+            1,
+            "peer".into(),
+            Arc::from("p"),
+            hub,
+            Arc::clone(budget),
+            metrics,
+            max_send_queue,
+        )
+    }
+
+    #[test]
+    fn sends_past_the_queue_are_too_large_or_full() {
+        let budget = Arc::new(SendBudget::new(1 << 30));
+        let c = conn(1000, &budget);
+        assert_eq!(
+            c.enqueue(Message::binary(vec![0u8; 1001])),
+            Err(SendError::MessageTooLarge)
+        );
+        assert_eq!(c.enqueue(Message::binary(vec![0u8; 600])), Ok(()));
+        assert_eq!(
+            c.enqueue(Message::binary(vec![0u8; 600])),
+            Err(SendError::QueueFull)
+        );
+        assert_eq!(c.enqueue(Message::binary(vec![0u8; 400])), Ok(()));
+        assert_eq!(budget.used(), 1000);
+    }
+
+    #[test]
+    fn a_closing_connection_gives_its_bytes_back_once() {
+        let budget = Arc::new(SendBudget::new(1 << 30));
+        let c = conn(1 << 20, &budget);
+        for _ in 0..4 {
+            c.enqueue(Message::binary(vec![0u8; 1000])).unwrap();
+        }
+        assert_eq!(budget.used(), 4000);
+        // The session ends with 4,000 bytes queued, writes 1,000 of them on its way out, and
+        // drops the rest.
+        c.finish();
+        c.written(1000);
+        c.release_queued();
+        assert_eq!(budget.used(), 0);
+        // Another holder's bytes are untouched by it.
+        assert!(budget.take(500));
+        let d = conn(1 << 20, &budget);
+        d.enqueue(Message::binary(vec![0u8; 100])).unwrap();
+        d.finish();
+        d.written(100);
+        d.release_queued();
+        assert_eq!(budget.used(), 500);
+    }
+}

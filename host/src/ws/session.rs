@@ -754,3 +754,46 @@ impl Out {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_refills_with_time() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(2, t0).expect("a limit");
+        assert!(r.take(t0));
+        assert!(r.take(t0));
+        assert!(!r.take(t0), "the burst is the rate");
+        assert!(
+            r.take(t0 + Duration::from_millis(500)),
+            "half a second refills one"
+        );
+        assert!(!r.take(t0 + Duration::from_millis(500)));
+        assert!(r.take(t0 + Duration::from_secs(60)));
+        assert!(r.take(t0 + Duration::from_secs(60)));
+        assert!(
+            !r.take(t0 + Duration::from_secs(60)),
+            "refills never past the burst"
+        );
+        assert!(RateLimit::new(0, t0).is_none(), "0 is off");
+    }
+
+    #[test]
+    fn a_plugins_timers_are_bounded_so_deadlines_never_overflow() {
+        let settings = Settings {
+            ping_interval_ms: Some(u64::MAX),
+            pong_timeout_ms: Some(u64::MAX),
+            idle_timeout_ms: Some(u64::MAX),
+            ..Settings::default()
+        };
+        let t = Timing::new(&Config::default(), &settings);
+        let max = crate::config::MAX_DURATION;
+        assert_eq!(t.ping_interval, Some(max));
+        assert_eq!(t.pong_timeout, max);
+        assert_eq!(t.idle_timeout, Some(max));
+        // The session adds these to the clock: that must not panic.
+        let _ = Instant::now() + max + max;
+    }
+}
