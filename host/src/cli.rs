@@ -254,6 +254,16 @@ pub struct ServeArgs {
     #[arg(long, env = "WSHOST_MAX_PLUGIN_SIZE", value_parser = size_u64,
         default_value_t = crate::plugin::registry::DEFAULT_MAX_PLUGIN_SIZE)]
     pub max_plugin_size: u64,
+    /// Worker threads of each plugin's own runtime (default: the machine's cores, at least 2):
+    /// how many of a plugin's calls may run or block at once. `[plugin.NAME] workers` sets one
+    /// plugin's.
+    #[arg(long, env = "WSHOST_PLUGIN_WORKERS", value_parser = size,
+        default_value_t = crate::plugin::exec::default_workers())]
+    pub plugin_workers: usize,
+    /// How long an upgrade or plain request waits for its plugin's decision (deferred ones
+    /// included); past it the client gets 503.
+    #[arg(long, env = "WSHOST_DECISION_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
+    pub decision_timeout: Duration,
 }
 
 /// Where the admin endpoint listens, if anywhere.
@@ -343,6 +353,8 @@ impl ServeArgs {
             },
             config_file: self.config.clone(),
             max_plugin_size: self.max_plugin_size,
+            plugin_workers: self.plugin_workers,
+            decision_timeout: self.decision_timeout,
             probe: exe.filter(|_| !self.no_probe).map(|exe| Probe {
                 exe,
                 timeout: self.probe_timeout,

@@ -85,6 +85,15 @@ pub struct Config {
     pub config_file: Option<PathBuf>,
     /// Plugin files larger than this are refused without being read. Default 256 MiB.
     pub max_plugin_size: u64,
+    /// Worker threads of each plugin's own runtime (a plugin's config file section may set its
+    /// own `workers`): how many of its calls may run, or block, at once. Its connections,
+    /// callbacks, upgrades and requests run there and nowhere else, so a plugin that blocks
+    /// holds up only its own connections. Default: the machine's cores, at least 2. Zero runs
+    /// plugins on the host's own runtime (only for embedding the library in tests).
+    pub plugin_workers: usize,
+    /// How long an upgrade or a plain request may wait for its plugin's decision (a blocked
+    /// `upgrade`, or a deferred one not completed); past it the client gets 503. Default 10 s.
+    pub decision_timeout: Duration,
     /// Per-plugin route mounts, limits and configuration tables (the config file's
     /// `[plugin.NAME]` sections), by plugin name.
     pub plugins: std::collections::BTreeMap<String, crate::config_file::PluginSection>,
@@ -126,6 +135,8 @@ impl Default for Config {
             plugins: Default::default(),
             config_file: None,
             max_plugin_size: crate::plugin::registry::DEFAULT_MAX_PLUGIN_SIZE,
+            plugin_workers: crate::plugin::exec::default_workers(),
+            decision_timeout: Duration::from_secs(10),
             tls: None,
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(10),

@@ -74,6 +74,9 @@ pub struct PluginSection {
     pub pong_timeout: Option<Duration>,
     /// Its connections' idle timeout.
     pub idle_timeout: Option<Duration>,
+    /// Worker threads of the plugin's own runtime: how many of its calls may run (or block)
+    /// at once.
+    pub workers: Option<usize>,
     /// The free-form table handed to the plugin.
     pub config: BTreeMap<String, String>,
     /// Limits for one of its routes (`[plugin.NAME.route."/path"]`), over the section's own.
@@ -289,6 +292,15 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
                     p.route_limits.insert(route.clone(), parsed);
                 }
             }
+            "workers" if top => match v.as_integer() {
+                Some(n) if (1..=1024).contains(&n) => p.workers = Some(n as usize),
+                _ => {
+                    return Err((
+                        k.clone(),
+                        "must be a number of threads from 1 to 1024".to_owned(),
+                    ))
+                }
+            },
             "max_message_size" => p.max_message_size = Some(size(k, v)?),
             "max_frame_size" => p.max_frame_size = Some(size(k, v)?),
             "max_send_queue" => p.max_send_queue = Some(size(k, v)?),
@@ -312,7 +324,7 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
             _ => {
                 return Err((
                     k.clone(),
-                    "no such plugin setting (routes, max_message_size, max_frame_size, \
+                    "no such plugin setting (routes, workers, max_message_size, max_frame_size, \
                      max_send_queue, ping_interval, pong_timeout, idle_timeout, config, route; \
                      a route section takes the limits only)"
                         .to_owned(),
@@ -359,6 +371,7 @@ pub fn print_defaults(serve: &clap::Command) -> String {
          # table handed to it.\n\
          # [plugin.chat]\n\
          # routes = [\"/rooms\"]\n\
+         # workers = 4\n\
          # max_message_size = 65536\n\
          # idle_timeout = \"10m\"\n\
          # [plugin.chat.route.\"/rooms\"]\n\

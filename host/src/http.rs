@@ -13,7 +13,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::config::Config;
 use crate::metrics::StatusLabel;
-use crate::plugin::{Answer, HostRequest};
+use crate::plugin::{Answer, Decision, HostRequest, LoadedPlugin};
 use crate::proxy::client_ip;
 use crate::server::Ctx;
 use crate::ws::session;
@@ -46,7 +46,7 @@ pub(crate) async fn handle(
             r
         }
         Handshake::Valid { key, subprotocols } => {
-            let r = websocket(req, &ctx, peer, local, &key, subprotocols);
+            let r = websocket(req, &ctx, peer, local, &key, subprotocols).await;
             let label = StatusLabel {
                 status: r.status().as_u16(),
             };
@@ -129,6 +129,7 @@ fn request_map(
         body: RVec::from(body),
         is_upgrade,
         route: RString::from(route),
+        deferred: Default::default(),
     }
 }
 
@@ -210,18 +211,50 @@ async fn plain(
     };
     let client = client_ip(peer.ip(), &parts.headers, &ctx.config.trusted_proxies);
     let map = request_map(ctx, &parts, client, local, false, &route, Vec::new(), body);
-    match plugin.request(&map) {
-        Ok(answer) => plain_response(answer, &plugin.name),
-        Err(panic) => {
-            tracing::error!(plugin = %plugin.name, generation = plugin.generation, %panic,
-                path = parts.uri.path(), "plugin request handler panicked; answered 500");
+    match plugin.decide(map, ctx.config.decision_timeout).await.1 {
+        Decision::Answer(answer) => plain_response(answer, &plugin),
+        other => undecided(other, &plugin, parts.uri.path(), ctx.config.decision_timeout),
+    }
+}
+
+/// The answer when a plugin gave none: it panicked (500), took too long (503), or dropped its
+/// responder (500).
+fn undecided(
+    decision: Decision,
+    plugin: &LoadedPlugin,
+    path: &str,
+    timeout: std::time::Duration,
+) -> Response<Body> {
+    let (name, generation) = (&plugin.name, plugin.generation);
+    match decision {
+        Decision::Answer(_) => internal_error(),
+        Decision::Panicked(panic) => {
+            tracing::error!(plugin = %name, generation, %panic, path,
+                "plugin panicked deciding a request; answered 500");
+            internal_error()
+        }
+        Decision::TimedOut => {
+            tracing::warn!(plugin = %name, generation, path, ?timeout,
+                "plugin did not decide within --decision-timeout; answered 503");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server did not decide in time",
+            )
+        }
+        Decision::Dropped => {
+            tracing::error!(plugin = %name, generation, path,
+                "plugin deferred a decision and dropped its responder; answered 500");
             internal_error()
         }
     }
 }
 
 /// A plugin's answer as an HTTP response (any status but 1xx).
-fn plain_response(answer: Answer, plugin: &str) -> Response<Body> {
+fn plain_response(mut answer: Answer, loaded: &LoadedPlugin) -> Response<Body> {
+    if let Some(handler) = answer.handler.take() {
+        loaded.drop_there(handler);
+    }
+    let plugin = loaded.name.as_str();
     let status = match StatusCode::from_u16(answer.status) {
         Ok(s) if !s.is_informational() => s,
         _ => {
@@ -247,7 +280,7 @@ fn plain_response(answer: Answer, plugin: &str) -> Response<Body> {
 }
 
 /// A valid WebSocket handshake: the plugin decides; on 101 the session starts.
-fn websocket(
+async fn websocket(
     req: Request<Incoming>,
     ctx: &Arc<Ctx>,
     peer: SocketAddr,
@@ -278,6 +311,7 @@ fn websocket(
             return text(status, why);
         }
     };
+    let offered = subprotocols.clone();
     let map = request_map(
         ctx,
         &parts,
@@ -288,31 +322,24 @@ fn websocket(
         subprotocols,
         Vec::new(),
     );
-    let mut answer = match plugin.upgrade(&map) {
-        Ok(a) => a,
-        Err(panic) => {
-            tracing::error!(plugin = %plugin.name, generation = plugin.generation, %panic,
-                path = parts.uri.path(), "plugin upgrade handler panicked; answered 500");
-            return internal_error();
-        }
+    let timeout = ctx.config.decision_timeout;
+    let mut answer = match plugin.decide(map, timeout).await.1 {
+        Decision::Answer(a) => a,
+        other => return undecided(other, &plugin, parts.uri.path(), timeout),
     };
     if answer.status != 101 {
-        return plain_response(answer, &plugin.name);
+        return plain_response(answer, &plugin);
     }
     let Some(handler) = answer.handler.take() else {
         tracing::error!(plugin = %plugin.name, "plugin answered 101 without callbacks; answered 500");
         return internal_error();
     };
-    let offered: Vec<String> = map
-        .subprotocols
-        .iter()
-        .map(|s| s.as_str().to_owned())
-        .collect();
     let response = match upgrade::switching_protocols(key, &offered, &answer.headers) {
         Ok(r) => r,
         Err(refusal) => {
             tracing::error!(plugin = %plugin.name, ?refusal, ?offered,
                 "plugin's 101 is not a valid handshake answer; answered 500");
+            plugin.drop_there(handler);
             return internal_error();
         }
     };
@@ -345,8 +372,16 @@ fn websocket(
     // Only the upgrade's handle goes into the task, not the request: what a task captures stays
     // in its memory for the life of the connection.
     let on_upgrade = hyper::upgrade::on(Request::from_parts(parts, body));
-    ctx.tracker
-        .spawn(session::run(on_upgrade, start, Arc::clone(&ctx.config)));
+    // The session runs on the plugin's own runtime: its callbacks never hold up the threads
+    // that serve other plugins.
+    let exec = start.plugin.executor().map(|e| e.handle().clone());
+    let session = ctx
+        .tracker
+        .track_future(session::run(on_upgrade, start, Arc::clone(&ctx.config)));
+    match exec {
+        Some(handle) => drop(handle.spawn(session)),
+        None => drop(tokio::spawn(session)),
+    }
     response
 }
 

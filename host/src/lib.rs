@@ -109,7 +109,8 @@ impl Server {
             .map_err(Error::PrivateDir)?
             .with_plugin_sections(config.plugins.clone())
             .with_config_file(config.config_file.clone())
-            .with_max_plugin_size(config.max_plugin_size);
+            .with_max_plugin_size(config.max_plugin_size)
+            .with_plugin_workers(config.plugin_workers);
         registry
             .reconcile(&config.plugins_dir)
             .map_err(|source| Error::PluginsDir {

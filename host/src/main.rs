@@ -94,7 +94,7 @@ fn serve(
     plugins: std::collections::BTreeMap<String, wshost::config_file::PluginSection>,
 ) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let exe = std::env::current_exe().context("finding the wshost binary for the probe")?;
         let mut config = args.config(Some(exe));
         config.plugins = plugins;
@@ -141,7 +141,11 @@ fn serve(
             let _ = std::fs::remove_file(path);
         }
         Ok(ExitCode::SUCCESS)
-    })
+    });
+    // Do not wait for blocking work still running (a plugin's constructor that hangs in a
+    // reload): the shutdown deadline has passed.
+    runtime.shutdown_background();
+    served
 }
 
 /// Binds the admin endpoint as `--admin-listen` says: a TCP address, or a Unix socket that

@@ -284,6 +284,38 @@ impl Collector for PluginCollector {
             None,
             MetricType::Gauge,
         )?)?;
+        let stats = crate::plugin::exec::all_stats(crate::plugin::retire::slow());
+        type Field = fn(&crate::plugin::exec::ExecutorStats) -> usize;
+        let per_plugin: [(&str, &str, Field); 4] = [
+            (
+                "plugin_workers",
+                "Worker threads of each plugin's own runtime (its capacity)",
+                |s| s.workers,
+            ),
+            (
+                "plugin_calls_running",
+                "Plugin calls running now (busy workers), per plugin",
+                |s| s.running,
+            ),
+            (
+                "plugin_calls_stuck",
+                "Plugin calls running longer than --slow-callback, per plugin",
+                |s| s.stuck,
+            ),
+            (
+                "plugin_queue_depth",
+                "Sessions and calls of a plugin waiting for one of its workers",
+                |s| s.queue_depth,
+            ),
+        ];
+        for (name, help, field) in per_plugin {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in &stats {
+                let labels = vec![("plugin", s.plugin.clone())];
+                ConstGauge::new(field(s) as i64).encode(family.encode_family(&labels)?)?;
+            }
+        }
         let (ok, refused) = self.registry.load_counts();
         let mut family = encoder.encode_descriptor(
             "plugin_loads",

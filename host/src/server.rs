@@ -168,7 +168,10 @@ pub(crate) async fn run(ctx: Arc<Ctx>, listener: TcpListener, shutdown: impl Fut
     tracing::info!(open, "shutting down: closing connections with 1001");
     ctx.shutdown.cancel();
     ctx.tracker.close();
-    if tokio::time::timeout(ctx.config.shutdown_timeout, ctx.tracker.wait())
+    // One deadline for all of it: connections, then plugin shutdowns. A plugin that never
+    // returns (a callback that spins) holds up neither: the process exits at the deadline.
+    let deadline = tokio::time::Instant::now() + ctx.config.shutdown_timeout;
+    if tokio::time::timeout_at(deadline, ctx.tracker.wait())
         .await
         .is_err()
     {
@@ -178,7 +181,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, listener: TcpListener, shutdown: impl Fut
         );
     }
     // Plugin shutdowns run plugin code: on retirement threads, waited for off this one.
-    let (registry, timeout) = (Arc::clone(&ctx.registry), ctx.config.shutdown_timeout);
+    let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+    let registry = Arc::clone(&ctx.registry);
     let _ = tokio::task::spawn_blocking(move || registry.shutdown_all(timeout)).await;
     tracing::info!("stopped");
 }
@@ -203,6 +207,8 @@ async fn accept_connection(stream: TcpStream, peer: SocketAddr, slot: TcpSlot) {
     let Ok(local) = stream.local_addr() else {
         return;
     };
+    // A socket that can move to the runtime of the plugin whose session it becomes.
+    let stream = crate::ws::rebind::Rebind::new(stream);
     match &ctx.tls {
         None => serve_connection(stream, peer, local, ctx, slot).await,
         Some(acceptor) => {

@@ -49,6 +49,8 @@ pub type ResponseBox = ResponseFfi_TO<RBox<()>>;
 pub type PluginBox = PluginFfi_TO<RBox<()>>;
 /// A request borrowed by the plugin for the duration of one call, implemented by the host.
 pub type RequestRef<'a> = RequestFfi_TO<'a, abi_stable::sabi_types::RRef<'a, ()>>;
+/// A deferred decision's responder, implemented by the host (since 1.1).
+pub type ResponderHandle = ResponderFfi_TO<RBox<()>>;
 
 /// Log levels as they cross the ABI (`u8`): the numbers of the `log` crate.
 pub mod level {
@@ -128,6 +130,23 @@ pub trait ConnFfi: Clone + Send + Sync + 'static {
     /// Unsubscribes; returns whether it was subscribed.
     #[sabi(last_prefix_field)]
     fn unsubscribe(&self, channel: RStr<'_>) -> bool;
+    /// Stops (`true`) or restarts (`false`) reading from the client (since 1.1; a 1.0 host
+    /// ignores it).
+    fn set_paused(&self, paused: bool) {
+        let _ = paused;
+    }
+}
+
+/// The host's side of a deferred decision: the plugin completes it once, from any thread.
+/// Implemented by the host (since 1.1).
+#[sabi_trait]
+pub trait ResponderFfi: Send + Sync + 'static {
+    /// Delivers the response; false if the host stopped waiting (its decision timeout passed,
+    /// or the client went away).
+    fn respond(&self, response: ResponseBox) -> bool;
+    /// Whether the host still waits for the response.
+    #[sabi(last_prefix_field)]
+    fn is_waiting(&self) -> bool;
 }
 
 /// A request, borrowed for one call. Implemented by the host.
@@ -162,6 +181,12 @@ pub trait RequestFfi {
     /// Since 1.1; a 1.0 host has none, and this default answers an empty string.
     fn route(&self) -> RStr<'_> {
         RStr::from_str("")
+    }
+    /// Defers the decision (since 1.1): the host answers with the response given later to the
+    /// returned responder instead of the one the call returns. `RNone` from a 1.0 host, or if
+    /// called twice.
+    fn defer(&self) -> ROption<ResponderHandle> {
+        ROption::RNone
     }
 }
 

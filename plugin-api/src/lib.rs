@@ -264,6 +264,19 @@ impl Conn {
     pub fn unsubscribe(&self, channel: &str) -> bool {
         self.handle().unsubscribe(RStr::from_str(channel))
     }
+
+    /// Stops reading from the client (Jetty's `suspend`): no more `on_text`/`on_binary` until
+    /// [`Conn::resume`]; what the client sends meanwhile waits in the socket, and TCP slows the
+    /// client down. For a plugin that works on a message asynchronously (on its own thread)
+    /// and wants the next one only when done. Sends, pings and closes go on as usual.
+    pub fn pause(&self) {
+        self.handle().set_paused(true);
+    }
+
+    /// Reads from the client again after [`Conn::pause`].
+    pub fn resume(&self) {
+        self.handle().set_paused(false);
+    }
 }
 
 impl fmt::Debug for Conn {
@@ -473,6 +486,41 @@ impl<'a> Request<'a> {
     pub fn route(&self) -> &str {
         self.inner.route().as_str()
     }
+    /// Defers the decision on this request: the host answers with the [`Response`] given to
+    /// the returned [`Responder`] later, from any thread (after an asynchronous lookup, say),
+    /// and ignores what `upgrade`/`request` returns (return [`Response::deferred`]). No host
+    /// thread waits meanwhile. If no response comes within the host's decision timeout
+    /// (`--decision-timeout`, 10 s by default), the client gets 503 and
+    /// [`Responder::respond`] says so. Copy what you need from the request before returning:
+    /// it is borrowed for the call only. `None` from a host older than plugin-api 1.1.
+    ///
+    /// ```
+    /// use plugin_api::{Handler, Request, Response};
+    ///
+    /// struct Member;
+    /// impl Handler for Member {}
+    ///
+    /// fn upgrade(req: &Request<'_>) -> Response {
+    ///     let Some(responder) = req.defer() else {
+    ///         return Response::reject(503, "this host cannot defer");
+    ///     };
+    ///     let token = req.query_param("token").unwrap_or_default();
+    ///     std::thread::spawn(move || {
+    ///         let allowed = token == "letmein"; // a slow lookup, off the host's threads
+    ///         let response = if allowed {
+    ///             Response::accept(Member)
+    ///         } else {
+    ///             Response::reject(403, "bad token")
+    ///         };
+    ///         let _ = responder.respond(response);
+    ///     });
+    ///     Response::deferred()
+    /// }
+    /// # let _ = upgrade;
+    /// ```
+    pub fn defer(&self) -> Option<Responder> {
+        self.inner.defer().into_option().map(Responder)
+    }
     /// The path below the matched route: `/lobby` for `/rooms/lobby` under route `/rooms`,
     /// empty for `/rooms` itself. The whole path under route `/` (and from a host older
     /// than plugin-api 1.1).
@@ -506,6 +554,39 @@ impl fmt::Debug for Request<'_> {
 // ----------------------------------------------------------------------------------------------
 // Responses.
 
+/// Completes a deferred decision ([`Request::defer`]); `Send`, usable from any thread, once.
+pub struct Responder(abi::ResponderHandle);
+
+/// The host stopped waiting for a deferred decision (its decision timeout passed, or the client
+/// went away): the client was answered 503, or is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the host stopped waiting for this decision")]
+pub struct Expired;
+
+impl Responder {
+    /// Answers the deferred request with `response`, as if `upgrade`/`request` had returned it.
+    pub fn respond(self, response: Response) -> Result<(), Expired> {
+        if self.0.respond(response.into_ffi()) {
+            Ok(())
+        } else {
+            Err(Expired)
+        }
+    }
+
+    /// Whether the host still waits for the answer.
+    pub fn is_waiting(&self) -> bool {
+        self.0.is_waiting()
+    }
+}
+
+impl fmt::Debug for Responder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Responder")
+            .field("waiting", &self.is_waiting())
+            .finish()
+    }
+}
+
 /// The answer to a request: 101 with a [`Handler`] accepts an upgrade; any other status is a
 /// plain HTTP response with its headers and body.
 pub struct Response {
@@ -538,6 +619,17 @@ impl Response {
         Self::status(status)
             .header("content-type", "text/plain; charset=utf-8")
             .body(message.as_bytes())
+    }
+
+    /// What `upgrade`/`request` returns after [`Request::defer`]: the host ignores it and waits
+    /// for the responder.
+    pub fn deferred() -> Self {
+        Self::reject(500, "the plugin deferred this decision and the host cannot wait for it\n")
+    }
+
+    /// The status (101 for an accepted upgrade).
+    pub fn status_code(&self) -> u16 {
+        self.shell.status
     }
 
     /// 404 Not Found.

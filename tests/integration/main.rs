@@ -12,6 +12,7 @@ mod config;
 mod conformance;
 mod defects;
 mod echo;
+mod execution;
 mod kv;
 mod limits;
 mod loading;

@@ -15,7 +15,7 @@ use abi_stable::sabi_types::RRef;
 use abi_stable::std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use plugin_api::abi::{
     self, HandlerBox, HeaderPair, HostFfi, HostFfi_TO, PluginBox, RequestFfi, RequestFfi_TO,
-    ResponseBox,
+    ResponderFfi, ResponderFfi_TO, ResponseBox,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -27,6 +27,7 @@ mod elf;
     reason = "maps plugin libraries; every block has a SAFETY comment"
 )]
 mod loader;
+pub mod exec;
 pub mod probe;
 pub mod registry;
 pub(crate) mod retire;
@@ -148,6 +149,9 @@ pub struct LoadedPlugin {
     instance: Option<PluginBox>,
     /// The host services this generation was handed (refused once it has shut down).
     services: Arc<HostInner>,
+    /// Where its code runs (the plugin's own runtime); `None` for a plugin loaded only to be
+    /// checked.
+    exec: Option<Arc<exec::Executor>>,
     /// Limits for this plugin's connections from the config file.
     pub(crate) limits: Settings,
     /// Limits for connections on one of its routes, from the config file, over `limits`.
@@ -163,6 +167,27 @@ impl fmt::Debug for LoadedPlugin {
             .field("version", &self.version)
             .field("routes", &self.routes)
             .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a plugin decided a request.
+pub(crate) enum Decision {
+    /// Its answer.
+    Answer(Answer),
+    /// It panicked (the message).
+    Panicked(String),
+    /// No answer within the decision timeout.
+    TimedOut,
+    /// It deferred the decision and dropped the responder without answering.
+    Dropped,
+}
+
+impl fmt::Debug for Answer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Answer")
+            .field("status", &self.status)
+            .field("accepts", &self.handler.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -338,6 +363,7 @@ impl Candidate {
             generation,
             instance: Some(instance),
             services: inner,
+            exec: None,
             limits,
             route_limits,
             open_conns: AtomicU64::new(0),
@@ -351,6 +377,82 @@ impl LoadedPlugin {
     pub(crate) fn upgrade(&self, req: &HostRequest) -> Result<Answer, String> {
         let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
         into_answer(self.instance().upgrade(req))
+    }
+
+    /// Runs this generation's code on `exec` (the plugin's runtime) from now on.
+    pub(crate) fn with_executor(mut self, exec: Arc<exec::Executor>) -> Self {
+        self.exec = Some(exec);
+        self
+    }
+
+    /// The plugin's runtime, if it has one.
+    pub(crate) fn executor(&self) -> Option<&Arc<exec::Executor>> {
+        self.exec.as_ref()
+    }
+
+    /// Drops `value` (which holds plugin code: a handler, a response) on the plugin's own
+    /// runtime, not on the calling thread.
+    pub(crate) fn drop_there<T: Send + 'static>(&self, value: T) {
+        match &self.exec {
+            Some(e) => drop(e.handle().spawn(async move { drop(value) })),
+            None => drop(value),
+        }
+    }
+
+    /// Asks the plugin to decide `req` (its `upgrade`, or its `request` for a plain request) on
+    /// the plugin's own runtime, and waits for the decision, deferred or not, at most `timeout`.
+    /// Returns the request back with the decision.
+    pub(crate) async fn decide(
+        self: &Arc<Self>,
+        req: HostRequest,
+        timeout: std::time::Duration,
+    ) -> (Option<HostRequest>, Decision) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let plugin = Arc::clone(self);
+        let call = move || {
+            let upgrade = req.is_upgrade;
+            exec::enter(
+                exec::call_index(if upgrade { "upgrade" } else { "request" }),
+                0,
+                std::time::Instant::now(),
+            );
+            let result = if upgrade {
+                plugin.upgrade(&req)
+            } else {
+                plugin.request(&req)
+            };
+            exec::leave();
+            let deferred = req
+                .deferred
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            (req, result, deferred)
+        };
+        let called = match &self.exec {
+            Some(e) => match tokio::time::timeout_at(deadline, e.handle().spawn(async move { call() })).await {
+                Ok(Ok(done)) => done,
+                Ok(Err(join)) => return (None, Decision::Panicked(join.to_string())),
+                Err(_) => return (None, Decision::TimedOut),
+            },
+            None => call(),
+        };
+        let (req, result, deferred) = called;
+        let answer = match result {
+            Err(panic) => return (Some(req), Decision::Panicked(panic)),
+            Ok(answer) => answer,
+        };
+        let Some(rx) = deferred else {
+            return (Some(req), Decision::Answer(answer));
+        };
+        // The returned response only stood in for the deferred one.
+        self.drop_there(answer);
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(Ok(answer))) => (Some(req), Decision::Answer(answer)),
+            Ok(Ok(Err(panic))) => (Some(req), Decision::Panicked(panic)),
+            Ok(Err(_)) => (Some(req), Decision::Dropped),
+            Err(_) => (Some(req), Decision::TimedOut),
+        }
     }
 
     fn instance(&self) -> &PluginBox {
@@ -631,6 +733,40 @@ pub(crate) struct HostRequest {
     pub(crate) is_upgrade: bool,
     /// The route prefix that matched.
     pub(crate) route: RString,
+    /// Where a deferred decision arrives, once the plugin deferred it.
+    pub(crate) deferred: std::sync::Mutex<Option<Deferred>>,
+}
+
+/// The receiving end of a deferred decision.
+pub(crate) type Deferred = tokio::sync::oneshot::Receiver<Result<Answer, String>>;
+
+/// The host's responder for a deferred decision: converts the plugin's response on the
+/// plugin's own thread and sends it to the waiting request.
+struct HostResponder {
+    tx: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Result<Answer, String>>>>,
+}
+
+impl ResponderFfi for HostResponder {
+    fn respond(&self, response: ResponseBox) -> bool {
+        let tx = self
+            .tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let answer = into_answer(RResult::ROk(response));
+        match tx {
+            Some(tx) => tx.send(answer).is_ok(),
+            None => false,
+        }
+    }
+
+    fn is_waiting(&self) -> bool {
+        self.tx
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .is_some_and(|tx| !tx.is_closed())
+    }
 }
 
 impl RequestFfi for HostRequest {
@@ -672,6 +808,23 @@ impl RequestFfi for HostRequest {
     }
     fn route(&self) -> RStr<'_> {
         self.route.as_rstr()
+    }
+    fn defer(&self) -> ROption<abi::ResponderHandle> {
+        let mut deferred = self
+            .deferred
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if deferred.is_some() {
+            return ROption::RNone;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        *deferred = Some(rx);
+        ROption::RSome(ResponderFfi_TO::from_value(
+            HostResponder {
+                tx: std::sync::Mutex::new(Some(tx)),
+            },
+            TD_Opaque,
+        ))
     }
 }
 

@@ -167,6 +167,9 @@ pub struct Registry {
     /// The config file the sections come from, read again on every reload.
     config_file: Option<PathBuf>,
     max_plugin_size: u64,
+    /// Workers of a plugin's runtime unless its section sets its own; 0: plugins run on the
+    /// calling runtime (a registry that only checks files).
+    plugin_workers: usize,
 }
 
 /// The default of `--max-plugin-size`: 256 MiB.
@@ -191,6 +194,7 @@ impl Registry {
             sections: Mutex::new(BTreeMap::new()),
             config_file: None,
             max_plugin_size: DEFAULT_MAX_PLUGIN_SIZE,
+            plugin_workers: 0,
         })
     }
 
@@ -206,6 +210,13 @@ impl Registry {
     /// Reads the plugin sections from `file` again on every [`Registry::reload_config`].
     pub fn with_config_file(mut self, file: Option<PathBuf>) -> Self {
         self.config_file = file;
+        self
+    }
+
+    /// Runs each plugin on a runtime of its own with `workers` threads (unless its config file
+    /// section sets `workers`).
+    pub fn with_plugin_workers(mut self, workers: usize) -> Self {
+        self.plugin_workers = workers;
         self
     }
 
@@ -350,7 +361,26 @@ impl Registry {
                         }
                         route_limits.insert(route.clone(), super::Settings::from_section(l));
                     }
-                    candidate.create(*generation, &self.hub, section.config, limits, route_limits)
+                    let name = candidate.name.clone();
+                    let plugin = candidate.create(
+                        *generation,
+                        &self.hub,
+                        section.config,
+                        limits,
+                        route_limits,
+                    )?;
+                    if self.plugin_workers == 0 {
+                        return Ok(plugin);
+                    }
+                    let workers = section.workers.unwrap_or(self.plugin_workers);
+                    let exec = super::exec::executor(&name, workers).map_err(|e| {
+                        LoadError::Create {
+                            name: name.clone(),
+                            file: file.clone(),
+                            reason: format!("cannot start its {workers} worker threads: {e}"),
+                        }
+                    })?;
+                    Ok(plugin.with_executor(exec))
                 });
             match loaded {
                 Ok(plugin) => {

@@ -142,6 +142,8 @@ pub(crate) struct ConnShared {
     drained: AtomicBool,
     /// A close was queued: the session starts its close timeout.
     closing: AtomicBool,
+    /// The plugin paused reading (`Conn::pause`).
+    paused: AtomicBool,
     channels: Mutex<Vec<String>>,
     started: std::time::Instant,
     /// When the session last sent a data message, in milliseconds since `started`.
@@ -175,6 +177,7 @@ impl ConnShared {
             drain_wanted: AtomicBool::new(false),
             drained: AtomicBool::new(false),
             closing: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             channels: Mutex::new(Vec::new()),
             started: std::time::Instant::now(),
             last_out_ms: AtomicU64::new(0),
@@ -239,6 +242,18 @@ impl ConnShared {
     /// The session task starts (`true`) or ends (`false`) a callback of this connection.
     pub(crate) fn set_in_callback(&self, running: bool) {
         self.in_callback.store(running, Ordering::SeqCst);
+    }
+
+    /// Whether the plugin paused reading.
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::Acquire)
+    }
+
+    /// Pauses or resumes reading; a resume wakes the session.
+    fn set_paused(&self, paused: bool) {
+        if self.paused.swap(paused, Ordering::AcqRel) && !paused {
+            self.waker.wake();
+        }
     }
 
     pub(crate) fn is_open(&self) -> bool {
@@ -433,6 +448,9 @@ impl ConnFfi for ConnRef {
     }
     fn unsubscribe(&self, channel: RStr<'_>) -> bool {
         self.0.unsubscribe(channel.as_str())
+    }
+    fn set_paused(&self, paused: bool) {
+        self.0.set_paused(paused);
     }
 }
 

@@ -88,6 +88,14 @@ impl<S> Counted<S> {
         }
     }
 
+    /// Starts with `bytes` already read (what hyper read past the handshake).
+    pub(crate) fn with_ahead(mut self, bytes: &[u8]) -> Self {
+        if !bytes.is_empty() {
+            self.ahead = BytesMut::from(bytes);
+        }
+        self
+    }
+
     /// Charges `read` bytes just read from the socket to the budget.
     fn charge(&self, read: u64) -> io::Result<()> {
         if read > 0 {

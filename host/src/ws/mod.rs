@@ -3,5 +3,6 @@
 
 pub(crate) mod conn;
 pub(crate) mod counted;
+pub(crate) mod rebind;
 pub(crate) mod session;
 pub(crate) mod upgrade;

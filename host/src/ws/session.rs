@@ -11,8 +11,6 @@ use abi_stable::std_types::{RArc, RResult, RSlice, RStr, RString};
 use std::task::{Context, Poll};
 
 use futures_util::{SinkExt, StreamExt};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use plugin_api::abi::{ConnFfi_TO, ConnHandle, HandlerBox};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -23,12 +21,13 @@ use tracing::Instrument as _;
 
 use super::conn::{ConnRef, ConnShared};
 use super::counted::{Counted, Partial, BUDGET_EXHAUSTED};
+use super::rebind::SessionIo;
 use crate::channels::Hub;
 use crate::config::Config;
 use crate::metrics::{CodeLabel, Metrics};
 use crate::plugin::{LoadedPlugin, Settings};
 
-type Ws = WebSocketStream<Counted<TokioIo<Upgraded>>>;
+type Ws = WebSocketStream<Counted<SessionIo>>;
 
 /// Most bytes fed to the socket before a flush, so one flush never waits on an unbounded batch.
 const MAX_BATCH: u64 = 256 << 10;
@@ -100,7 +99,9 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_frame));
     let partial = Partial::new(Arc::clone(&budget));
-    let io = Counted::new(TokioIo::new(upgraded), Arc::clone(&partial));
+    // The socket moves to this runtime (the plugin's) with what hyper read past the handshake.
+    let (io, read_ahead) = SessionIo::take(upgraded);
+    let io = Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
     let max_send_queue = settings
         .max_send_queue
@@ -389,7 +390,9 @@ impl Session {
                         tracing::debug!("close handshake timed out; dropping the connection");
                         break;
                     }
-                    if awaiting_pong.is_some_and(|sent| now >= sent + timing.pong_timeout) {
+                    // A paused connection is not read, so its pongs cannot arrive: no pings then.
+                    let paused = conn.is_paused();
+                    if !paused && awaiting_pong.is_some_and(|sent| now >= sent + timing.pong_timeout) {
                         tracing::info!(pong_timeout = ?timing.pong_timeout,
                             "no pong in time; dropping the connection");
                         let _ = conn.close_unchecked(1001, "ping timeout");
@@ -398,7 +401,7 @@ impl Session {
                     }
                     if let (Some(at), Some(interval)) = (next_ping, timing.ping_interval) {
                         if now >= at {
-                            if awaiting_pong.is_none() {
+                            if awaiting_pong.is_none() && !paused {
                                 // A ping that cannot be queued still starts the pong clock:
                                 // a peer that does not read gets dropped all the same.
                                 let _ = conn.enqueue(Message::Ping(bytes::Bytes::new()));
@@ -449,7 +452,7 @@ impl Session {
         if let Some(p) = next_ping {
             wake = wake.min(p);
         }
-        if let Some(sent) = awaiting_pong {
+        if let Some(sent) = awaiting_pong.filter(|_| !self.conn.is_paused()) {
             wake = wake.min(sent + timing.pong_timeout);
         }
         if let Some(idle) = timing.idle_timeout {
@@ -557,7 +560,9 @@ impl Session {
         f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
     ) {
         self.conn.set_in_callback(true);
+        crate::plugin::exec::enter(crate::plugin::exec::call_index(name), self.conn.id, started);
         let result = f(&mut self.handler, &self.handle);
+        crate::plugin::exec::leave();
         self.conn.set_in_callback(false);
         let elapsed = started.elapsed();
         if self.durations.observe(elapsed) {
@@ -699,7 +704,8 @@ impl Out {
             if self.feed(cx, ws, conn).is_err() {
                 return Poll::Ready(Io::WriteFailed);
             }
-            let read_polled = self.reads < MAX_READS_BEFORE_FLUSH || !self.dirty;
+            let paused = conn.is_paused();
+            let read_polled = !paused && (self.reads < MAX_READS_BEFORE_FLUSH || !self.dirty);
             if read_polled {
                 match ws.poll_next_unpin(cx) {
                     Poll::Ready(Some(msg)) => {
@@ -719,7 +725,7 @@ impl Out {
                         // The flush emptied a queue a refused send waits on: `on_drain` now.
                         return Poll::Ready(Io::Flags);
                     }
-                    if read_polled && !more {
+                    if (read_polled || paused) && !more {
                         return Poll::Pending;
                     }
                 }

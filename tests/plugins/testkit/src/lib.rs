@@ -34,30 +34,46 @@ impl Plugin for Testkit {
         match req.path_info() {
             "/reject" => Response::reject(403, "go away").header("x-reason", "testing"),
             "/panic" => panic!("testkit: upgrade panics on request"),
-            path => {
-                let observe = path == "/observe";
-                let mut response = Response::accept(Kit {
-                    host: self.host.clone(),
-                    closes: Arc::clone(&self.closes),
-                    observe,
-                    panic_on_drop: false,
-                    stream_left: 0,
-                    streaming: false,
-                })
-                .header("set-cookie", "testkit=1");
-                if let Some(p) = req.query_param("proto") {
-                    response = response.protocol(&p);
-                } else if let Some(p) = req.subprotocols().next() {
-                    response = response.protocol(p);
-                }
-                if let Some(n) = req.query_param("max_message").and_then(|n| n.parse().ok()) {
-                    response = response.max_message_size(n);
-                }
-                if let Some(n) = req.query_param("max_queue").and_then(|n| n.parse().ok()) {
-                    response = response.max_send_queue(n);
-                }
-                response
+            "/gate" => {
+                // Blocks in `upgrade` until the file `?file=` exists.
+                wait_for_file(&req.query_param("file").unwrap_or_default());
+                self.accept(req, false)
             }
+            "/defer" => {
+                // Decides later, on a thread: accepts, or refuses with `?reject=1`; with
+                // `?never=1` never answers and reports when the host stops waiting; with
+                // `?drop=1` drops the responder.
+                let Some(responder) = req.defer() else {
+                    return Response::reject(500, "cannot defer");
+                };
+                let reject = req.query_param("reject").is_some();
+                let never = req.query_param("never").is_some();
+                let drop_it = req.query_param("drop").is_some();
+                let accept = self.accept(req, false);
+                let host = self.host.clone();
+                std::thread::spawn(move || {
+                    if drop_it {
+                        return;
+                    }
+                    if never {
+                        while responder.is_waiting() {
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        host.info("testkit: the host stopped waiting for a deferred decision");
+                        let late = responder.respond(Response::reject(418, "late"));
+                        host.info(&format!("testkit: a late answer gets {late:?}"));
+                        return;
+                    }
+                    let response = if reject {
+                        Response::reject(403, "decided later: no")
+                    } else {
+                        accept
+                    };
+                    let _ = responder.respond(response);
+                });
+                Response::deferred()
+            }
+            path => self.accept(req, path == "/observe"),
         }
     }
 
@@ -106,6 +122,43 @@ impl Plugin for Testkit {
             .and_then(|v| v.parse().ok())
         {
             std::thread::sleep(Duration::from_millis(ms));
+        }
+    }
+}
+
+/// Waits until `path` exists (a gate a test opens by creating the file).
+fn wait_for_file(path: &str) {
+    while !std::path::Path::new(path).exists() {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+impl Testkit {
+    fn accept(&self, req: &Request<'_>, observe: bool) -> Response {
+        {
+            {
+                let mut response = Response::accept(Kit {
+                    host: self.host.clone(),
+                    closes: Arc::clone(&self.closes),
+                    observe,
+                    panic_on_drop: false,
+                    stream_left: 0,
+                    streaming: false,
+                })
+                .header("set-cookie", "testkit=1");
+                if let Some(p) = req.query_param("proto") {
+                    response = response.protocol(&p);
+                } else if let Some(p) = req.subprotocols().next() {
+                    response = response.protocol(p);
+                }
+                if let Some(n) = req.query_param("max_message").and_then(|n| n.parse().ok()) {
+                    response = response.max_message_size(n);
+                }
+                if let Some(n) = req.query_param("max_queue").and_then(|n| n.parse().ok()) {
+                    response = response.max_send_queue(n);
+                }
+                response
+            }
         }
     }
 }
@@ -268,6 +321,25 @@ impl Handler for Kit {
                 self.streaming = true;
                 self.pump(conn);
                 return;
+            }
+            "spin" => loop {
+                // A callback that never returns.
+                std::hint::spin_loop();
+            },
+            "block" => {
+                // Blocks this callback until the file ARG exists.
+                wait_for_file(arg);
+                "unblocked".to_owned()
+            }
+            "pausegate" => {
+                // Stops reading until the file ARG exists (checked on a thread of the plugin's).
+                conn.pause();
+                let (conn, gate) = (conn.clone(), arg.to_owned());
+                std::thread::spawn(move || {
+                    wait_for_file(&gate);
+                    conn.resume();
+                });
+                "paused".to_owned()
             }
             "thread-panic" => {
                 std::thread::Builder::new()
