@@ -213,7 +213,12 @@ async fn plain(
     let map = request_map(ctx, &parts, client, local, false, &route, Vec::new(), body);
     match plugin.decide(map, ctx.config.decision_timeout).await.1 {
         Decision::Answer(answer) => plain_response(answer, &plugin),
-        other => undecided(other, &plugin, parts.uri.path(), ctx.config.decision_timeout),
+        other => undecided(
+            other,
+            &plugin,
+            parts.uri.path(),
+            ctx.config.decision_timeout,
+        ),
     }
 }
 
@@ -375,9 +380,9 @@ async fn websocket(
     // The session runs on the plugin's own runtime: its callbacks never hold up the threads
     // that serve other plugins.
     let exec = start.plugin.executor().map(|e| e.handle().clone());
-    let session = ctx
-        .tracker
-        .track_future(session::run(on_upgrade, start, Arc::clone(&ctx.config)));
+    let session =
+        ctx.tracker
+            .track_future(session::run(on_upgrade, start, Arc::clone(&ctx.config)));
     match exec {
         Some(handle) => drop(handle.spawn(session)),
         None => drop(tokio::spawn(session)),

@@ -309,8 +309,7 @@ impl Collector for PluginCollector {
             ),
         ];
         for (name, help, field) in per_plugin {
-            let mut family =
-                encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for s in &stats {
                 let labels = vec![("plugin", s.plugin.clone())];
                 ConstGauge::new(field(s) as i64).encode(family.encode_family(&labels)?)?;

@@ -43,10 +43,14 @@
 //!
 //! # Execution model
 //!
-//! - Callbacks of one connection run one at a time, in the order of the connection's events, on
-//!   the host's task for that connection. They must not block: the host logs a warning naming the
-//!   plugin when a callback takes longer than its threshold (50 ms by default). A plugin that does
-//!   I/O or heavy work runs it on its own threads and answers through a stored [`Conn`].
+//! - Each plugin runs on worker threads of its own (its capacity, `--plugin-workers`): its
+//!   connections, callbacks, `upgrade` and `request` calls run there and nowhere else, so a
+//!   plugin that blocks holds up only its own connections, never another plugin's.
+//! - Callbacks of one connection run one at a time, in the order of the connection's events.
+//!   A callback that blocks holds one of the plugin's workers meanwhile; the host logs calls
+//!   that run longer than its threshold (50 ms by default) while they run. Long waits belong on
+//!   the plugin's own threads: answer through a stored [`Conn`], defer a decision with
+//!   [`Request::defer`], stop reading with [`Conn::pause`].
 //! - [`Handler::on_close`] runs exactly once for every connection whose [`Handler::on_connect`]
 //!   ran, and never for one whose upgrade was refused.
 //! - [`Plugin::upgrade`] and [`Plugin::request`] may run concurrently on several threads.
@@ -624,7 +628,10 @@ impl Response {
     /// What `upgrade`/`request` returns after [`Request::defer`]: the host ignores it and waits
     /// for the responder.
     pub fn deferred() -> Self {
-        Self::reject(500, "the plugin deferred this decision and the host cannot wait for it\n")
+        Self::reject(
+            500,
+            "the plugin deferred this decision and the host cannot wait for it\n",
+        )
     }
 
     /// The status (101 for an accepted upgrade).

@@ -504,10 +504,14 @@ async fn the_admin_endpoint_drops_idle_clients_and_caps_connections() {
     let mut ws = connect(&host.url("/echo")).await;
     assert_eq!(ask(&mut ws, "fine").await, "fine");
     // Every idle admin client is dropped: past the cap at once, the rest at the header timeout.
+    let deadline = Instant::now() + PATIENCE;
     let ends = tokio::task::spawn_blocking(move || {
         idle.into_iter()
             .map(|mut s| {
-                s.set_read_timeout(Some(PATIENCE)).unwrap();
+                // One deadline for all: a host that never drops them fails in PATIENCE.
+                let left = deadline.saturating_duration_since(Instant::now());
+                s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
                 let mut buf = Vec::new();
                 s.read_to_end(&mut buf).is_ok()
             })
@@ -625,13 +629,36 @@ fn serve_fails(args: &[&str], toml: Option<&str>) -> String {
         std::fs::write(&file, toml).unwrap();
         cmd.arg("--config").arg(file);
     }
-    let out = cmd.output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "started with {args:?} {toml:?}: {stderr}"
-    );
-    stderr
+    // A host that starts instead of refusing would serve forever: wait for its exit within
+    // PATIENCE, and kill it otherwise.
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap();
+    match status {
+        Some(s) if !s.success() => stderr,
+        _ => panic!("started with {args:?} {toml:?}: {stderr}"),
+    }
 }
 
 #[tokio::test]

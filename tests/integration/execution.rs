@@ -52,7 +52,11 @@ async fn callbacks_that_block_hold_up_only_their_own_plugin() {
     a.send(Message::text(block.clone())).await.unwrap();
     b.send(Message::text(block)).await.unwrap();
     wait_metric(&host, "wshost_plugin_calls_running{plugin=\"testkit\"} 2").await;
-    host.wait_for_log(&["plugin call still running", "plugin=testkit", "call=\"on_text\""]);
+    host.wait_for_log(&[
+        "plugin call still running",
+        "plugin=testkit",
+        "call=\"on_text\"",
+    ]);
     // Meanwhile the echo plugin, new connections and the admin endpoint are served.
     for i in 0..50 {
         assert_eq!(ask(&mut echo, &format!("m{i}")).await, format!("m{i}"));
@@ -192,7 +196,10 @@ async fn a_paused_connection_is_not_read_and_tcp_pushes_back() {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => panic!("{e}"),
         }
-        assert!(sent < 256 << 20, "the host kept reading a paused connection");
+        assert!(
+            sent < 256 << 20,
+            "the host kept reading a paused connection"
+        );
     }
     assert!(sent > 0);
     // Resumed: the host reads again (the echo of the first of those messages comes back).
@@ -234,5 +241,35 @@ fn read_until(r: &mut impl std::io::Read, needle: &[u8]) {
         if seen.len() > 1 << 20 {
             seen.drain(..seen.len() - needle.len());
         }
+    }
+}
+
+#[tokio::test]
+async fn the_auth_example_defers_slow_lookups_without_holding_anyone_up() {
+    let host = Host::builder()
+        .plugin("echo")
+        .plugin("auth")
+        .args(&["--plugin-workers", "2"])
+        .config_file("[plugin.auth.config]\nlookup_ms = 300\nlookup_threads = 16\n")
+        .start();
+    let mut echo = connect(&host.url("/echo")).await;
+    // Sixteen logins, each a 300 ms lookup: more than the plugin's two workers, and none of
+    // them waits on a worker.
+    let logins: Vec<_> = (0..16)
+        .map(|_| {
+            let url = host.url("/auth?token=letmein");
+            tokio::spawn(async move { tokio_tungstenite::connect_async(url).await })
+        })
+        .collect();
+    for i in 0..20 {
+        assert_eq!(ask(&mut echo, &format!("m{i}")).await, format!("m{i}"));
+    }
+    for login in logins {
+        let (mut ws, _) = login.await.unwrap().expect("logged in");
+        assert_eq!(ask(&mut ws, "hi").await, "hi");
+    }
+    match tokio_tungstenite::connect_async(host.url("/auth?token=nope")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 403),
+        other => panic!("{other:?}"),
     }
 }

@@ -44,7 +44,8 @@ pub fn plugin(name: &str) -> PathBuf {
         let status = cargo()
             .current_dir(workspace_root())
             .args([
-                "build", "-p", "echo", "-p", "chat", "-p", "ticker", "-p", "kv", "-p", "testkit",
+                "build", "-p", "echo", "-p", "chat", "-p", "ticker", "-p", "kv", "-p", "auth",
+                "-p", "testkit",
             ])
             .arg("--target-dir")
             .arg(plugin_target_dir())

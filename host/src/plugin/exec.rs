@@ -122,8 +122,12 @@ pub(crate) fn executor(name: &str, workers: usize) -> std::io::Result<Arc<Execut
     let mut all = EXECUTORS.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(e) = all.get(name) {
         if e.workers != workers {
-            tracing::warn!(plugin = name, workers = e.workers, asked = workers,
-                "a plugin's worker count is set when it first loads; restart the host to change it");
+            tracing::warn!(
+                plugin = name,
+                workers = e.workers,
+                asked = workers,
+                "a plugin's worker count is set when it first loads; restart the host to change it"
+            );
         }
         return Ok(Arc::clone(e));
     }

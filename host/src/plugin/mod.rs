@@ -22,12 +22,12 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::channels::Hub;
 
 mod elf;
+pub mod exec;
 #[allow(
     unsafe_code,
     reason = "maps plugin libraries; every block has a SAFETY comment"
 )]
 mod loader;
-pub mod exec;
 pub mod probe;
 pub mod registry;
 pub(crate) mod retire;
@@ -430,11 +430,15 @@ impl LoadedPlugin {
             (req, result, deferred)
         };
         let called = match &self.exec {
-            Some(e) => match tokio::time::timeout_at(deadline, e.handle().spawn(async move { call() })).await {
-                Ok(Ok(done)) => done,
-                Ok(Err(join)) => return (None, Decision::Panicked(join.to_string())),
-                Err(_) => return (None, Decision::TimedOut),
-            },
+            Some(e) => {
+                match tokio::time::timeout_at(deadline, e.handle().spawn(async move { call() }))
+                    .await
+                {
+                    Ok(Ok(done)) => done,
+                    Ok(Err(join)) => return (None, Decision::Panicked(join.to_string())),
+                    Err(_) => return (None, Decision::TimedOut),
+                }
+            }
             None => call(),
         };
         let (req, result, deferred) = called;

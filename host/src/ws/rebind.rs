@@ -129,7 +129,10 @@ impl SessionIo {
                 }
                 (SessionIo::Tls(Box::new(tls)), parts.read_buf)
             }
-            Err(upgraded) => (SessionIo::Other(TokioIo::new(upgraded)), bytes::Bytes::new()),
+            Err(upgraded) => (
+                SessionIo::Other(TokioIo::new(upgraded)),
+                bytes::Bytes::new(),
+            ),
         }
     }
 }
