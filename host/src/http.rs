@@ -216,6 +216,7 @@ async fn plain(
         other => undecided(
             other,
             &plugin,
+            "request",
             parts.uri.path(),
             ctx.config.decision_timeout,
         ),
@@ -227,6 +228,7 @@ async fn plain(
 fn undecided(
     decision: Decision,
     plugin: &LoadedPlugin,
+    call: &str,
     path: &str,
     timeout: std::time::Duration,
 ) -> Response<Body> {
@@ -235,11 +237,11 @@ fn undecided(
         Decision::Answer(_) => internal_error(),
         Decision::Panicked(panic) => {
             tracing::error!(plugin = %name, generation, %panic, path,
-                "plugin panicked deciding a request; answered 500");
+                "plugin {call} handler panicked; answered 500");
             internal_error()
         }
         Decision::TimedOut => {
-            tracing::warn!(plugin = %name, generation, path, ?timeout,
+            tracing::warn!(plugin = %name, generation, path, ?timeout, call,
                 "plugin did not decide within --decision-timeout; answered 503");
             text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -247,7 +249,7 @@ fn undecided(
             )
         }
         Decision::Dropped => {
-            tracing::error!(plugin = %name, generation, path,
+            tracing::error!(plugin = %name, generation, path, call,
                 "plugin deferred a decision and dropped its responder; answered 500");
             internal_error()
         }
@@ -330,7 +332,7 @@ async fn websocket(
     let timeout = ctx.config.decision_timeout;
     let mut answer = match plugin.decide(map, timeout).await.1 {
         Decision::Answer(a) => a,
-        other => return undecided(other, &plugin, parts.uri.path(), timeout),
+        other => return undecided(other, &plugin, "upgrade", parts.uri.path(), timeout),
     };
     if answer.status != 101 {
         return plain_response(answer, &plugin);

@@ -189,17 +189,20 @@ impl Executor {
         stats
     }
 
-    /// Logs the calls running past `slow`: once past it, again at every doubling.
+    /// Logs the calls running past `slow`: once past it, again at every doubling. While a call
+    /// runs long, nudges the runtime so that its other workers keep polling for I/O.
     fn watch(&self, slow: Duration) {
         let now_us = epoch().elapsed().as_micros() as u64 + 1;
         let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         let mut logged = self.logged.lock().unwrap_or_else(PoisonError::into_inner);
         logged.resize(slots.len(), (0, 0));
+        let mut nudge = false;
         for (slot, (seen, times)) in slots.iter().zip(logged.iter_mut()) {
             let started = slot.started_us.load(Ordering::Acquire);
             if started == 0 {
                 continue;
             }
+            nudge |= now_us.saturating_sub(started) >= NUDGE_AFTER.as_micros() as u64;
             if started != *seen {
                 *seen = started;
                 *times = 0;
@@ -220,8 +223,19 @@ impl Executor {
                     self.workers);
             }
         }
+        drop((slots, logged));
+        if nudge {
+            // A tokio worker that runs a task does not poll the runtime's I/O driver, and the
+            // idle workers wait for it to hand the driver back: a worker held by plugin code
+            // would keep every connection of the plugin from being read. Waking an idle worker
+            // (with an empty task) makes it take the driver over when it parks again.
+            drop(self.handle.spawn(async {}));
+        }
     }
 }
+
+/// How long a call runs before its runtime is nudged (see [`Executor::watch`]).
+const NUDGE_AFTER: Duration = Duration::from_millis(5);
 
 /// Every executor's stats, for `/metrics`.
 pub(crate) fn all_stats(slow: Duration) -> Vec<ExecutorStats> {
