@@ -100,8 +100,12 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         .max_frame_size(Some(max_frame));
     let partial = Partial::new(Arc::clone(&budget));
     // The socket moves to this runtime (the plugin's) with what hyper read past the handshake.
-    let (io, read_ahead) = SessionIo::take(upgraded);
-    let io = Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead);
+    // (The bytes are copied out, and hyper's read buffer, which they may share, freed now: the
+    // session must not keep it for its lifetime.)
+    let io = {
+        let (io, read_ahead) = SessionIo::take(upgraded);
+        Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead)
+    };
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
     let max_send_queue = settings
         .max_send_queue
