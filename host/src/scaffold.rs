@@ -156,12 +156,15 @@ impl Plugin for {Type} {
     }
 }
 
-/// One WebSocket connection's callbacks. They run one at a time, in order, and must not block.
+/// One WebSocket connection's callbacks. They run one at a time, in order, on this plugin's own
+/// workers: one that blocks holds a worker meanwhile (long waits belong on your own threads;
+/// see `Request::defer` and `Conn::pause`).
 struct Connection;
 
 impl Handler for Connection {
     fn on_text(&mut self, conn: &Conn, text: &str) {
-        // A send fails only if the connection is closing or its queue is full.
+        // A send fails only if the connection is closing, its queue is full, or the message is
+        // larger than the whole queue.
         let _ = conn.send_text(&reply(text));
     }
 
