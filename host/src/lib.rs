@@ -15,11 +15,13 @@
 //! - [`channels`]: host-owned publish/subscribe; [`bus`]: sharing channels across hosts
 //!   through Redis.
 //! - [`plugin`]: loading (the only `unsafe` module), the probe process, the registry and
-//!   route table, hot reload.
+//!   route table, hot reload, each plugin's own runtime and the watchdog (`plugin::exec`),
+//!   retirement of generations off the I/O threads.
 //! - [`admin`]: the admin endpoint (`/status`, `/reload`) and its client.
 //!
 //! The binary (`main.rs`) parses the command line, installs logging, binds, and calls
-//! [`Server::serve`].
+//! [`Server::serve`]. `docs/architecture.md` shows the layers, the threads, and the path of a
+//! message and of a reload.
 
 use std::future::Future;
 use std::path::PathBuf;
