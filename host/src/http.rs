@@ -5,7 +5,6 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use abi_stable::std_types::{RString, RVec, Tuple2};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{self, HeaderName, HeaderValue};
@@ -13,7 +12,7 @@ use hyper::{Request, Response, StatusCode};
 
 use crate::config::Config;
 use crate::metrics::StatusLabel;
-use crate::plugin::{Answer, Decision, HostRequest, LoadedPlugin};
+use crate::plugin::{Answer, Decision, LoadedPlugin, RequestMap};
 use crate::proxy::client_ip;
 use crate::server::Ctx;
 use crate::ws::session;
@@ -89,7 +88,7 @@ fn request_map(
     route: &str,
     subprotocols: Vec<String>,
     body: Vec<u8>,
-) -> HostRequest {
+) -> RequestMap {
     let scheme = match (is_upgrade, ctx.tls.is_some()) {
         (true, false) => "ws",
         (true, true) => "wss",
@@ -107,29 +106,28 @@ fn request_map(
     } else {
         host.to_owned()
     };
-    HostRequest {
-        method: RString::from(parts.method.as_str()),
-        path: RString::from(parts.uri.path()),
-        query: RString::from(parts.uri.query().unwrap_or("")),
-        scheme: RString::from(scheme),
-        server_name: RString::from(server_name),
+    RequestMap {
+        method: parts.method.as_str().to_owned(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+        scheme,
+        server_name,
         server_port: local.port(),
-        remote_addr: RString::from(client.to_string()),
+        remote_addr: client.to_string(),
         headers: parts
             .headers
             .iter()
             .map(|(k, v)| {
-                Tuple2(
-                    RString::from(k.as_str()),
-                    RString::from(String::from_utf8_lossy(v.as_bytes()).as_ref()),
+                (
+                    k.as_str().to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
                 )
             })
             .collect(),
-        subprotocols: subprotocols.into_iter().map(RString::from).collect(),
-        body: RVec::from(body),
+        subprotocols,
+        body,
         is_upgrade,
-        route: RString::from(route),
-        deferred: Default::default(),
+        route: route.to_owned(),
     }
 }
 
@@ -211,7 +209,7 @@ async fn plain(
     };
     let client = client_ip(peer.ip(), &parts.headers, &ctx.config.trusted_proxies);
     let map = request_map(ctx, &parts, client, local, false, &route, Vec::new(), body);
-    match plugin.decide(map, ctx.config.decision_timeout).await.1 {
+    match plugin.decide(map, ctx.config.decision_timeout).await {
         Decision::Answer(answer) => plain_response(answer, &plugin),
         other => undecided(
             other,
@@ -330,7 +328,7 @@ async fn websocket(
         Vec::new(),
     );
     let timeout = ctx.config.decision_timeout;
-    let mut answer = match plugin.decide(map, timeout).await.1 {
+    let mut answer = match plugin.decide(map, timeout).await {
         Decision::Answer(a) => a,
         other => return undecided(other, &plugin, "upgrade", parts.uri.path(), timeout),
     };

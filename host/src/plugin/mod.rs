@@ -14,8 +14,8 @@ use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::sabi_types::RRef;
 use abi_stable::std_types::{RArc, ROption, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use plugin_api::abi::{
-    self, HandlerBox, HeaderPair, HostFfi, HostFfi_TO, PluginBox, RequestFfi, RequestFfi_TO,
-    ResponderFfi, ResponderFfi_TO, ResponseBox,
+    self, HeaderPair, HostFfi, HostFfi_TO, PluginBox, RequestFfi, RequestFfi_TO, ResponderFfi,
+    ResponderFfi_TO, ResponseBox,
 };
 use tokio_tungstenite::tungstenite::Message;
 
@@ -31,6 +31,9 @@ mod loader;
 pub mod probe;
 pub mod registry;
 pub(crate) mod retire;
+mod seam;
+
+pub(crate) use seam::{Callbacks, ConnOps, Handler, RequestMap};
 pub mod watcher;
 
 /// How many plugin libraries this process has mapped; they are never unmapped.
@@ -197,7 +200,7 @@ pub(crate) struct Answer {
     pub(crate) status: u16,
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) body: Vec<u8>,
-    pub(crate) handler: Option<HandlerBox>,
+    pub(crate) handler: Option<Handler>,
     pub(crate) settings: Settings,
 }
 
@@ -401,12 +404,12 @@ impl LoadedPlugin {
 
     /// Asks the plugin to decide `req` (its `upgrade`, or its `request` for a plain request) on
     /// the plugin's own runtime, and waits for the decision, deferred or not, at most `timeout`.
-    /// Returns the request back with the decision.
     pub(crate) async fn decide(
         self: &Arc<Self>,
-        req: HostRequest,
+        req: RequestMap,
         timeout: std::time::Duration,
-    ) -> (Option<HostRequest>, Decision) {
+    ) -> Decision {
+        let req = HostRequest::from(req);
         let deadline = tokio::time::Instant::now() + timeout;
         let plugin = Arc::clone(self);
         let call = move || {
@@ -435,27 +438,29 @@ impl LoadedPlugin {
                     .await
                 {
                     Ok(Ok(done)) => done,
-                    Ok(Err(join)) => return (None, Decision::Panicked(join.to_string())),
-                    Err(_) => return (None, Decision::TimedOut),
+                    Ok(Err(join)) => return Decision::Panicked(join.to_string()),
+                    Err(_) => return Decision::TimedOut,
                 }
             }
             None => call(),
         };
         let (req, result, deferred) = called;
+        // Nothing of the plugin's is in the request any more.
+        drop(req);
         let answer = match result {
-            Err(panic) => return (Some(req), Decision::Panicked(panic)),
+            Err(panic) => return Decision::Panicked(panic),
             Ok(answer) => answer,
         };
         let Some(rx) = deferred else {
-            return (Some(req), Decision::Answer(answer));
+            return Decision::Answer(answer);
         };
         // The returned response only stood in for the deferred one.
         self.drop_there(answer);
         match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(Ok(answer))) => (Some(req), Decision::Answer(answer)),
-            Ok(Ok(Err(panic))) => (Some(req), Decision::Panicked(panic)),
-            Ok(Err(_)) => (Some(req), Decision::Dropped),
-            Err(_) => (Some(req), Decision::TimedOut),
+            Ok(Ok(Ok(answer))) => Decision::Answer(answer),
+            Ok(Ok(Err(panic))) => Decision::Panicked(panic),
+            Ok(Err(_)) => Decision::Dropped,
+            Err(_) => Decision::TimedOut,
         }
     }
 
@@ -585,7 +590,7 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
             .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
             .collect(),
         body: resp.take_body().into_vec(),
-        handler: resp.take_handler().into_option(),
+        handler: resp.take_handler().into_option().map(Handler),
         settings,
     })
 }

@@ -5,9 +5,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use abi_stable::std_types::{RSlice, RStr, RString};
 use futures_util::task::AtomicWaker;
-use plugin_api::abi::ConnFfi;
 use plugin_api::SendError;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -402,55 +400,42 @@ impl ConnShared {
     }
 }
 
-/// The host's implementation of a plugin's connection handle.
-#[derive(Debug, Clone)]
-pub(crate) struct ConnRef(pub(crate) Arc<ConnShared>);
-
-fn code(r: Result<(), SendError>) -> u32 {
-    match r {
-        Ok(()) => 0,
-        Err(e) => e.code(),
-    }
-}
-
-impl ConnFfi for ConnRef {
+impl crate::plugin::ConnOps for ConnShared {
     fn id(&self) -> u64 {
-        self.0.id
+        self.id
     }
-    fn remote_addr(&self) -> RString {
-        RString::from(self.0.remote.as_str())
+    fn remote_addr(&self) -> &str {
+        &self.remote
     }
     fn is_open(&self) -> bool {
-        self.0.is_open()
+        ConnShared::is_open(self)
     }
-    fn send_text(&self, text: RStr<'_>) -> u32 {
-        code(self.0.enqueue(Message::text(text.as_str())))
+    fn send_text(&self, text: &str) -> Result<(), SendError> {
+        self.enqueue(Message::text(text))
     }
-    fn send_binary(&self, data: RSlice<'_, u8>) -> u32 {
-        let bytes = bytes::Bytes::copy_from_slice(data.as_slice());
-        code(self.0.enqueue(Message::Binary(bytes)))
+    fn send_binary(&self, data: &[u8]) -> Result<(), SendError> {
+        self.enqueue(Message::Binary(bytes::Bytes::copy_from_slice(data)))
     }
-    fn ping(&self, payload: RSlice<'_, u8>) -> u32 {
+    fn ping(&self, payload: &[u8]) -> Result<(), SendError> {
         if payload.len() > 125 {
-            return SendError::PayloadTooLong.code();
+            return Err(SendError::PayloadTooLong);
         }
-        let bytes = bytes::Bytes::copy_from_slice(payload.as_slice());
-        code(self.0.enqueue(Message::Ping(bytes)))
+        self.enqueue(Message::Ping(bytes::Bytes::copy_from_slice(payload)))
     }
-    fn close(&self, close_code: u16, reason: RStr<'_>) -> u32 {
-        code(self.0.close(close_code, reason.as_str()))
+    fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
+        ConnShared::close(self, code, reason)
     }
     fn buffered_amount(&self) -> u64 {
-        self.0.buffered()
+        self.buffered()
     }
-    fn subscribe(&self, channel: RStr<'_>) -> u32 {
-        code(self.0.subscribe(channel.as_str()))
+    fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), SendError> {
+        ConnShared::subscribe(self, channel)
     }
-    fn unsubscribe(&self, channel: RStr<'_>) -> bool {
-        self.0.unsubscribe(channel.as_str())
+    fn unsubscribe(&self, channel: &str) -> bool {
+        ConnShared::unsubscribe(self, channel)
     }
     fn set_paused(&self, paused: bool) {
-        self.0.set_paused(paused);
+        ConnShared::set_paused(self, paused);
     }
 }
 

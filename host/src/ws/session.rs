@@ -6,12 +6,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use abi_stable::sabi_trait::TD_Opaque;
-use abi_stable::std_types::{RArc, RResult, RSlice, RStr, RString};
 use std::task::{Context, Poll};
 
 use futures_util::{SinkExt, StreamExt};
-use plugin_api::abi::{ConnFfi_TO, ConnHandle, HandlerBox};
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
@@ -19,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::conn::{ConnRef, ConnShared};
+use super::conn::ConnShared;
 use super::counted::{Counted, Partial, BUDGET_EXHAUSTED};
 use super::rebind::SessionIo;
 use crate::channels::Hub;
@@ -44,7 +41,7 @@ pub(crate) struct Start {
     /// The session's place under the connection limits.
     pub(crate) admission: crate::server::Admission,
     pub(crate) plugin: Arc<LoadedPlugin>,
-    pub(crate) handler: HandlerBox,
+    pub(crate) handler: crate::plugin::Handler,
     pub(crate) settings: Settings,
     pub(crate) hub: Arc<Hub>,
     pub(crate) budget: Arc<super::conn::SendBudget>,
@@ -120,15 +117,14 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         Arc::clone(&metrics),
         max_send_queue,
     );
-    let handle: ConnHandle = ConnFfi_TO::from_ptr(RArc::new(ConnRef(Arc::clone(&conn))), TD_Opaque);
+    let callbacks = crate::plugin::Callbacks::new(handler, Arc::clone(&conn));
     let mut ws = ws;
     let mut out = Out::default();
 
     tracing::debug!("connection open");
     plugin.connection_opened();
     let mut s = Session {
-        handler,
-        handle,
+        callbacks,
         conn,
         slow: config.slow_callback,
         failed: false,
@@ -137,7 +133,7 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         counts: Counts::default(),
         durations: Default::default(),
     };
-    s.call("on_connect", |h, c| h.on_connect(c));
+    s.call("on_connect", |cb| cb.on_connect());
     let timing = Timing::new(config, &settings);
     let (code, reason) = s
         .read_loop(&mut ws, &mut out, &shutdown, timing, &partial)
@@ -145,9 +141,7 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
     partial.delivered();
     s.counts.flush_in(&metrics);
     s.conn.finish();
-    s.call_always("on_close", |h, c| {
-        h.on_close(c, code, RStr::from_str(&reason))
-    });
+    s.call_always("on_close", |cb| cb.on_close(code, &reason));
     s.durations.flush_into(&metrics.callback_seconds);
     plugin.connection_closed();
     drop(admission);
@@ -170,8 +164,8 @@ fn clamp_usize(v: u64) -> usize {
 }
 
 struct Session {
-    handler: HandlerBox,
-    handle: ConnHandle,
+    /// The plugin's callbacks, bound to this connection.
+    callbacks: crate::plugin::Callbacks,
     conn: Arc<ConnShared>,
     slow: Duration,
     /// A callback panicked: no more callbacks but `on_close`.
@@ -316,7 +310,7 @@ impl Session {
             // Flags the connection's handle set (and woke this task for): a send that was
             // refused has drained; a close was queued (its handshake has a deadline).
             if conn.take_drained() {
-                self.call("on_drain", |h, c| h.on_drain(c));
+                self.call("on_drain", |cb| cb.on_drain());
             }
             if conn.take_closing() && close_deadline.is_none() {
                 close_deadline = Some(Instant::now() + timing.close_timeout);
@@ -344,24 +338,18 @@ impl Session {
                     match msg {
                         Message::Text(t) => {
                             if self.data_in(t.len(), &mut last_data_in, rate.as_mut()) {
-                                self.call_at(last_data_in, "on_text", |h, c| {
-                                    h.on_text(c, RStr::from_str(t.as_str()))
-                                });
+                                self.call_at(last_data_in, "on_text", |cb| cb.on_text(t.as_str()));
                             }
                         }
                         Message::Binary(b) => {
                             if self.data_in(b.len(), &mut last_data_in, rate.as_mut()) {
-                                self.call_at(last_data_in, "on_binary", |h, c| {
-                                    h.on_binary(c, RSlice::from_slice(&b))
-                                });
+                                self.call_at(last_data_in, "on_binary", |cb| cb.on_binary(&b));
                             }
                         }
-                        Message::Ping(p) => self.call("on_ping", |h, c| {
-                            h.on_ping(c, RSlice::from_slice(&p))
-                        }),
+                        Message::Ping(p) => self.call("on_ping", |cb| cb.on_ping(&p)),
                         Message::Pong(p) => {
                             awaiting_pong = None;
-                            self.call("on_pong", |h, c| h.on_pong(c, RSlice::from_slice(&p)));
+                            self.call("on_pong", |cb| cb.on_pong(&p));
                         }
                         Message::Close(frame) => {
                             peer_close = Some(frame.map_or((1005, String::new()), |f| {
@@ -521,7 +509,7 @@ impl Session {
         };
         tracing::debug!(error = %e, close_code = ?code, "connection error");
         let text = e.to_string();
-        self.call("on_error", |h, c| h.on_error(c, RStr::from_str(&text)));
+        self.call("on_error", |cb| cb.on_error(&text));
         if let Some(code) = code {
             self.close_by_host(code, "");
         }
@@ -530,7 +518,7 @@ impl Session {
     fn call(
         &mut self,
         name: &'static str,
-        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+        f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
     ) {
         if !self.failed {
             self.call_always(name, f);
@@ -540,7 +528,7 @@ impl Session {
     fn call_always(
         &mut self,
         name: &'static str,
-        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+        f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
     ) {
         self.run_callback(Instant::now(), name, f);
     }
@@ -550,7 +538,7 @@ impl Session {
         &mut self,
         now: Instant,
         name: &'static str,
-        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+        f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
     ) {
         if !self.failed {
             self.run_callback(now, name, f);
@@ -561,11 +549,11 @@ impl Session {
         &mut self,
         started: Instant,
         name: &'static str,
-        f: impl FnOnce(&mut HandlerBox, &ConnHandle) -> RResult<(), RString>,
+        f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
     ) {
         self.conn.set_in_callback(true);
         crate::plugin::exec::enter(crate::plugin::exec::call_index(name), self.conn.id, started);
-        let result = f(&mut self.handler, &self.handle);
+        let result = f(&mut self.callbacks);
         crate::plugin::exec::leave();
         self.conn.set_in_callback(false);
         let elapsed = started.elapsed();
@@ -580,7 +568,7 @@ impl Session {
                  move blocking work to a plugin thread"
             );
         }
-        if let RResult::RErr(panic) = result {
+        if let Err(panic) = result {
             tracing::error!(callback = name, %panic,
                 "plugin callback panicked; closing the connection with 1011");
             self.failed = true;
