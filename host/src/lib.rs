@@ -137,11 +137,6 @@ impl Server {
         self
     }
 
-    /// The loaded plugins.
-    pub fn registry(&self) -> &Registry {
-        &self.registry
-    }
-
     /// A handle that asks the server to rescan its plugins directory (e.g. on SIGHUP).
     pub fn reloader(&self) -> Reloader {
         self.reloader.clone()
@@ -207,14 +202,4 @@ impl Server {
         stop_watching.cancel();
         reloads.abort();
     }
-}
-
-/// Loads the plugins of `config` and serves `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    config: Config,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), Error> {
-    Server::new(config)?.serve(listener, shutdown).await;
-    Ok(())
 }

@@ -533,18 +533,6 @@ impl Conn {
     }
 }
 
-/// Wraps a host-implemented handle (used by the host and by tests of plugins).
-#[doc(hidden)]
-pub fn conn_from_handle(handle: ConnHandle) -> Conn {
-    Conn(handle)
-}
-
-/// Wraps a host-implemented service handle.
-#[doc(hidden)]
-pub fn host_from_handle(handle: HostHandle) -> crate::Host {
-    crate::Host::from_handle(handle)
-}
-
 // ----------------------------------------------------------------------------------------------
 // The root module and the library header, as `export_plugin!` emits them.
 

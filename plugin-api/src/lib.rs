@@ -89,6 +89,7 @@ use abi_stable::std_types::{RSlice, RStr, RString, RVec, Tuple2};
     unsafe_code,
     reason = "the ABI module: sabi_trait impls, the Conn ref-cast, the header"
 )]
+#[doc(hidden)]
 pub mod abi;
 
 pub use abi::{Conn, API_VERSION};

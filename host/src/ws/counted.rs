@@ -21,8 +21,16 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::conn::SendBudget;
 
-/// The message the budget refused bytes with (the reader closes with 1013 on it).
-pub(crate) const BUDGET_EXHAUSTED: &str = "memory budget for buffered bytes exhausted";
+/// The error the budget refuses bytes with (the session closes with 1013 on it).
+#[derive(Debug, thiserror::Error)]
+#[error("memory budget for buffered bytes exhausted")]
+pub(crate) struct BudgetExhausted;
+
+/// Whether an I/O error is the budget's refusal.
+pub(crate) fn is_budget_exhausted(e: &io::Error) -> bool {
+    e.get_ref()
+        .is_some_and(|inner| inner.is::<BudgetExhausted>())
+}
 
 /// What the socket and the reader share: bytes read since the last delivered message.
 #[derive(Debug)]
@@ -101,7 +109,7 @@ impl<S> Counted<S> {
         if read > 0 {
             let p = &self.partial;
             if !p.budget.take(read) {
-                return Err(io::Error::other(BUDGET_EXHAUSTED));
+                return Err(io::Error::other(BudgetExhausted));
             }
             if p.bytes.fetch_add(read, Ordering::AcqRel) == 0 {
                 let ms = p.start.elapsed().as_millis() as u64 + 1;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use super::conn::ConnShared;
-use super::counted::{Counted, Partial, BUDGET_EXHAUSTED};
+use super::counted::{Counted, Partial};
 use super::rebind::SessionIo;
 use crate::channels::Hub;
 use crate::config::Config;
@@ -240,6 +240,65 @@ impl Timing {
     }
 }
 
+/// Why the host closes a connection itself, each with the code (RFC 6455 §7.4.1) and the reason
+/// it sends; `on_close` is told the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CloseReason {
+    /// The host is shutting down (SIGTERM): 1001.
+    ShuttingDown,
+    /// No data messages either way for `--idle-timeout`: 1001.
+    IdleTimeout,
+    /// No pong within `--pong-timeout` (the peer is gone; `on_close` gets 1006): 1001.
+    PingTimeout,
+    /// The peer broke the protocol: 1002.
+    ProtocolError,
+    /// A text message that is not UTF-8: 1007.
+    InvalidUtf8,
+    /// A message did not arrive whole within `--message-timeout`: 1008.
+    MessageTimeout,
+    /// More data messages per second than `--max-message-rate`: 1008.
+    RateLimit,
+    /// A message or frame over the connection's limit: 1009.
+    TooBig,
+    /// A callback of the plugin panicked: 1011.
+    PluginPanicked,
+    /// Any other failure on the host's side: 1011.
+    InternalError,
+    /// Incoming data did not fit the host's memory budget (`--max-buffered-total`): 1013.
+    MemoryBudget,
+}
+
+impl CloseReason {
+    /// The close code sent.
+    pub(crate) fn code(self) -> u16 {
+        match self {
+            Self::ShuttingDown | Self::IdleTimeout | Self::PingTimeout => 1001,
+            Self::ProtocolError => 1002,
+            Self::InvalidUtf8 => 1007,
+            Self::MessageTimeout | Self::RateLimit => 1008,
+            Self::TooBig => 1009,
+            Self::PluginPanicked | Self::InternalError => 1011,
+            Self::MemoryBudget => 1013,
+        }
+    }
+
+    /// The close reason sent.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Self::ShuttingDown => "going away",
+            Self::IdleTimeout => "idle timeout",
+            Self::PingTimeout => "ping timeout",
+            Self::ProtocolError => "protocol error",
+            Self::InvalidUtf8 => "invalid UTF-8",
+            Self::MessageTimeout => "message timeout",
+            Self::RateLimit => "message rate limit exceeded",
+            Self::TooBig => "message too big",
+            Self::PluginPanicked | Self::InternalError => "internal error",
+            Self::MemoryBudget => "server busy: try again later",
+        }
+    }
+}
+
 /// A token bucket: `rate` messages a second, bursts of as many.
 struct RateLimit {
     rate: f64,
@@ -271,8 +330,9 @@ impl RateLimit {
 }
 
 impl Session {
-    /// Starts the close handshake for a reason of the host's; `on_close` will get this code.
-    fn close_by_host(&mut self, code: u16, reason: &str) {
+    /// Starts the close handshake for a reason of the host's; `on_close` will get its code.
+    fn close_by_host(&mut self, why: CloseReason) {
+        let (code, reason) = (why.code(), why.reason());
         if self.conn.close_unchecked(code, reason).is_ok() {
             self.host_close = Some((code, reason.to_owned()));
         }
@@ -374,7 +434,7 @@ impl Session {
                 },
                 () = &mut cancelled, if !shutting_down => {
                     shutting_down = true;
-                    self.close_by_host(1001, "going away");
+                    self.close_by_host(CloseReason::ShuttingDown);
                 }
                 () = &mut timer => {
                     let now = Instant::now();
@@ -387,7 +447,8 @@ impl Session {
                     if !paused && awaiting_pong.is_some_and(|sent| now >= sent + timing.pong_timeout) {
                         tracing::info!(pong_timeout = ?timing.pong_timeout,
                             "no pong in time; dropping the connection");
-                        let _ = conn.close_unchecked(1001, "ping timeout");
+                        let why = CloseReason::PingTimeout;
+                        let _ = conn.close_unchecked(why.code(), why.reason());
                         // The peer is gone: it sent no close frame.
                         return (1006, String::new());
                     }
@@ -406,14 +467,14 @@ impl Session {
                         if partial.pending_for(now).is_some_and(|d| d >= limit) && conn.is_open() {
                             tracing::info!(message_timeout = ?limit,
                                 "a message took too long to arrive; closing with 1008");
-                            self.close_by_host(1008, "message timeout");
+                            self.close_by_host(CloseReason::MessageTimeout);
                         }
                     }
                     if let Some(idle) = timing.idle_timeout {
                         let last = last_data_in.max(conn.last_data_out());
                         if now >= last + idle && conn.is_open() {
                             tracing::info!(idle_timeout = ?idle, "idle connection closed");
-                            self.close_by_host(1001, "idle timeout");
+                            self.close_by_host(CloseReason::IdleTimeout);
                         }
                     }
                     wake = self.next_wake(&timing, next_ping, awaiting_pong,
@@ -491,27 +552,29 @@ impl Session {
                 "message rate limit exceeded; closing with 1008"
             );
             self.failed = true;
-            self.close_by_host(1008, "message rate limit exceeded");
+            self.close_by_host(CloseReason::RateLimit);
         }
         false
     }
 
     /// The socket failed: tell the plugin, and close with the code RFC 6455 asks for.
     fn read_error(&mut self, e: WsError) {
-        let code = match &e {
+        let why = match &e {
             WsError::ConnectionClosed | WsError::AlreadyClosed => return,
-            WsError::Io(io) if io.to_string() == BUDGET_EXHAUSTED => Some(1013),
+            WsError::Io(io) if super::counted::is_budget_exhausted(io) => {
+                Some(CloseReason::MemoryBudget)
+            }
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::Io(_) => None,
-            WsError::Protocol(_) => Some(1002),
-            WsError::Utf8(_) => Some(1007),
-            WsError::Capacity(_) => Some(1009),
-            _ => Some(1011),
+            WsError::Protocol(_) => Some(CloseReason::ProtocolError),
+            WsError::Utf8(_) => Some(CloseReason::InvalidUtf8),
+            WsError::Capacity(_) => Some(CloseReason::TooBig),
+            _ => Some(CloseReason::InternalError),
         };
-        tracing::debug!(error = %e, close_code = ?code, "connection error");
+        tracing::debug!(error = %e, close_code = ?why.map(CloseReason::code), "connection error");
         let text = e.to_string();
         self.call("on_error", |cb| cb.on_error(&text));
-        if let Some(code) = code {
-            self.close_by_host(code, "");
+        if let Some(why) = why {
+            self.close_by_host(why);
         }
     }
 
@@ -572,7 +635,7 @@ impl Session {
             tracing::error!(callback = name, %panic,
                 "plugin callback panicked; closing the connection with 1011");
             self.failed = true;
-            self.close_by_host(1011, "internal error");
+            self.close_by_host(CloseReason::PluginPanicked);
         }
     }
 }
