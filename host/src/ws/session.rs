@@ -143,6 +143,15 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
     s.conn.finish();
     s.call_always("on_close", |cb| cb.on_close(code, &reason));
     s.durations.flush_into(&metrics.callback_seconds);
+    // The handler's drop is plugin code too: on the watchdog's books.
+    crate::plugin::exec::enter(
+        crate::plugin::exec::call_index("drop"),
+        s.conn.id,
+        Instant::now(),
+    );
+    let Session { callbacks, .. } = s;
+    drop(callbacks);
+    crate::plugin::exec::leave();
     plugin.connection_closed();
     drop(admission);
     tracing::debug!(code, %reason, "connection closed");
