@@ -129,10 +129,13 @@ impl SessionIo {
                 }
                 (SessionIo::Tls(Box::new(tls)), parts.read_buf)
             }
-            Err(upgraded) => (
-                SessionIo::Other(TokioIo::new(upgraded)),
-                bytes::Bytes::new(),
-            ),
+            Err(upgraded) => {
+                tracing::debug!("unknown socket type; it stays on the host's runtime");
+                (
+                    SessionIo::Other(TokioIo::new(upgraded)),
+                    bytes::Bytes::new(),
+                )
+            }
         }
     }
 }
