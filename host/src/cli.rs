@@ -1,5 +1,6 @@
-//! The command line: `wshost serve` and `wshost check`, every flag also read from a
-//! `WSHOST_*` environment variable.
+//! The command line: `wshost serve`, `check`, `config`, `status`, `reload`, `new` (and the
+//! hidden `probe`), every flag also read from a `WSHOST_*` environment variable, and the
+//! parsers that bound every size and duration.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
