@@ -76,6 +76,8 @@ pub struct Server {
     config: Config,
     registry: Arc<Registry>,
     reloader: Reloader,
+    /// The watch on the plugins directory, set up before the first load.
+    watcher: Option<plugin::watcher::Watch>,
     reload_rx: tokio::sync::mpsc::UnboundedReceiver<
         Option<tokio::sync::oneshot::Sender<plugin::registry::ReloadReport>>,
     >,
@@ -113,18 +115,33 @@ impl Server {
             .with_config_file(config.config_file.clone())
             .with_max_plugin_size(config.max_plugin_size)
             .with_plugin_workers(config.plugin_workers);
+        // Watch first, then load: a file put in meanwhile is seen by one or the other (the
+        // watch's reload waits until serving starts).
+        let (reloader, reload_rx) = Reloader::new();
+        let watcher = if config.watch {
+            match plugin::watcher::watch(&config.plugins_dir, reloader.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!(dir = %config.plugins_dir.display(), error = %e,
+                        "cannot watch the plugins directory; reload with SIGHUP or `wshost reload`");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         registry
             .reconcile(&config.plugins_dir)
             .map_err(|source| Error::PluginsDir {
                 dir: config.plugins_dir.clone(),
                 source,
             })?;
-        let (reloader, reload_rx) = Reloader::new();
         Ok(Self {
             config,
             registry: Arc::new(registry),
             reloader,
             reload_rx,
+            watcher,
             admin: None,
             tls,
             bus,
@@ -157,22 +174,10 @@ impl Server {
         ));
         let stop_watching = tokio_util::sync::CancellationToken::new();
         if self.config.watch {
-            let first = match plugin::watcher::watch(&dir, self.reloader.clone()) {
-                Ok(w) => {
-                    // A file put in since the first load and before the watch began.
-                    self.reloader.request();
-                    Some(w)
-                }
-                Err(e) => {
-                    tracing::error!(dir = %dir.display(), error = %e,
-                        "cannot watch the plugins directory; reload with SIGHUP or `wshost reload`");
-                    None
-                }
-            };
             tokio::spawn(plugin::watcher::keep_watching(
                 dir.clone(),
                 self.reloader.clone(),
-                first,
+                self.watcher,
                 stop_watching.clone(),
             ));
         }

@@ -143,6 +143,9 @@ pub(crate) async fn keep_watching(
     }
 }
 
+/// A watch on a directory: it lasts as long as this value.
+pub type Watch = Debouncer<notify::RecommendedWatcher>;
+
 /// Watches `dir`; keep the returned value alive to keep watching.
 pub(crate) fn watch(
     dir: &Path,
