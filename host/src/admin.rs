@@ -19,6 +19,9 @@ use crate::metrics::Metrics;
 use crate::plugin::registry::Registry;
 use crate::plugin::watcher::Reloader;
 
+/// The admin endpoint's default address: loopback only.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:8181";
+
 /// Most admin connections at once: one local user cannot hold the host's descriptors.
 pub const MAX_ADMIN_CONNECTIONS: usize = 32;
 
@@ -293,7 +296,7 @@ pub fn default_client_addr() -> AdminAddr {
     std::fs::read_to_string(runtime_file())
         .ok()
         .and_then(|t| t.trim().parse().ok())
-        .unwrap_or_else(|| AdminAddr::Tcp(crate::cli::DEFAULT_ADMIN.to_owned()))
+        .unwrap_or_else(|| AdminAddr::Tcp(DEFAULT_ADMIN.to_owned()))
 }
 
 /// Why an admin request failed.

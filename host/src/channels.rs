@@ -13,9 +13,14 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::bus::Link;
-use crate::ws::conn::ConnShared;
 
-type Subscribers = HashMap<u64, Arc<ConnShared>>;
+/// What a channel delivers to: a connection, as far as channels go.
+pub(crate) trait Subscriber: Send + Sync + std::fmt::Debug {
+    /// Queues `msg`; false if it was not taken (closed, queue full, too large).
+    fn deliver(&self, msg: Message) -> bool;
+}
+
+type Subscribers = HashMap<u64, Arc<dyn Subscriber>>;
 
 /// One channel. Its lock is held for the whole of a publish, so every subscriber sees the
 /// channel's messages in the same order (a reply published after a message is never delivered
@@ -59,8 +64,15 @@ impl Hub {
         plugins.get(plugin).and_then(|c| c.get(channel)).cloned()
     }
 
-    /// Subscribes `conn` to `channel` of `plugin`; returns false if it already was.
-    pub(crate) fn subscribe(&self, plugin: &str, channel: &str, conn: &Arc<ConnShared>) -> bool {
+    /// Subscribes `conn` (connection `id`) to `channel` of `plugin`; returns false if it
+    /// already was.
+    pub(crate) fn subscribe(
+        &self,
+        plugin: &str,
+        channel: &str,
+        id: u64,
+        conn: Arc<dyn Subscriber>,
+    ) -> bool {
         let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
         let channels = plugins.entry(plugin.to_owned()).or_default();
         let ch = match channels.get(channel) {
@@ -73,7 +85,7 @@ impl Hub {
                 channels.entry(channel.to_owned()).or_default()
             }
         };
-        let added = ch.subs().insert(conn.id, Arc::clone(conn)).is_none();
+        let added = ch.subs().insert(id, conn).is_none();
         added
     }
 
@@ -111,7 +123,7 @@ impl Hub {
         let subs = ch.subs();
         let local = subs
             .values()
-            .filter(|conn| conn.enqueue(msg.clone()).is_ok())
+            .filter(|conn| conn.deliver(msg.clone()))
             .count() as u64;
         // Still under the channel's lock: other hosts get this host's publishes in the order
         // its own subscribers do.
@@ -128,7 +140,7 @@ impl Hub {
         };
         let subs = ch.subs();
         subs.values()
-            .filter(|conn| conn.enqueue(msg.clone()).is_ok())
+            .filter(|conn| conn.deliver(msg.clone()))
             .count() as u64
     }
 

@@ -18,7 +18,7 @@ pub const ENV_PLUGINS: &str = "WSHOST_PLUGINS";
 /// Environment variable for `--admin-listen` (serve) and `--admin` (status, reload).
 pub const ENV_ADMIN: &str = "WSHOST_ADMIN_LISTEN";
 /// The admin endpoint's default address: loopback only.
-pub const DEFAULT_ADMIN: &str = "127.0.0.1:8181";
+pub use crate::admin::DEFAULT_ADMIN;
 
 /// wshost: a WebSocket server whose handlers are plugins.
 #[derive(Debug, Parser)]
@@ -377,40 +377,20 @@ pub struct CheckArgs {
     pub files: Vec<PathBuf>,
 }
 
-/// A duration of at most [`crate::config::MAX_DURATION`] (longer ones would overflow the
-/// clock arithmetic of every connection).
-pub fn duration(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s.trim())
-        .map_err(|e| format!("`{s}`: {e} (e.g. 500ms, 5s, 1m)"))?;
-    if d > crate::config::MAX_DURATION {
-        return Err(format!(
-            "`{s}` is too long: at most {}",
-            humantime::format_duration(crate::config::MAX_DURATION)
-        ));
-    }
-    Ok(d)
-}
+pub use crate::units::{duration, nonzero_duration, size, size_u64};
 
-/// A [`duration`] that is not zero.
-pub fn nonzero_duration(s: &str) -> Result<Duration, String> {
-    match duration(s)? {
-        d if d.is_zero() => Err(format!("`{s}`: must be longer than zero")),
-        d => Ok(d),
-    }
-}
-
-/// A size or count of at least 1.
-pub fn size(s: &str) -> Result<usize, String> {
-    match s.trim().parse::<usize>() {
-        Ok(0) => Err(format!("`{s}`: must be at least 1")),
-        Ok(n) => Ok(n),
-        Err(e) => Err(format!("`{s}`: {e} (a whole number of at least 1)")),
-    }
-}
-
-/// As [`size`], as a `u64`.
-pub fn size_u64(s: &str) -> Result<u64, String> {
-    size(s).map(|n| n as u64)
+/// Reads only the `[plugin.NAME]` sections of `file` (after checking all of it), as a reload
+/// does.
+pub fn load_plugin_sections(
+    file: &std::path::Path,
+) -> Result<
+    std::collections::BTreeMap<String, crate::config_file::PluginSection>,
+    crate::config_file::ConfigError,
+> {
+    use clap::CommandFactory as _;
+    let cli = Cli::command();
+    let serve = cli.find_subcommand("serve").expect("serve is a subcommand");
+    crate::config_file::load(file, serve).map(|f| f.plugins)
 }
 
 /// The version line: the host's and the plugin interface's.

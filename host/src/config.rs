@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use crate::plugin::probe::Probe;
 use std::time::Duration;
 
-/// The longest duration any setting may have (a year): longer ones would overflow the clock
-/// arithmetic of connections.
-pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+pub use crate::units::MAX_DURATION;
 
 /// How the host runs. `Default` gives values that are safe on the open internet.
 #[derive(Debug, Clone)]

@@ -113,15 +113,6 @@ fn line_of(text: &str, section: Option<&str>, key: &str) -> usize {
     0
 }
 
-/// Reads only the `[plugin.NAME]` sections of `file` (after checking all of it), as a reload
-/// does.
-pub fn load_plugin_sections(file: &Path) -> Result<BTreeMap<String, PluginSection>, ConfigError> {
-    use clap::CommandFactory as _;
-    let cli = crate::cli::Cli::command();
-    let serve = cli.find_subcommand("serve").expect("serve is a subcommand");
-    load(file, serve).map(|f| f.plugins)
-}
-
 /// Reads `file` against the arguments of the `serve` command.
 pub fn load(file: &Path, serve: &clap::Command) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
@@ -264,7 +255,7 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
         )),
     };
     let time = |k: &str, v: &toml::Value| match v.as_str() {
-        Some(s) => crate::cli::duration(s).map_err(|e| (k.to_owned(), e)),
+        Some(s) => crate::units::duration(s).map_err(|e| (k.to_owned(), e)),
         None => Err((
             k.to_owned(),
             "must be a duration like \"30s\" or \"500ms\"".to_owned(),

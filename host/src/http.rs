@@ -11,10 +11,10 @@ use hyper::header::{self, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use crate::config::Config;
+use crate::context::Ctx;
 use crate::metrics::StatusLabel;
 use crate::plugin::{Answer, Decision, LoadedPlugin, RequestMap};
 use crate::proxy::client_ip;
-use crate::server::Ctx;
 use crate::ws::session;
 use crate::ws::upgrade::{self, Handshake};
 

@@ -30,11 +30,13 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 pub mod admin;
+mod budget;
 pub mod bus;
 pub mod channels;
 pub mod cli;
 pub mod config;
 pub mod config_file;
+mod context;
 mod http;
 pub mod metrics;
 pub mod plugin;
@@ -42,6 +44,7 @@ mod proxy;
 pub mod scaffold;
 mod server;
 pub mod tls;
+pub mod units;
 mod ws;
 
 pub use config::Config;
@@ -112,7 +115,12 @@ impl Server {
         let registry = Registry::new(hub, config.probe.clone())
             .map_err(Error::PrivateDir)?
             .with_plugin_sections(config.plugins.clone())
-            .with_config_file(config.config_file.clone())
+            .with_config_file(
+                config.config_file.clone(),
+                plugin::registry::SectionReader(Arc::new(|file| {
+                    cli::load_plugin_sections(file).map_err(|e| e.to_string())
+                })),
+            )
             .with_max_plugin_size(config.max_plugin_size)
             .with_plugin_workers(config.plugin_workers);
         // Watch first, then load: a file put in meanwhile is seen by one or the other (the
@@ -181,12 +189,12 @@ impl Server {
                 stop_watching.clone(),
             ));
         }
-        let budget = Arc::new(ws::conn::SendBudget::new(self.config.max_buffered_total));
+        let budget = Arc::new(budget::MemoryBudget::new(self.config.max_buffered_total));
         let metrics = Arc::new(metrics::Metrics::new(
             Arc::clone(&self.registry),
             Arc::clone(&budget),
         ));
-        let ctx = Arc::new(server::Ctx::new(
+        let ctx = Arc::new(context::Ctx::new(
             self.config,
             Arc::clone(&self.registry),
             self.tls,

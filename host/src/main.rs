@@ -353,7 +353,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         timeout: std::time::Duration::from_secs(10),
     };
     let sections = match &args.config {
-        Some(file) => wshost::config_file::load_plugin_sections(file)
+        Some(file) => wshost::cli::load_plugin_sections(file)
             .map_err(|e| anyhow::anyhow!("config file: {e}"))?,
         None => Default::default(),
     };

@@ -14,8 +14,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 
+use crate::budget::MemoryBudget;
 use crate::plugin::registry::Registry;
-use crate::ws::conn::SendBudget;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StatusLabel {
@@ -139,7 +139,7 @@ impl EncodeMetric for CallbackHistogram {
 
 impl Metrics {
     /// Metrics for a host whose plugins are in `registry`.
-    pub(crate) fn new(registry: Arc<Registry>, budget: Arc<SendBudget>) -> Self {
+    pub(crate) fn new(registry: Arc<Registry>, budget: Arc<MemoryBudget>) -> Self {
         let mut prom = prometheus_client::registry::Registry::with_prefix("wshost");
         let m = Self {
             upgrades: Family::default(),
@@ -238,7 +238,7 @@ impl Metrics {
 #[derive(Debug)]
 struct PluginCollector {
     registry: Arc<Registry>,
-    budget: Arc<SendBudget>,
+    budget: Arc<MemoryBudget>,
 }
 
 impl Collector for PluginCollector {

@@ -164,12 +164,29 @@ pub struct Registry {
     loads_ok: std::sync::atomic::AtomicU64,
     loads_refused: std::sync::atomic::AtomicU64,
     sections: Mutex<BTreeMap<String, crate::config_file::PluginSection>>,
-    /// The config file the sections come from, read again on every reload.
-    config_file: Option<PathBuf>,
+    /// The config file the sections come from, read again on every reload, and its reader.
+    config_file: Option<(PathBuf, SectionReader)>,
     max_plugin_size: u64,
     /// Workers of a plugin's runtime unless its section sets its own; 0: plugins run on the
     /// calling runtime (a registry that only checks files).
     plugin_workers: usize,
+}
+
+/// The plugin sections of a config file, by plugin name.
+pub type Sections = BTreeMap<String, crate::config_file::PluginSection>;
+
+/// Reads the `[plugin.NAME]` sections of a config file (the command line's reader: the
+/// registry does not parse config files itself).
+#[derive(Clone)]
+pub struct SectionReader(pub Arc<ReadSections>);
+
+/// What a [`SectionReader`] calls: the file in, its sections or why not out.
+pub type ReadSections = dyn Fn(&Path) -> Result<Sections, String> + Send + Sync;
+
+impl std::fmt::Debug for SectionReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SectionReader")
+    }
 }
 
 /// The default of `--max-plugin-size`: 256 MiB.
@@ -207,9 +224,10 @@ impl Registry {
         self
     }
 
-    /// Reads the plugin sections from `file` again on every [`Registry::reload_config`].
-    pub fn with_config_file(mut self, file: Option<PathBuf>) -> Self {
-        self.config_file = file;
+    /// Reads the plugin sections from `file` with `read` again on every
+    /// [`Registry::reload_config`].
+    pub fn with_config_file(mut self, file: Option<PathBuf>, read: SectionReader) -> Self {
+        self.config_file = file.map(|f| (f, read));
         self
     }
 
@@ -230,10 +248,10 @@ impl Registry {
     /// whose section changed load again as a new generation at the next reconciliation. On
     /// error the running sections stay.
     pub fn reload_config(&self) -> Result<(), String> {
-        let Some(file) = &self.config_file else {
+        let Some((file, read)) = &self.config_file else {
             return Ok(());
         };
-        let fresh = crate::config_file::load_plugin_sections(file).map_err(|e| e.to_string())?;
+        let fresh = (read.0)(file)?;
         let changed: Vec<String> = {
             let mut sections = self.sections.lock().unwrap_or_else(PoisonError::into_inner);
             let names: HashSet<&String> = sections.keys().chain(fresh.keys()).collect();

@@ -11,6 +11,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::budget::MemoryBudget;
 use crate::channels::Hub;
 
 const OPEN: u8 = 0;
@@ -54,64 +55,6 @@ impl Queue {
     }
 }
 
-/// Bytes buffered across all connections (send queues and partly received messages), against
-/// `max_buffered_total`.
-#[derive(Debug)]
-pub(crate) struct SendBudget {
-    used: AtomicU64,
-    max: u64,
-    /// When the last refusal was logged (ms since `since`), so floods log once a second.
-    last_log_ms: AtomicU64,
-    since: std::time::Instant,
-}
-
-impl SendBudget {
-    pub(crate) fn new(max: u64) -> Self {
-        Self {
-            used: AtomicU64::new(0),
-            max,
-            last_log_ms: AtomicU64::new(0),
-            since: std::time::Instant::now(),
-        }
-    }
-
-    /// Bytes buffered now, across all connections.
-    pub(crate) fn used(&self) -> u64 {
-        self.used.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn take(&self, n: u64) -> bool {
-        let before = self.used.fetch_add(n, Ordering::AcqRel);
-        if before > 0 && before + n > self.max {
-            self.give(n);
-            let now = self.since.elapsed().as_millis() as u64 + 1000;
-            let last = self.last_log_ms.load(Ordering::Relaxed);
-            if now >= last + 1000
-                && self
-                    .last_log_ms
-                    .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
-                    .is_ok()
-            {
-                tracing::warn!(
-                    max_buffered_total = self.max,
-                    "memory budget for buffered bytes exhausted: refusing sends (QueueFull) and \
-                     incoming data (close 1013)"
-                );
-            }
-            return false;
-        }
-        true
-    }
-
-    pub(crate) fn give(&self, n: u64) {
-        let _ = self
-            .used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                Some(u.saturating_sub(n))
-            });
-    }
-}
-
 /// The state a connection shares between its session task, the hub and plugin handles.
 #[derive(Debug)]
 pub(crate) struct ConnShared {
@@ -119,7 +62,7 @@ pub(crate) struct ConnShared {
     pub(crate) remote: String,
     plugin: Arc<str>,
     hub: Arc<Hub>,
-    budget: Arc<SendBudget>,
+    budget: Arc<MemoryBudget>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Frames waiting for the session task. Allocates nothing until the first send (tokio's
     /// channels allocate a block of slots up front, per connection).
@@ -154,7 +97,7 @@ impl ConnShared {
         remote: String,
         plugin: Arc<str>,
         hub: Arc<Hub>,
-        budget: Arc<SendBudget>,
+        budget: Arc<MemoryBudget>,
         metrics: Arc<crate::metrics::Metrics>,
         max_send_queue: u64,
     ) -> Arc<Self> {
@@ -387,7 +330,8 @@ impl ConnShared {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return Err(SendError::Closed);
         }
-        if self.hub.subscribe(&self.plugin, channel, self) {
+        let me: Arc<dyn crate::channels::Subscriber> = Arc::clone(self) as _;
+        if self.hub.subscribe(&self.plugin, channel, self.id, me) {
             channels.push(channel.to_owned());
         }
         Ok(())
@@ -397,6 +341,12 @@ impl ConnShared {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         channels.retain(|c| c != channel);
         self.hub.unsubscribe(&self.plugin, channel, self.id)
+    }
+}
+
+impl crate::channels::Subscriber for ConnShared {
+    fn deliver(&self, msg: Message) -> bool {
+        self.enqueue(msg).is_ok()
     }
 }
 
@@ -467,7 +417,7 @@ mod tests {
 mod budget_tests {
     use super::*;
 
-    fn conn(max_send_queue: u64, budget: &Arc<SendBudget>) -> Arc<ConnShared> {
+    fn conn(max_send_queue: u64, budget: &Arc<MemoryBudget>) -> Arc<ConnShared> {
         let hub = Arc::new(Hub::default());
         let registry = Arc::new(
             crate::plugin::registry::Registry::new(Arc::clone(&hub), None).expect("a temp dir"),
@@ -486,7 +436,7 @@ mod budget_tests {
 
     #[test]
     fn sends_past_the_queue_are_too_large_or_full() {
-        let budget = Arc::new(SendBudget::new(1 << 30));
+        let budget = Arc::new(MemoryBudget::new(1 << 30));
         let c = conn(1000, &budget);
         assert_eq!(
             c.enqueue(Message::binary(vec![0u8; 1001])),
@@ -503,7 +453,7 @@ mod budget_tests {
 
     #[test]
     fn a_closing_connection_gives_its_bytes_back_once() {
-        let budget = Arc::new(SendBudget::new(1 << 30));
+        let budget = Arc::new(MemoryBudget::new(1 << 30));
         let c = conn(1 << 20, &budget);
         for _ in 0..4 {
             c.enqueue(Message::binary(vec![0u8; 1000])).unwrap();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::conn::SendBudget;
+use crate::budget::MemoryBudget;
 
 /// The error the budget refuses bytes with (the session closes with 1013 on it).
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,7 @@ pub(crate) fn is_budget_exhausted(e: &io::Error) -> bool {
 /// What the socket and the reader share: bytes read since the last delivered message.
 #[derive(Debug)]
 pub(crate) struct Partial {
-    budget: Arc<SendBudget>,
+    budget: Arc<MemoryBudget>,
     bytes: AtomicU64,
     /// When the first byte after the last delivered message arrived, in ms since `start`,
     /// plus one (0: none).
@@ -44,7 +44,7 @@ pub(crate) struct Partial {
 }
 
 impl Partial {
-    pub(crate) fn new(budget: Arc<SendBudget>) -> Arc<Self> {
+    pub(crate) fn new(budget: Arc<MemoryBudget>) -> Arc<Self> {
         Arc::new(Self {
             budget,
             bytes: AtomicU64::new(0),

@@ -39,12 +39,12 @@ pub(crate) struct Start {
     /// The client's address as plugins see it (behind a trusted proxy, the forwarded one).
     pub(crate) remote: String,
     /// The session's place under the connection limits.
-    pub(crate) admission: crate::server::Admission,
+    pub(crate) admission: crate::context::Admission,
     pub(crate) plugin: Arc<LoadedPlugin>,
     pub(crate) handler: crate::plugin::Handler,
     pub(crate) settings: Settings,
     pub(crate) hub: Arc<Hub>,
-    pub(crate) budget: Arc<super::conn::SendBudget>,
+    pub(crate) budget: Arc<crate::budget::MemoryBudget>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) shutdown: CancellationToken,
 }
