@@ -97,7 +97,7 @@ pub(crate) struct ReasonLabel {
     pub(crate) reason: &'static str,
 }
 
-/// The bus's metrics, registered by [`crate::metrics::Metrics`].
+/// The bus's metrics, registered with the host's other metrics.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct BusMetrics {
     /// 1 while the link (`publish` or `subscribe`) is connected.
@@ -152,6 +152,18 @@ enum Want {
 const TEXT: u8 = b't';
 const BINARY: u8 = b'b';
 const ORIGIN_LEN: usize = 16;
+
+impl crate::channels::Engine for Link {
+    fn want(&self, plugin: &str, channel: &str) {
+        Link::want(self, plugin, channel);
+    }
+    fn unwant(&self, plugin: &str, channel: &str) {
+        Link::unwant(self, plugin, channel);
+    }
+    fn publish(&self, plugin: &str, channel: &str, msg: &Message) {
+        Link::publish(self, plugin, channel, msg);
+    }
+}
 
 /// The hub's side of the bus: cheap, never blocking sends to the bus tasks.
 #[derive(Debug)]

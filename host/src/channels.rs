@@ -12,7 +12,16 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::bus::Link;
+/// Where channels are shared beyond this host (the Redis bus); the hub tells it which channels
+/// have local subscribers and hands it every publish.
+pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
+    /// `channel` of `plugin` got its first local subscriber.
+    fn want(&self, plugin: &str, channel: &str);
+    /// `channel` of `plugin` lost its last local subscriber.
+    fn unwant(&self, plugin: &str, channel: &str);
+    /// A publish made on this host, for the others.
+    fn publish(&self, plugin: &str, channel: &str, msg: &Message);
+}
 
 /// What a channel delivers to: a connection, as far as channels go.
 pub(crate) trait Subscriber: Send + Sync + std::fmt::Debug {
@@ -41,22 +50,17 @@ impl Channel {
 pub struct Hub {
     /// plugin name → channel name → channel.
     plugins: RwLock<HashMap<String, HashMap<String, Arc<Channel>>>>,
-    /// The Redis bus, if channels are shared with other hosts.
-    bus: Option<Link>,
+    /// The engine sharing channels with other hosts (the Redis bus), if any.
+    bus: Option<Box<dyn Engine>>,
 }
 
 impl Hub {
     /// A hub whose channels other hosts share through `bus`.
-    pub(crate) fn with_bus(bus: Link) -> Self {
+    pub(crate) fn with_bus(bus: Box<dyn Engine>) -> Self {
         Self {
             plugins: RwLock::default(),
             bus: Some(bus),
         }
-    }
-
-    /// The bus's metrics, if there is a bus.
-    pub(crate) fn bus_metrics(&self) -> Option<&crate::bus::BusMetrics> {
-        self.bus.as_ref().map(|b| &b.metrics)
     }
 
     fn channel(&self, plugin: &str, channel: &str) -> Option<Arc<Channel>> {

@@ -86,7 +86,7 @@ pub struct Server {
     >,
     admin: Option<(admin::AdminListener, admin::AdminGuard)>,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    bus: Option<bus::Pending>,
+    bus: Option<(bus::Pending, bus::BusMetrics)>,
 }
 
 impl std::fmt::Debug for Server {
@@ -107,7 +107,11 @@ impl Server {
             bus::BusConfig::Memory => (channels::Hub::default(), None),
             bus::BusConfig::Redis(redis) => {
                 let (link, pending) = bus::redis(redis)?;
-                (channels::Hub::with_bus(link), Some(pending))
+                let bus_metrics = link.metrics.clone();
+                (
+                    channels::Hub::with_bus(Box::new(link)),
+                    Some((pending, bus_metrics)),
+                )
             }
         };
         let hub = Arc::new(hub);
@@ -171,9 +175,10 @@ impl Server {
     /// waits for their close handshakes (up to `shutdown_timeout`) and shuts the plugins down.
     /// Meanwhile it reloads plugins when the directory changes (if `watch`) or when asked.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        if let Some(bus) = self.bus {
-            bus.spawn(Arc::downgrade(self.registry.hub()));
-        }
+        let bus_metrics = self.bus.map(|(pending, metrics)| {
+            pending.spawn(Arc::downgrade(self.registry.hub()));
+            metrics
+        });
         let dir = self.config.plugins_dir.clone();
         let reloads = tokio::spawn(plugin::watcher::run(
             Arc::clone(&self.registry),
@@ -193,6 +198,7 @@ impl Server {
         let metrics = Arc::new(metrics::Metrics::new(
             Arc::clone(&self.registry),
             Arc::clone(&budget),
+            bus_metrics,
         ));
         let ctx = Arc::new(context::Ctx::new(
             self.config,
@@ -214,5 +220,76 @@ impl Server {
         server::run(ctx, listener, shutdown).await;
         stop_watching.cancel();
         reloads.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The crate's top-level modules and which of the others each one names (`crate::x`).
+    fn imports() -> BTreeMap<String, BTreeSet<String>> {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut files = vec![src.clone()];
+        while let Some(path) = files.pop() {
+            if path.is_dir() {
+                files.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            let rel = path
+                .strip_prefix(&src)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let top = rel.split(['/', '.']).next().unwrap().to_owned();
+            if matches!(top.as_str(), "lib" | "main") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let names = graph.entry(top.clone()).or_default();
+            for part in text.split("crate::").skip(1) {
+                let name: String = part
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != top {
+                    names.insert(name);
+                }
+            }
+        }
+        graph
+    }
+
+    #[test]
+    fn top_level_modules_import_each_other_without_cycles() {
+        let graph = imports();
+        // Depth-first search for a path back to the start.
+        fn reaches(
+            graph: &BTreeMap<String, BTreeSet<String>>,
+            from: &str,
+            to: &str,
+            seen: &mut BTreeSet<String>,
+        ) -> bool {
+            for next in graph.get(from).into_iter().flatten() {
+                if next == to {
+                    return true;
+                }
+                if seen.insert(next.clone()) && reaches(graph, next, to, seen) {
+                    return true;
+                }
+            }
+            false
+        }
+        for module in graph.keys() {
+            assert!(
+                !reaches(&graph, module, module, &mut BTreeSet::new()),
+                "`{module}` imports itself through others: {graph:?}"
+            );
+        }
+        assert!(
+            graph.len() > 10,
+            "the crate's modules were not found: {graph:?}"
+        );
     }
 }

@@ -139,7 +139,11 @@ impl EncodeMetric for CallbackHistogram {
 
 impl Metrics {
     /// Metrics for a host whose plugins are in `registry`.
-    pub(crate) fn new(registry: Arc<Registry>, budget: Arc<MemoryBudget>) -> Self {
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        budget: Arc<MemoryBudget>,
+        bus: Option<crate::bus::BusMetrics>,
+    ) -> Self {
         let mut prom = prometheus_client::registry::Registry::with_prefix("wshost");
         let m = Self {
             upgrades: Family::default(),
@@ -188,7 +192,7 @@ impl Metrics {
             "Time plugin callbacks took",
             m.callback_seconds.clone(),
         );
-        if let Some(bus) = registry.hub().bus_metrics() {
+        if let Some(bus) = &bus {
             let bus_reg = prom.sub_registry_with_prefix("bus");
             bus_reg.register(
                 "connected",

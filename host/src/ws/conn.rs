@@ -422,7 +422,11 @@ mod budget_tests {
         let registry = Arc::new(
             crate::plugin::registry::Registry::new(Arc::clone(&hub), None).expect("a temp dir"),
         );
-        let metrics = Arc::new(crate::metrics::Metrics::new(registry, Arc::clone(budget)));
+        let metrics = Arc::new(crate::metrics::Metrics::new(
+            registry,
+            Arc::clone(budget),
+            None,
+        ));
         ConnShared::new(
             1,
             "peer".into(),
