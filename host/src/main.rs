@@ -106,12 +106,7 @@ fn serve(
         let mut out = std::io::stdout().lock();
         let mut runtime_addr = None;
         if let Some((listener, addr)) = bind_admin(&args.admin_listen).await? {
-            let token = args
-                .admin_token_file
-                .as_deref()
-                .map(wshost::cli::read_token_file)
-                .transpose()
-                .map_err(|e| anyhow::anyhow!("--admin-token-file: {e}"))?;
+            let token = token(args.admin_token_file.as_deref(), "--admin-token-file")?;
             let guard = wshost::admin::AdminGuard {
                 token,
                 header_read_timeout: args.header_read_timeout,
@@ -192,13 +187,14 @@ fn admin_target(args: &AdminArgs) -> anyhow::Result<(wshost::admin::AdminAddr, O
         .admin
         .clone()
         .unwrap_or_else(wshost::admin::default_client_addr);
-    let token = args
-        .token_file
-        .as_deref()
-        .map(wshost::cli::read_token_file)
+    Ok((addr, token(args.token_file.as_deref(), "--token-file")?))
+}
+
+/// The token in the file `flag` named, if it named one.
+fn token(file: Option<&std::path::Path>, flag: &str) -> anyhow::Result<Option<String>> {
+    file.map(wshost::cli::read_token_file)
         .transpose()
-        .map_err(|e| anyhow::anyhow!("--token-file: {e}"))?;
-    Ok((addr, token))
+        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.

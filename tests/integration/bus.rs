@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, connect, get, next, text, Host, Ws, PATIENCE};
+use crate::harness::{ask, connect, next, text, Host, Ws, PATIENCE};
 
 /// A `redis-server` of this test's own; killed when dropped.
 struct Redis {
@@ -180,14 +180,9 @@ fn bus_host(redis: &Redis, plugin: &str) -> Host {
     host
 }
 
-/// The value of the metric line starting with `name` (labels included), or 0.
+/// The value of the metric line `name` (labels included), or 0.
 fn metric(host: &Host, name: &str) -> f64 {
-    let (status, _, body) = get(host.admin, "/metrics");
-    assert_eq!(status, 200);
-    let body = String::from_utf8(body).unwrap();
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
+    host.metric(name).unwrap_or(0.0)
 }
 
 #[tokio::test]

@@ -6,24 +6,7 @@ use std::process::Command;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, closed_with, connect, get, Host};
-
-fn serve_with(toml: &str) -> (bool, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("wshost.toml");
-    std::fs::write(&file, toml).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wshost"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&file)
-        .arg("--plugins")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::harness::{ask, closed_with, connect, get, serve_refused, Host};
 
 #[tokio::test]
 async fn printed_defaults_are_a_valid_config() {
@@ -123,21 +106,20 @@ async fn plugin_sections_mount_limit_and_configure() {
 
 #[test]
 fn a_bad_config_fails_fast_naming_file_line_and_key() {
-    let (ok, err) = serve_with("listen = \"127.0.0.1:0\"\n\nmax_mesage_size = 5\n");
-    assert!(!ok);
+    let err = serve_refused(
+        &[],
+        Some("listen = \"127.0.0.1:0\"\n\nmax_mesage_size = 5\n"),
+    );
     assert!(err.contains("wshost.toml:3: `max_mesage_size`"), "{err}");
-    let (ok, err) = serve_with("[plugin.echo]\nroutes = \"/x\"\n");
-    assert!(!ok);
+    let err = serve_refused(&[], Some("[plugin.echo]\nroutes = \"/x\"\n"));
     assert!(err.contains("wshost.toml:2: `plugin.echo.routes`"), "{err}");
-    let (ok, err) = serve_with("max_message_size = \"big\"\n");
-    assert!(!ok);
+    let err = serve_refused(&[], Some("max_message_size = \"big\"\n"));
     // Values are checked with the file, line and key too, not the flag they stand for.
     assert!(
         err.contains("wshost.toml:1: `max_message_size`: invalid value 'big'"),
         "{err}"
     );
-    let (ok, err) = serve_with("this is not toml\n");
-    assert!(!ok);
+    let err = serve_refused(&[], Some("this is not toml\n"));
     assert!(
         err.contains("wshost.toml") && err.contains("line 1"),
         "{err}"

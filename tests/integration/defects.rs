@@ -11,8 +11,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    ask, closed_with, connect, get, http, id_of, install, next, plugin, text, variant, Host,
-    PATIENCE,
+    ask, closed_with, connect, get, http, id_of, install, next, plugin, serve_refused, text,
+    variant, Host, PATIENCE,
 };
 
 fn wshost(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
@@ -358,29 +358,20 @@ async fn the_readme_mount_example_serves_chat_rooms_at_the_mounts() {
     let mut b = connect(&host.url("/rooms/x?name=bob")).await;
     let mut c = connect(&host.url("/lobby/x?name=cy")).await;
     // Each member hears joins; wait until bob has joined before ann speaks.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let t = text(&mut a).await;
-        if t.contains("bob") {
-            break;
-        }
-        assert!(Instant::now() < deadline);
-    }
+    text_containing(&mut a, "bob").await;
     a.send(Message::text("hello")).await.unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let t = text(&mut b).await;
-        if t.contains("hello") {
-            break;
-        }
-        assert!(Instant::now() < deadline);
-    }
+    text_containing(&mut b, "hello").await;
     c.send(Message::text("here")).await.unwrap();
     assert_eq!(get(host.addr, "/rooms/").0, 200);
     assert_eq!(get(host.addr, "/lobby").0, 200);
     let (_, _, body) = get(host.addr, "/kit/info");
     let body = String::from_utf8(body).unwrap();
     assert!(body.contains("route=/kit path_info=/info "), "{body}");
+}
+
+/// Reads text messages until one contains `needle` (each read is bounded by PATIENCE).
+async fn text_containing(ws: &mut crate::harness::Ws, needle: &str) {
+    while !text(ws).await.contains(needle) {}
 }
 
 #[tokio::test]
@@ -612,52 +603,6 @@ async fn the_admin_client_takes_urls_finds_the_host_and_times_out() {
 // ---------------------------------------------------------------------------------------------
 // Input validation.
 
-fn serve_fails(args: &[&str], toml: Option<&str>) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshost"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off"])
-        .arg("--plugins")
-        .arg(dir.path())
-        .args(args)
-        .env("WSHOST_RUNTIME_DIR", dir.path())
-        .stdin(std::process::Stdio::null());
-    if let Some(toml) = toml {
-        let file = dir.path().join("wshost.toml");
-        std::fs::write(&file, toml).unwrap();
-        cmd.arg("--config").arg(file);
-    }
-    // A host that starts instead of refusing would serve forever: wait for its exit within
-    // PATIENCE, and kill it otherwise.
-    let mut child = cmd
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = stderr.read_to_string(&mut text);
-        text
-    });
-    let deadline = Instant::now() + PATIENCE;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stderr = reader.join().unwrap();
-    match status {
-        Some(s) if !s.success() => stderr,
-        _ => panic!("started with {args:?} {toml:?}: {stderr}"),
-    }
-}
-
 #[tokio::test]
 async fn durations_and_sizes_are_checked_at_start() {
     for flag in [
@@ -666,10 +611,10 @@ async fn durations_and_sizes_are_checked_at_start() {
         "--close-timeout",
         "--probe-timeout",
     ] {
-        let err = serve_fails(&[flag, "500000000000years"], None);
+        let err = serve_refused(&[flag, "500000000000years"], None);
         assert!(err.contains("too long"), "{flag}: {err}");
     }
-    let err = serve_fails(&["--max-frame-size", "0"], None);
+    let err = serve_refused(&["--max-frame-size", "0"], None);
     assert!(err.contains("at least 1"), "{err}");
     for (toml, expect) in [
         (
@@ -690,7 +635,7 @@ async fn durations_and_sizes_are_checked_at_start() {
             "wshost.toml:2: `plugin.echo.idle_timeout`:",
         ),
     ] {
-        let err = serve_fails(&[], Some(toml));
+        let err = serve_refused(&[], Some(toml));
         assert!(err.contains(expect), "{toml}: {err}");
     }
 }

@@ -35,13 +35,25 @@ async fn wait_metric(host: &Host, line: &str) {
     }
 }
 
-#[tokio::test]
-async fn callbacks_that_block_hold_up_only_their_own_plugin() {
-    let host = Host::builder()
+/// A host with the echo plugin and testkit, each with two workers.
+fn echo_and_testkit() -> Host {
+    Host::builder()
         .plugin("echo")
         .plugin("testkit")
         .args(&["--plugin-workers", "2"])
-        .start();
+        .start()
+}
+
+/// `n` round trips on an echo connection.
+async fn echoes(echo: &mut crate::harness::Ws, n: usize) {
+    for i in 0..n {
+        assert_eq!(ask(echo, &format!("m{i}")).await, format!("m{i}"));
+    }
+}
+
+#[tokio::test]
+async fn callbacks_that_block_hold_up_only_their_own_plugin() {
+    let host = echo_and_testkit();
     let (_dir, gate) = gate();
     let mut echo = connect(&host.url("/echo")).await;
     assert_eq!(ask(&mut echo, "before").await, "before");
@@ -58,9 +70,7 @@ async fn callbacks_that_block_hold_up_only_their_own_plugin() {
         "call=\"on_text\"",
     ]);
     // Meanwhile the echo plugin, new connections and the admin endpoint are served.
-    for i in 0..50 {
-        assert_eq!(ask(&mut echo, &format!("m{i}")).await, format!("m{i}"));
-    }
+    echoes(&mut echo, 50).await;
     let mut fresh = connect(&host.url("/echo")).await;
     assert_eq!(ask(&mut fresh, "new").await, "new");
     assert_eq!(get(host.admin, "/healthz").0, 200);
@@ -76,11 +86,7 @@ async fn callbacks_that_block_hold_up_only_their_own_plugin() {
 
 #[tokio::test]
 async fn upgrades_that_block_hold_up_only_their_own_plugin() {
-    let host = Host::builder()
-        .plugin("echo")
-        .plugin("testkit")
-        .args(&["--plugin-workers", "2"])
-        .start();
+    let host = echo_and_testkit();
     let (_dir, gate) = gate();
     let mut echo = connect(&host.url("/echo")).await;
     let url = host.url(&format!("/testkit/gate?file={}", gate.display()));
@@ -92,9 +98,7 @@ async fn upgrades_that_block_hold_up_only_their_own_plugin() {
         })
         .collect();
     wait_metric(&host, "wshost_plugin_calls_running{plugin=\"testkit\"} 2").await;
-    for i in 0..50 {
-        assert_eq!(ask(&mut echo, &format!("m{i}")).await, format!("m{i}"));
-    }
+    echoes(&mut echo, 50).await;
     let mut fresh = connect(&host.url("/echo")).await;
     assert_eq!(ask(&mut fresh, "new").await, "new");
     open(&gate);
@@ -115,9 +119,7 @@ async fn a_callback_that_spins_forever_leaves_others_served_and_sigterm_stops_th
     let mut spinner = connect(&host.url("/testkit")).await;
     spinner.send(Message::text("spin")).await.unwrap();
     host.wait_for_log(&["plugin call still running", "plugin=testkit"]);
-    for i in 0..50 {
-        assert_eq!(ask(&mut echo, &format!("m{i}")).await, format!("m{i}"));
-    }
+    echoes(&mut echo, 50).await;
     // Another connection of the same plugin still gets a worker (it has more than one).
     let mut other = connect(&host.url("/testkit")).await;
     assert_eq!(ask(&mut other, "fine").await, "fine");
@@ -261,9 +263,7 @@ async fn the_auth_example_defers_slow_lookups_without_holding_anyone_up() {
             tokio::spawn(async move { tokio_tungstenite::connect_async(url).await })
         })
         .collect();
-    for i in 0..20 {
-        assert_eq!(ask(&mut echo, &format!("m{i}")).await, format!("m{i}"));
-    }
+    echoes(&mut echo, 20).await;
     for login in logins {
         let (mut ws, _) = login.await.unwrap().expect("logged in");
         assert_eq!(ask(&mut ws, "hi").await, "hi");

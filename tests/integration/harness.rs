@@ -592,3 +592,52 @@ pub fn get(addr: SocketAddr, path: &str) -> (u16, String, Vec<u8>) {
         b"",
     )
 }
+
+/// Runs `wshost serve ARGS` (with a config file holding `toml`, if given), which must refuse to
+/// start; returns its standard error. A host that starts instead is killed after PATIENCE and
+/// fails the test, so a wrong acceptance never hangs it.
+pub fn serve_refused(args: &[&str], toml: Option<&str>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wshost"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off"])
+        .arg("--plugins")
+        .arg(dir.path())
+        .args(args)
+        .env("WSHOST_RUNTIME_DIR", dir.path())
+        .stdin(std::process::Stdio::null());
+    if let Some(toml) = toml {
+        let file = dir.path().join("wshost.toml");
+        std::fs::write(&file, toml).unwrap();
+        cmd.arg("--config").arg(file);
+    }
+    // A host that starts instead of refusing would serve forever: wait for its exit within
+    // PATIENCE, and kill it otherwise.
+    let mut child = cmd
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stderr = reader.join().unwrap();
+    match status {
+        Some(s) if !s.success() => stderr,
+        _ => panic!("started with {args:?} {toml:?}: {stderr}"),
+    }
+}

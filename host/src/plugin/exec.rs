@@ -237,15 +237,19 @@ impl Executor {
 /// How long a call runs before its runtime is nudged (see [`Executor::watch`]).
 const NUDGE_AFTER: Duration = Duration::from_millis(5);
 
-/// Every executor's stats, for `/metrics`.
-pub(crate) fn all_stats(slow: Duration) -> Vec<ExecutorStats> {
-    let all: Vec<Arc<Executor>> = EXECUTORS
+/// Every executor, taken out of the map's lock.
+fn executors() -> Vec<Arc<Executor>> {
+    EXECUTORS
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .values()
         .cloned()
-        .collect();
-    all.iter().map(|e| e.stats(slow)).collect()
+        .collect()
+}
+
+/// Every executor's stats, for `/metrics`.
+pub(crate) fn all_stats(slow: Duration) -> Vec<ExecutorStats> {
+    executors().iter().map(|e| e.stats(slow)).collect()
 }
 
 /// How often the watchdog looks.
@@ -259,13 +263,7 @@ fn start_watchdog() {
             .spawn(|| loop {
                 std::thread::sleep(WATCH_EVERY);
                 let slow = super::retire::slow();
-                let all: Vec<Arc<Executor>> = EXECUTORS
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .values()
-                    .cloned()
-                    .collect();
-                for e in all {
+                for e in executors() {
                     e.watch(slow);
                 }
             });

@@ -135,31 +135,27 @@ fn wait_for_file(path: &str) {
 
 impl Testkit {
     fn accept(&self, req: &Request<'_>, observe: bool) -> Response {
-        {
-            {
-                let mut response = Response::accept(Kit {
-                    host: self.host.clone(),
-                    closes: Arc::clone(&self.closes),
-                    observe,
-                    panic_on_drop: false,
-                    stream_left: 0,
-                    streaming: false,
-                })
-                .header("set-cookie", "testkit=1");
-                if let Some(p) = req.query_param("proto") {
-                    response = response.protocol(&p);
-                } else if let Some(p) = req.subprotocols().next() {
-                    response = response.protocol(p);
-                }
-                if let Some(n) = req.query_param("max_message").and_then(|n| n.parse().ok()) {
-                    response = response.max_message_size(n);
-                }
-                if let Some(n) = req.query_param("max_queue").and_then(|n| n.parse().ok()) {
-                    response = response.max_send_queue(n);
-                }
-                response
-            }
+        let mut response = Response::accept(Kit {
+            host: self.host.clone(),
+            closes: Arc::clone(&self.closes),
+            observe,
+            panic_on_drop: false,
+            stream_left: 0,
+            streaming: false,
+        })
+        .header("set-cookie", "testkit=1");
+        if let Some(p) = req.query_param("proto") {
+            response = response.protocol(&p);
+        } else if let Some(p) = req.subprotocols().next() {
+            response = response.protocol(p);
         }
+        if let Some(n) = req.query_param("max_message").and_then(|n| n.parse().ok()) {
+            response = response.max_message_size(n);
+        }
+        if let Some(n) = req.query_param("max_queue").and_then(|n| n.parse().ok()) {
+            response = response.max_send_queue(n);
+        }
+        response
     }
 }
 
