@@ -65,6 +65,9 @@ pub enum Command {
     /// child process before it maps a plugin.
     #[command(hide = true)]
     Probe(ProbeArgs),
+    /// Runs one process-isolated plugin for the host (internal).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
 }
 
 /// `wshost status` and `wshost reload`.
@@ -106,6 +109,25 @@ pub struct NewArgs {
     /// built from.
     #[arg(long)]
     pub api_path: Option<PathBuf>,
+}
+
+/// `wshost worker` (started by the host for a process-isolated plugin).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The host's socket for this worker.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The file name to use in messages.
+    #[arg(long)]
+    pub display_name: PathBuf,
+    /// Threads that run the plugin's calls.
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+    /// End the worker when a plugin call runs longer (milliseconds; 0: never).
+    #[arg(long, default_value_t = 0)]
+    pub callback_timeout_ms: u64,
+    /// The private copy of the library to map.
+    pub file: PathBuf,
 }
 
 /// `wshost probe`.
@@ -265,6 +287,18 @@ pub struct ServeArgs {
     /// included); past it the client gets 503.
     #[arg(long, env = "WSHOST_DECISION_TIMEOUT", default_value = "10s", value_parser = nonzero_duration)]
     pub decision_timeout: Duration,
+    /// Where plugins run by default: `inline` (mapped in the host: fastest, but a crash in a
+    /// plugin ends the host) or `process` (each plugin in a worker process of its own: a crash,
+    /// hang or leak ends only that worker, which restarts). `[plugin.NAME] isolation` sets
+    /// one plugin's.
+    #[arg(long, env = "WSHOST_ISOLATION", default_value = "inline",
+        value_parser = ["inline", "process"])]
+    pub isolation: String,
+    /// In process isolation: a plugin call (callback, upgrade, request) running longer than this
+    /// ends its worker, which restarts; "0s" never. `[plugin.NAME] callback_timeout` sets one
+    /// plugin's.
+    #[arg(long, env = "WSHOST_CALLBACK_TIMEOUT", default_value = "30s", value_parser = duration)]
+    pub callback_timeout: Duration,
 }
 
 /// Where the admin endpoint listens, if anywhere.
@@ -356,6 +390,12 @@ impl ServeArgs {
             max_plugin_size: self.max_plugin_size,
             plugin_workers: self.plugin_workers,
             decision_timeout: self.decision_timeout,
+            isolation: crate::config::IsolationConfig {
+                process: self.isolation == "process",
+                exe: exe.clone(),
+                callback_timeout: self.callback_timeout,
+                start_timeout: self.probe_timeout,
+            },
             probe: exe.filter(|_| !self.no_probe).map(|exe| Probe {
                 exe,
                 timeout: self.probe_timeout,

@@ -77,6 +77,13 @@ pub struct PluginSection {
     /// Worker threads of the plugin's own runtime: how many of its calls may run (or block)
     /// at once.
     pub workers: Option<usize>,
+    /// Whether it runs in a worker process (`Some(true)`, `isolation = "process"`) or in the
+    /// host (`Some(false)`, `"inline"`); `None`: the host's default.
+    pub process: Option<bool>,
+    /// In a worker process: its resident memory past which the worker is ended and restarted.
+    pub memory_limit: Option<u64>,
+    /// In a worker process: a call running longer ends the worker.
+    pub callback_timeout: Option<Duration>,
     /// The free-form table handed to the plugin.
     pub config: BTreeMap<String, String>,
     /// Limits for one of its routes (`[plugin.NAME.route."/path"]`), over the section's own.
@@ -292,6 +299,18 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
                     ))
                 }
             },
+            "isolation" if top => match v.as_str() {
+                Some("process") => p.process = Some(true),
+                Some("inline") => p.process = Some(false),
+                _ => return Err((k.clone(), "must be \"inline\" or \"process\"".to_owned())),
+            },
+            "memory_limit" if top => match v.as_str() {
+                Some(s) => {
+                    p.memory_limit = Some(crate::units::bytes(s).map_err(|e| (k.clone(), e))?)
+                }
+                None => p.memory_limit = Some(size(k, v)?),
+            },
+            "callback_timeout" if top => p.callback_timeout = Some(time(k, v)?),
             "max_message_size" => p.max_message_size = Some(size(k, v)?),
             "max_frame_size" => p.max_frame_size = Some(size(k, v)?),
             "max_send_queue" => p.max_send_queue = Some(size(k, v)?),
@@ -315,7 +334,8 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
             _ => {
                 return Err((
                     k.clone(),
-                    "no such plugin setting (routes, workers, max_message_size, max_frame_size, \
+                    "no such plugin setting (routes, workers, isolation, memory_limit, \
+                     callback_timeout, max_message_size, max_frame_size, \
                      max_send_queue, ping_interval, pong_timeout, idle_timeout, config, route; \
                      a route section takes the limits only)"
                         .to_owned(),
@@ -363,6 +383,9 @@ pub fn print_defaults(serve: &clap::Command) -> String {
          # [plugin.chat]\n\
          # routes = [\"/rooms\"]\n\
          # workers = 4\n\
+         # isolation = \"process\"\n\
+         # memory_limit = \"256MiB\"\n\
+         # callback_timeout = \"3s\"\n\
          # max_message_size = 65536\n\
          # idle_timeout = \"10m\"\n\
          # [plugin.chat.route.\"/rooms\"]\n\

@@ -110,7 +110,7 @@ fn request_map(
         method: parts.method.as_str().to_owned(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().unwrap_or("").to_owned(),
-        scheme,
+        scheme: scheme.into(),
         server_name,
         server_port: local.port(),
         remote_addr: client.to_string(),
@@ -250,6 +250,13 @@ fn undecided(
             tracing::error!(plugin = %name, generation, path, call,
                 "plugin deferred a decision and dropped its responder; answered 500");
             internal_error()
+        }
+        Decision::Unavailable(why) => {
+            tracing::warn!(plugin = %name, generation, path, call, %why, "answered 503");
+            text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the plugin is restarting; try again",
+            )
         }
     }
 }

@@ -79,6 +79,17 @@ fn main() -> ExitCode {
         Command::Probe(args) => {
             return wshost::plugin::probe::probe_main(&args.display_name, &args.file)
         }
+        Command::Worker(args) => {
+            return wshost::plugin::isolate::worker::worker_main(
+                &wshost::plugin::isolate::worker::WorkerArgs {
+                    socket: args.socket,
+                    display_name: args.display_name,
+                    file: args.file,
+                    threads: args.threads,
+                    callback_timeout_ms: args.callback_timeout_ms,
+                },
+            )
+        }
     };
     match result {
         Ok(code) => code,

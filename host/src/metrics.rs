@@ -319,6 +319,54 @@ impl Collector for PluginCollector {
                 ConstGauge::new(field(s) as i64).encode(family.encode_family(&labels)?)?;
             }
         }
+        let workers = crate::plugin::isolate::all_stats();
+        {
+            let mut family = encoder.encode_descriptor(
+                "plugin_restarts",
+                "Worker processes started after one died, per process-isolated plugin generation",
+                None,
+                MetricType::Counter,
+            )?;
+            for w in &workers {
+                let labels = vec![
+                    ("plugin", w.plugin.clone()),
+                    ("generation", w.generation.to_string()),
+                ];
+                ConstCounter::new(w.restarts).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "plugin_rss_bytes",
+                "Resident memory of a process-isolated plugin's worker",
+                None,
+                MetricType::Gauge,
+            )?;
+            for w in &workers {
+                let labels = vec![
+                    ("plugin", w.plugin.clone()),
+                    ("generation", w.generation.to_string()),
+                ];
+                ConstGauge::new(i64::try_from(w.rss_bytes).unwrap_or(i64::MAX))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "plugin_cpu_seconds",
+                "CPU time (user and system) of a process-isolated plugin's workers, dead ones \
+                 included",
+                None,
+                MetricType::Counter,
+            )?;
+            for w in &workers {
+                let labels = vec![
+                    ("plugin", w.plugin.clone()),
+                    ("generation", w.generation.to_string()),
+                ];
+                ConstCounter::new(w.cpu_seconds).encode(family.encode_family(&labels)?)?;
+            }
+        }
         let (ok, refused) = self.registry.load_counts();
         let mut family = encoder.encode_descriptor(
             "plugin_loads",

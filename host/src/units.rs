@@ -42,3 +42,44 @@ pub fn size(s: &str) -> Result<usize, String> {
 pub fn size_u64(s: &str) -> Result<u64, String> {
     size(s).map(|n| n as u64)
 }
+
+/// A number of bytes of at least 1, with an optional unit: `256MiB`, `64KiB`, `1GiB`, `512kB`,
+/// `10MB`, `1GB` (the SI ones are powers of ten), or none (bytes).
+pub fn bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "kB" | "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => {
+            return Err(format!(
+                "`{s}`: unknown unit `{other}` (B, KiB, MiB, GiB, kB, MB or GB)"
+            ))
+        }
+    };
+    match num.parse::<u64>() {
+        Ok(0) => Err(format!("`{s}`: must be at least 1")),
+        Ok(n) => n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("`{s}`: too large")),
+        Err(e) => Err(format!("`{s}`: {e} (a whole number with an optional unit)")),
+    }
+}
+
+#[cfg(test)]
+mod bytes_tests {
+    #[test]
+    fn sizes_with_units() {
+        assert_eq!(super::bytes("256MiB"), Ok(256 << 20));
+        assert_eq!(super::bytes("10 MB"), Ok(10_000_000));
+        assert_eq!(super::bytes("4096"), Ok(4096));
+        assert!(super::bytes("0MiB").is_err());
+        assert!(super::bytes("5 parsecs").is_err());
+    }
+}

@@ -360,6 +360,11 @@ impl Host {
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
     }
+    /// The host's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn builder() -> HostBuilder {
         HostBuilder::default()
     }

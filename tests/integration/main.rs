@@ -13,6 +13,7 @@ mod conformance;
 mod defects;
 mod echo;
 mod execution;
+mod isolation;
 mod kv;
 mod limits;
 mod loading;

@@ -23,6 +23,7 @@ use crate::channels::Hub;
 
 mod elf;
 pub mod exec;
+pub mod isolate;
 #[allow(
     unsafe_code,
     reason = "maps plugin libraries; every block has a SAFETY comment"
@@ -33,7 +34,7 @@ pub mod registry;
 pub(crate) mod retire;
 mod seam;
 
-pub(crate) use seam::{Callbacks, ConnOps, Handler, RequestMap};
+pub(crate) use seam::{Callbacks, ConnOps, Handler, RequestMap, SessionConn};
 pub mod watcher;
 
 /// How many plugin libraries this process has mapped; they are never unmapped.
@@ -148,10 +149,13 @@ pub struct LoadedPlugin {
     pub file: PathBuf,
     /// Which load of this plugin's name this is (1 for the first).
     pub generation: u64,
-    /// The instance; taken by the retirement thread when the generation is dropped.
+    /// The instance; taken by the retirement thread when the generation is dropped. `None`
+    /// for a process-isolated generation.
     instance: Option<PluginBox>,
     /// The host services this generation was handed (refused once it has shut down).
-    services: Arc<HostInner>,
+    services: Option<Arc<HostInner>>,
+    /// The worker processes of a process-isolated generation.
+    remote: Option<Arc<isolate::Supervisor>>,
     /// Where its code runs (the plugin's own runtime); `None` for a plugin loaded only to be
     /// checked.
     exec: Option<Arc<exec::Executor>>,
@@ -184,6 +188,8 @@ pub(crate) enum Decision {
     TimedOut,
     /// It deferred the decision and dropped the responder without answering.
     Dropped,
+    /// Its worker process is not running (restarting after a crash) or ended while deciding.
+    Unavailable(String),
 }
 
 impl fmt::Debug for Answer {
@@ -206,7 +212,7 @@ pub(crate) struct Answer {
 
 /// Per-connection settings a 101 response (or a config file section) may carry; `None` means
 /// the next default.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Settings {
     pub(crate) max_message_size: Option<u64>,
     pub(crate) max_frame_size: Option<u64>,
@@ -295,23 +301,7 @@ impl Candidate {
 
     /// Replaces the plugin's route prefixes with the config file's mounts.
     pub(crate) fn mount(&mut self, routes: &[String]) -> Result<(), LoadError> {
-        if let Some(bad) = routes.iter().find(|r| !valid_route(r)) {
-            return Err(LoadError::BadIdentity {
-                name: self.name.clone(),
-                file: self.file.clone(),
-                reason: format!(
-                    "the config file mounts it at `{bad}`: a route must start with `/`, not end \
-                     with `/` (except `/` itself) and have no `?` or `#`"
-                ),
-            });
-        }
-        if routes.is_empty() {
-            return Err(LoadError::BadIdentity {
-                name: self.name.clone(),
-                file: self.file.clone(),
-                reason: "the config file mounts it at no route".into(),
-            });
-        }
+        check_mounts(&self.name, &self.file, routes)?;
         self.routes = routes.to_vec();
         Ok(())
     }
@@ -347,16 +337,7 @@ impl Candidate {
         });
         let services = HostServices(Arc::clone(&inner));
         let handle = HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque);
-        let instance = match self.mapped.module.create()(handle) {
-            RResult::ROk(instance) => instance,
-            RResult::RErr(reason) => {
-                return Err(LoadError::Create {
-                    name: self.name,
-                    file: self.file,
-                    reason: reason.into_string(),
-                })
-            }
-        };
+        let instance = self.create_instance(handle)?;
         Ok(LoadedPlugin {
             name: self.name,
             version: self.version,
@@ -365,7 +346,8 @@ impl Candidate {
             file: self.file,
             generation,
             instance: Some(instance),
-            services: inner,
+            services: Some(inner),
+            remote: None,
             exec: None,
             limits,
             route_limits,
@@ -375,11 +357,70 @@ impl Candidate {
     }
 }
 
+impl Candidate {
+    /// Runs the plugin's constructor with `handle` as its host.
+    pub(crate) fn create_instance(&self, handle: abi::HostHandle) -> Result<PluginBox, LoadError> {
+        match self.mapped.module.create()(handle) {
+            RResult::ROk(instance) => Ok(instance),
+            RResult::RErr(reason) => Err(LoadError::Create {
+                name: self.name.clone(),
+                file: self.file.clone(),
+                reason: reason.into_string(),
+            }),
+        }
+    }
+}
+
+/// Asks `instance` to decide an upgrade; `Err` carries its panic message.
+pub(crate) fn upgrade_on(instance: &PluginBox, req: &HostRequest) -> Result<Answer, String> {
+    let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
+    into_answer(instance.upgrade(req))
+}
+
+/// Asks `instance` to answer a plain request; `Err` carries its panic message.
+pub(crate) fn request_on(instance: &PluginBox, req: &HostRequest) -> Result<Answer, String> {
+    let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
+    into_answer(instance.request(req))
+}
+
 impl LoadedPlugin {
+    /// A generation whose code runs in worker processes under `supervisor`.
+    #[allow(clippy::too_many_arguments, reason = "the fields of a generation")]
+    pub(crate) fn isolated(
+        supervisor: Arc<isolate::Supervisor>,
+        identity: isolate::proto::Identity,
+        routes: Vec<String>,
+        file: PathBuf,
+        generation: u64,
+        limits: Settings,
+        route_limits: BTreeMap<String, Settings>,
+    ) -> Self {
+        Self {
+            name: identity.name,
+            version: identity.version,
+            routes,
+            api_version: identity.api_version,
+            file,
+            generation,
+            instance: None,
+            services: None,
+            remote: Some(supervisor),
+            exec: None,
+            limits,
+            route_limits,
+            open_conns: AtomicU64::new(0),
+            shut_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether this generation runs in worker processes.
+    pub fn is_isolated(&self) -> bool {
+        self.remote.is_some()
+    }
+
     /// Asks the plugin to decide an upgrade; `Err` carries its panic message.
     pub(crate) fn upgrade(&self, req: &HostRequest) -> Result<Answer, String> {
-        let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
-        into_answer(self.instance().upgrade(req))
+        upgrade_on(self.instance(), req)
     }
 
     /// Runs this generation's code on `exec` (the plugin's runtime) from now on.
@@ -409,8 +450,11 @@ impl LoadedPlugin {
         req: RequestMap,
         timeout: std::time::Duration,
     ) -> Decision {
-        let req = HostRequest::from(req);
         let deadline = tokio::time::Instant::now() + timeout;
+        if let Some(remote) = &self.remote {
+            return remote.decide(req, deadline).await;
+        }
+        let req = HostRequest::from(req);
         let plugin = Arc::clone(self);
         let call = move || {
             let upgrade = req.is_upgrade;
@@ -472,8 +516,7 @@ impl LoadedPlugin {
 
     /// Asks the plugin to answer a plain request; `Err` carries its panic message.
     pub(crate) fn request(&self, req: &HostRequest) -> Result<Answer, String> {
-        let req = RequestFfi_TO::from_ptr(RRef::new(req), TD_Opaque);
-        into_answer(self.instance().request(req))
+        request_on(self.instance(), req)
     }
 
     /// Tells the plugin it gets no more calls; runs once, on the calling thread. From then on
@@ -482,12 +525,19 @@ impl LoadedPlugin {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        if let Some(remote) = &self.remote {
+            // The worker runs `shutdown` and exits; its panic, if any, is logged there.
+            remote.stop(std::time::Duration::from_secs(10));
+            return Ok(());
+        }
         let result = self
             .instance()
             .shutdown()
             .into_result()
             .map_err(RString::into_string);
-        self.services.retired.store(true, Ordering::Release);
+        if let Some(s) = &self.services {
+            s.retired.store(true, Ordering::Release);
+        }
         result
     }
 
@@ -564,6 +614,28 @@ impl Settings {
     }
 }
 
+/// Checks the config file's mounts of plugin `name` (of `file`).
+pub(crate) fn check_mounts(name: &str, file: &Path, routes: &[String]) -> Result<(), LoadError> {
+    if let Some(bad) = routes.iter().find(|r| !valid_route(r)) {
+        return Err(LoadError::BadIdentity {
+            name: name.to_owned(),
+            file: file.to_owned(),
+            reason: format!(
+                "the config file mounts it at `{bad}`: a route must start with `/`, not end \
+                 with `/` (except `/` itself) and have no `?` or `#`"
+            ),
+        });
+    }
+    if routes.is_empty() {
+        return Err(LoadError::BadIdentity {
+            name: name.to_owned(),
+            file: file.to_owned(),
+            reason: "the config file mounts it at no route".into(),
+        });
+    }
+    Ok(())
+}
+
 fn valid_route(r: &str) -> bool {
     r.starts_with('/') && (r == "/" || !r.ends_with('/')) && !r.contains(['?', '#'])
 }
@@ -590,7 +662,7 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
             .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
             .collect(),
         body: resp.take_body().into_vec(),
-        handler: resp.take_handler().into_option().map(Handler),
+        handler: resp.take_handler().into_option().map(Handler::Inline),
         settings,
     })
 }
@@ -600,12 +672,22 @@ impl Drop for LoadedPlugin {
     /// Its `shutdown` (unless it already ran) and the drop of its instance run plugin code, so
     /// they go to a retirement thread: this may be the I/O thread of its last connection.
     fn drop(&mut self) {
+        if let Some(remote) = self.remote.take() {
+            if !self.shut_down.swap(true, Ordering::AcqRel) {
+                retire::submit(&self.name, self.generation, "shutdown", move || {
+                    remote.stop(std::time::Duration::from_secs(10));
+                });
+            }
+            return;
+        }
         let Some(instance) = self.instance.take() else {
             return;
         };
         let shut_down = self.shut_down.swap(true, Ordering::AcqRel);
         let (name, generation) = (self.name.clone(), self.generation);
-        let services = Arc::clone(&self.services);
+        let Some(services) = self.services.clone() else {
+            return;
+        };
         let what = if shut_down { "drop" } else { "shutdown" };
         retire::submit(&self.name, self.generation, what, move || {
             if !shut_down {

@@ -170,6 +170,8 @@ pub struct Registry {
     /// Workers of a plugin's runtime unless its section sets its own; 0: plugins run on the
     /// calling runtime (a registry that only checks files).
     plugin_workers: usize,
+    /// Where plugins run, and how worker processes start.
+    isolation: crate::config::IsolationConfig,
 }
 
 /// The plugin sections of a config file, by plugin name.
@@ -212,7 +214,14 @@ impl Registry {
             config_file: None,
             max_plugin_size: DEFAULT_MAX_PLUGIN_SIZE,
             plugin_workers: 0,
+            isolation: crate::config::IsolationConfig::default(),
         })
+    }
+
+    /// Runs plugins in worker processes as `isolation` says (by default, or per plugin).
+    pub fn with_isolation(mut self, isolation: crate::config::IsolationConfig) -> Self {
+        self.isolation = isolation;
+        self
     }
 
     /// Applies the config file's `[plugin.NAME]` sections to the plugins loaded from now on.
@@ -352,7 +361,11 @@ impl Registry {
             }
             let previous_plugin = previous.and_then(|r| r.plugin.clone());
             let started = Instant::now();
-            let loaded = Candidate::open(
+            let isolated = self.load_isolated(&file, &current, &loaded_this_pass, &mut state);
+            let loaded = if let Some(isolated) = isolated {
+                isolated
+            } else {
+                Candidate::open(
                 &file,
                 self.private_dir.path(),
                 self.probe.as_ref(),
@@ -399,7 +412,8 @@ impl Registry {
                         }
                     })?;
                     Ok(plugin.with_executor(exec))
-                });
+                })
+            };
             match loaded {
                 Ok(plugin) => {
                     let plugin = Arc::new(plugin);
@@ -467,6 +481,111 @@ impl Registry {
         Ok(report)
     }
 
+    /// Loads `file` as a process-isolated plugin if its section (or the host's default) says
+    /// so: a worker process maps it and reports its identity; the host never maps it. `None`
+    /// if the plugin runs inline (the worker only read its name).
+    fn load_isolated(
+        &self,
+        file: &Path,
+        current: &BTreeMap<String, Arc<LoadedPlugin>>,
+        loaded_this_pass: &HashSet<String>,
+        state: &mut State,
+    ) -> Option<Result<LoadedPlugin, LoadError>> {
+        let iso = &self.isolation;
+        let exe = iso.exe.clone()?;
+        let any = iso.process
+            || self
+                .sections
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .any(|s| s.process == Some(true));
+        if !any {
+            return None;
+        }
+        if let Err(e) = super::loader::check_original(file, self.max_plugin_size) {
+            return Some(Err(e));
+        }
+        let private = match super::loader::private_copy(file, self.private_dir.path()) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e)),
+        };
+        let remove = |r: LoadError| {
+            let _ = std::fs::remove_file(&private);
+            Some(Err(r))
+        };
+        if let Err(e) = super::loader::check_elf(file, &private) {
+            return remove(e);
+        }
+        let settings = |callback_timeout: Option<std::time::Duration>| super::isolate::Isolation {
+            exe: exe.clone(),
+            callback_timeout: Some(callback_timeout.unwrap_or(iso.callback_timeout))
+                .filter(|d| !d.is_zero()),
+            start_timeout: iso.start_timeout,
+        };
+        let threads = self.plugin_workers.max(2);
+        let started = match super::isolate::supervisor::start(&settings(None), file, &private, threads)
+        {
+            Ok(s) => s,
+            Err(e) => return remove(e),
+        };
+        let name = started.identity.name.clone();
+        let section = self.section(&name);
+        if !section.process.unwrap_or(iso.process) {
+            started.discard();
+            let _ = std::fs::remove_file(&private);
+            return None;
+        }
+        let mut routes = started.identity.routes.clone();
+        if let Some(mounts) = &section.routes {
+            if let Err(e) = super::check_mounts(&name, file, mounts) {
+                started.discard();
+                return remove(e);
+            }
+            routes = mounts.clone();
+        }
+        if let Err(e) = self.admit_named(&name, &routes, file, current, loaded_this_pass) {
+            started.discard();
+            return remove(e);
+        }
+        let generation = *state
+            .generations
+            .entry(name.clone())
+            .and_modify(|g| *g += 1)
+            .or_insert(1);
+        let limits = super::Settings::from_section(&section);
+        let route_limits = section
+            .route_limits
+            .iter()
+            .map(|(r, l)| (r.clone(), super::Settings::from_section(l)))
+            .collect();
+        let identity = started.identity.clone();
+        let threads = section.workers.unwrap_or(threads).max(1);
+        let supervisor = super::isolate::Supervisor::create(
+            started,
+            settings(section.callback_timeout),
+            file,
+            private.clone(),
+            threads,
+            generation,
+            section.config.clone().into_iter().collect(),
+            section.memory_limit,
+            Arc::clone(&self.hub),
+        );
+        match supervisor {
+            Ok(sv) => Some(Ok(LoadedPlugin::isolated(
+                sv,
+                identity,
+                routes,
+                file.to_owned(),
+                generation,
+                limits,
+                route_limits,
+            ))),
+            Err(e) => remove(e),
+        }
+    }
+
     /// Whether `candidate` may join the plugins in `current`.
     fn admit(
         &self,
@@ -474,22 +593,40 @@ impl Registry {
         current: &BTreeMap<String, Arc<LoadedPlugin>>,
         loaded_this_pass: &HashSet<String>,
     ) -> Result<(), LoadError> {
+        self.admit_named(
+            &candidate.name,
+            &candidate.routes,
+            &candidate.file,
+            current,
+            loaded_this_pass,
+        )
+    }
+
+    /// Whether plugin `name` of `file` with `routes` may join the plugins in `current`.
+    fn admit_named(
+        &self,
+        name: &str,
+        routes: &[String],
+        file: &Path,
+        current: &BTreeMap<String, Arc<LoadedPlugin>>,
+        loaded_this_pass: &HashSet<String>,
+    ) -> Result<(), LoadError> {
         let conflict = |reason: String| LoadError::Conflict {
-            name: candidate.name.clone(),
-            file: candidate.file.clone(),
+            name: name.to_owned(),
+            file: file.to_owned(),
             reason,
         };
-        if loaded_this_pass.contains(&candidate.name) {
-            let other = &current[&candidate.name];
+        if loaded_this_pass.contains(name) {
+            let other = &current[name];
             return Err(conflict(format!(
                 "a plugin with this name is already loaded from {}; remove one of the files",
                 other.file.display()
             )));
         }
-        for route in &candidate.routes {
+        for route in routes {
             let taken = current
                 .values()
-                .find(|p| p.name != candidate.name && p.routes.contains(route));
+                .find(|p| p.name != name && p.routes.contains(route));
             if let Some(other) = taken {
                 return Err(conflict(format!(
                     "route `{route}` is already served by plugin `{}` ({})",

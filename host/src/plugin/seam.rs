@@ -10,6 +10,8 @@ use abi_stable::std_types::{RArc, RResult, RSlice, RStr, RString, RVec, Tuple2};
 use plugin_api::abi::{ConnFfi, ConnFfi_TO, ConnHandle, HandlerBox};
 use plugin_api::SendError;
 
+use super::isolate::proto;
+
 /// What a connection offers plugin code (`Conn`'s methods), in native types. Implemented by
 /// the session's shared state.
 pub(crate) trait ConnOps: Send + Sync + Sized + 'static {
@@ -90,8 +92,14 @@ impl<C: ConnOps> ConnFfi for ConnAdapter<C> {
     }
 }
 
-/// A connection's callbacks as a plugin's 101 answer carries them (opaque outside this layer).
-pub(crate) struct Handler(pub(super) HandlerBox);
+/// A connection's callbacks as a plugin's 101 answer carries them (opaque outside this layer):
+/// in this process, or held by the plugin's worker process.
+pub(crate) enum Handler {
+    /// Plugin code mapped in this process.
+    Inline(HandlerBox),
+    /// A handler in a worker process.
+    Remote(super::isolate::RemoteHandler),
+}
 
 impl std::fmt::Debug for Handler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -99,16 +107,156 @@ impl std::fmt::Debug for Handler {
     }
 }
 
+/// What the host's side of a connection offers beyond [`ConnOps`], for a plugin whose code runs
+/// in a worker process.
+pub(crate) trait SessionConn: ConnOps {
+    /// Queues a message the worker sent (its own credit already bounds it; only the host's
+    /// memory budget applies here: past it the connection closes with 1013).
+    fn send_from_worker(&self, msg: tokio_tungstenite::tungstenite::Message);
+    /// The plugin failed this connection: a callback panicked (`crashed` false) or its worker
+    /// died (`crashed` true). No more callbacks but `on_close`; the close code is 1011.
+    fn fail(&self, crashed: bool);
+    /// Runs `hook` whenever the send queue empties.
+    fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>);
+    /// The connection's send queue limit.
+    fn max_send_queue(&self) -> u64;
+}
+
+/// A [`SessionConn`] as an object (what a worker's link keeps per connection).
+pub(crate) trait DynConn: Send + Sync {
+    fn id(&self) -> u64;
+    fn remote_addr(&self) -> &str;
+    fn send_from_worker(&self, msg: tokio_tungstenite::tungstenite::Message);
+    fn close(&self, code: u16, reason: &str) -> Result<(), SendError>;
+    fn subscribe(&self, channel: &str) -> Result<(), SendError>;
+    fn unsubscribe(&self, channel: &str) -> bool;
+    fn set_paused(&self, paused: bool);
+    fn fail(&self, crashed: bool);
+    fn buffered(&self) -> u64;
+    fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>);
+    fn max_send_queue(&self) -> u64;
+}
+
+struct Bound<C>(Arc<C>);
+
+impl<C: SessionConn> DynConn for Bound<C> {
+    fn id(&self) -> u64 {
+        self.0.id()
+    }
+    fn remote_addr(&self) -> &str {
+        self.0.remote_addr()
+    }
+    fn send_from_worker(&self, msg: tokio_tungstenite::tungstenite::Message) {
+        self.0.send_from_worker(msg);
+    }
+    fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
+        self.0.close(code, reason)
+    }
+    fn subscribe(&self, channel: &str) -> Result<(), SendError> {
+        self.0.subscribe(channel)
+    }
+    fn unsubscribe(&self, channel: &str) -> bool {
+        self.0.unsubscribe(channel)
+    }
+    fn set_paused(&self, paused: bool) {
+        self.0.set_paused(paused);
+    }
+    fn fail(&self, crashed: bool) {
+        self.0.fail(crashed);
+    }
+    fn buffered(&self) -> u64 {
+        self.0.buffered_amount()
+    }
+    fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        self.0.on_queue_empty(hook);
+    }
+    fn max_send_queue(&self) -> u64 {
+        self.0.max_send_queue()
+    }
+}
+
 /// A plugin's callbacks bound to their connection: what a session calls. Each returns the
-/// plugin's panic message if the callback panicked.
-pub(crate) struct Callbacks {
+/// plugin's panic message if the callback panicked (in a worker process, a panic comes back
+/// later, through [`SessionConn::fail`]).
+#[derive(Debug)]
+pub(crate) enum Callbacks {
+    /// Called here.
+    Inline(InlineCallbacks),
+    /// Sent to the worker process.
+    Remote(super::isolate::RemoteCallbacks),
+}
+
+impl Callbacks {
+    /// Binds `handler` to the connection `conn`.
+    pub(crate) fn new<C: SessionConn>(handler: Handler, conn: Arc<C>) -> Self {
+        match handler {
+            Handler::Inline(h) => Self::Inline(InlineCallbacks::new(h, conn)),
+            Handler::Remote(h) => {
+                Self::Remote(super::isolate::RemoteCallbacks::bind(h, Box::new(Bound(conn))))
+            }
+        }
+    }
+
+    pub(crate) fn on_connect(&mut self) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_connect(),
+            Self::Remote(r) => Ok(r.event(proto::CONNECT, &[])),
+        }
+    }
+    pub(crate) fn on_text(&mut self, text: &str) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_text(text),
+            Self::Remote(r) => Ok(r.event(proto::TEXT, &[text.as_bytes()])),
+        }
+    }
+    pub(crate) fn on_binary(&mut self, data: &[u8]) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_binary(data),
+            Self::Remote(r) => Ok(r.event(proto::BINARY, &[data])),
+        }
+    }
+    pub(crate) fn on_ping(&mut self, payload: &[u8]) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_ping(payload),
+            Self::Remote(r) => Ok(r.event(proto::PING, &[payload])),
+        }
+    }
+    pub(crate) fn on_pong(&mut self, payload: &[u8]) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_pong(payload),
+            Self::Remote(r) => Ok(r.event(proto::PONG, &[payload])),
+        }
+    }
+    /// In a worker, `on_drain` follows the worker's own refusals (its credit), not this.
+    pub(crate) fn on_drain(&mut self) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_drain(),
+            Self::Remote(_) => Ok(()),
+        }
+    }
+    pub(crate) fn on_error(&mut self, error: &str) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_error(error),
+            Self::Remote(r) => Ok(r.event(proto::ERROR, &[error.as_bytes()])),
+        }
+    }
+    pub(crate) fn on_close(&mut self, code: u16, reason: &str) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_close(code, reason),
+            Self::Remote(r) => Ok(r.event(proto::CLOSE, &[&proto::close_body(code, reason)])),
+        }
+    }
+}
+
+/// A plugin's callbacks in this process, bound to their connection.
+pub(crate) struct InlineCallbacks {
     handler: HandlerBox,
     conn: ConnHandle,
 }
 
-impl std::fmt::Debug for Callbacks {
+impl std::fmt::Debug for InlineCallbacks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Callbacks").finish_non_exhaustive()
+        f.debug_struct("InlineCallbacks").finish_non_exhaustive()
     }
 }
 
@@ -116,11 +264,11 @@ fn done(r: RResult<(), RString>) -> Result<(), String> {
     r.into_result().map_err(RString::into_string)
 }
 
-impl Callbacks {
+impl InlineCallbacks {
     /// Binds `handler` to the connection `conn`.
-    pub(crate) fn new<C: ConnOps>(handler: Handler, conn: Arc<C>) -> Self {
+    pub(crate) fn new<C: ConnOps>(handler: HandlerBox, conn: Arc<C>) -> Self {
         Self {
-            handler: handler.0,
+            handler,
             conn: ConnFfi_TO::from_ptr(RArc::new(ConnAdapter(conn)), TD_Opaque),
         }
     }
@@ -161,12 +309,12 @@ impl Callbacks {
 }
 
 /// A request as the HTTP layer hands it to a plugin (the ring request map), in native types.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RequestMap {
     pub(crate) method: String,
     pub(crate) path: String,
     pub(crate) query: String,
-    pub(crate) scheme: &'static str,
+    pub(crate) scheme: std::borrow::Cow<'static, str>,
     pub(crate) server_name: String,
     pub(crate) server_port: u16,
     pub(crate) remote_addr: String,

@@ -89,6 +89,19 @@ pub(crate) struct ConnShared {
     started: std::time::Instant,
     /// When the session last sent a data message, in milliseconds since `started`.
     last_out_ms: AtomicU64,
+    /// The plugin failed the connection: 1 a callback panicked, 2 its worker process died.
+    failed: AtomicU8,
+    /// Runs whenever the send queue empties (a worker's credit).
+    on_empty: std::sync::OnceLock<EmptyHook>,
+}
+
+/// What runs when a connection's send queue empties.
+struct EmptyHook(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for EmptyHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EmptyHook")
+    }
 }
 
 impl ConnShared {
@@ -122,6 +135,8 @@ impl ConnShared {
             channels: Mutex::new(Vec::new()),
             started: std::time::Instant::now(),
             last_out_ms: AtomicU64::new(0),
+            failed: AtomicU8::new(0),
+            on_empty: std::sync::OnceLock::new(),
         })
     }
 
@@ -167,7 +182,18 @@ impl ConnShared {
 
     /// Whether a flag for the session is set (drained, closing): it then looks at them.
     pub(crate) fn has_flags(&self) -> bool {
-        self.drained.load(Ordering::Acquire) || self.closing.load(Ordering::Acquire)
+        self.drained.load(Ordering::Acquire)
+            || self.closing.load(Ordering::Acquire)
+            || self.failed.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether the plugin failed the connection since last asked, and if so whether its worker
+    /// process died (`Some(true)`) or a callback panicked (`Some(false)`).
+    pub(crate) fn take_failed(&self) -> Option<bool> {
+        match self.failed.swap(0, Ordering::AcqRel) {
+            0 => None,
+            n => Some(n == 2),
+        }
     }
 
     /// Whether a close was queued since the last call.
@@ -246,6 +272,11 @@ impl ConnShared {
     }
 
     fn drained_if_empty(&self, left: u64) {
+        if left == 0 {
+            if let Some(hook) = self.on_empty.get() {
+                (hook.0)();
+            }
+        }
         if left == 0 && self.drain_wanted.swap(false, Ordering::AcqRel) {
             self.drained.store(true, Ordering::Release);
             self.waker.wake();
@@ -386,6 +417,33 @@ impl crate::plugin::ConnOps for ConnShared {
     }
     fn set_paused(&self, paused: bool) {
         ConnShared::set_paused(self, paused);
+    }
+}
+
+impl crate::plugin::SessionConn for ConnShared {
+    fn send_from_worker(&self, msg: Message) {
+        if !self.is_open() {
+            return;
+        }
+        let n = msg.len() as u64;
+        if !self.budget.take(n) {
+            tracing::warn!(conn_id = self.id, "a worker's send does not fit --max-buffered-total; \
+                closing with 1013");
+            let _ = self.close_unchecked(1013, "server memory budget exhausted");
+            return;
+        }
+        self.buffered.fetch_add(n, Ordering::AcqRel);
+        self.push((msg, n));
+    }
+    fn fail(&self, crashed: bool) {
+        self.failed.store(if crashed { 2 } else { 1 }, Ordering::Release);
+        self.waker.wake();
+    }
+    fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.on_empty.set(EmptyHook(hook));
+    }
+    fn max_send_queue(&self) -> u64 {
+        self.max_send_queue
     }
 }
 

@@ -271,6 +271,8 @@ pub(crate) enum CloseReason {
     TooBig,
     /// A callback of the plugin panicked: 1011.
     PluginPanicked,
+    /// The plugin's worker process died (crash, callback timeout, memory limit): 1011.
+    PluginCrashed,
     /// Any other failure on the host's side: 1011.
     InternalError,
     /// Incoming data did not fit the host's memory budget (`--max-buffered-total`): 1013.
@@ -286,7 +288,7 @@ impl CloseReason {
             Self::InvalidUtf8 => 1007,
             Self::MessageTimeout | Self::RateLimit => 1008,
             Self::TooBig => 1009,
-            Self::PluginPanicked | Self::InternalError => 1011,
+            Self::PluginPanicked | Self::PluginCrashed | Self::InternalError => 1011,
             Self::MemoryBudget => 1013,
         }
     }
@@ -303,6 +305,7 @@ impl CloseReason {
             Self::RateLimit => "message rate limit exceeded",
             Self::TooBig => "message too big",
             Self::PluginPanicked | Self::InternalError => "internal error",
+            Self::PluginCrashed => "plugin crashed",
             Self::MemoryBudget => "server busy: try again later",
         }
     }
@@ -380,6 +383,16 @@ impl Session {
             // refused has drained; a close was queued (its handshake has a deadline).
             if conn.take_drained() {
                 self.call("on_drain", |cb| cb.on_drain());
+            }
+            if let Some(crashed) = conn.take_failed() {
+                if !self.failed {
+                    self.failed = true;
+                    self.close_by_host(if crashed {
+                        CloseReason::PluginCrashed
+                    } else {
+                        CloseReason::PluginPanicked
+                    });
+                }
             }
             if conn.take_closing() && close_deadline.is_none() {
                 close_deadline = Some(Instant::now() + timing.close_timeout);

@@ -318,6 +318,35 @@ impl Handler for Kit {
                 self.pump(conn);
                 return;
             }
+            // Faults a plugin can have; in process isolation each ends only its worker.
+            "abort" => std::process::abort(),
+            "exit" => std::process::exit(arg.parse().unwrap_or(7)),
+            "segv" => {
+                #[allow(unsafe_code, reason = "a deliberate null-pointer write")]
+                // SAFETY: not safe at all: this writes through a null pointer on purpose, to
+                // crash with SIGSEGV as a buggy plugin would.
+                unsafe {
+                    std::ptr::write_volatile(std::ptr::null_mut::<u64>(), 1);
+                }
+                "survived".to_owned()
+            }
+            "overflow" => format!("{}", recurse(u64::MAX)),
+            "drop-unwind-panic" => {
+                // A panic in a `Drop` while a panic unwinds: Rust aborts the process.
+                let _bomb = PanicOnDrop;
+                panic!("testkit: the first panic");
+            }
+            "alloc" => {
+                // Allocates ARG MiB and touches every page (a leak the size of it).
+                let mib: usize = arg.parse().unwrap_or(1);
+                let mut v = vec![0u8; mib << 20];
+                for i in (0..v.len()).step_by(4096) {
+                    v[i] = 1;
+                }
+                std::mem::forget(v);
+                "allocated".to_owned()
+            }
+            "pid" => format!("pid {}", std::process::id()),
             "spin" => loop {
                 // A callback that never returns.
                 std::hint::spin_loop();
@@ -388,3 +417,22 @@ impl Drop for Kit {
 }
 
 export_plugin!(Testkit);
+
+/// Recurses until the stack overflows.
+#[inline(never)]
+fn recurse(n: u64) -> u64 {
+    let frame = std::hint::black_box([n; 64]);
+    if n == 0 {
+        return frame[0];
+    }
+    recurse(n - 1).wrapping_add(frame[3])
+}
+
+/// Panics when dropped.
+struct PanicOnDrop;
+
+impl Drop for PanicOnDrop {
+    fn drop(&mut self) {
+        panic!("testkit: a panic in Drop while unwinding");
+    }
+}

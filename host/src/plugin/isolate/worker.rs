@@ -1,0 +1,780 @@
+//! The worker process (`wshost worker`): maps one plugin library and runs its code, and only
+//! its code, for the host. It connects back to the host over a Unix socket, reports the
+//! library's identity, creates the instance when told, and then turns the host's frames into
+//! plugin calls — each connection's callbacks in order on a task of its own, on a runtime of
+//! its own threads — and the plugin's `Conn`/`Host` calls into frames. A crash here ends this
+//! process only; the host closes its connections and starts another.
+//!
+//! With a callback timeout, a watchdog thread ends the process when one plugin call runs
+//! longer (an infinite loop, a deadlock), after saying which call on standard error.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use abi_stable::sabi_trait::TD_Opaque;
+use abi_stable::std_types::{RArc, RSlice, RStr, RString, RVec, Tuple2};
+use plugin_api::abi::{HostFfi, HostFfi_TO, PluginBox};
+use plugin_api::SendError;
+
+use super::super::{loader, Candidate, ConnOps, Handler, HostRequest, LoadError};
+use super::proto::{self, AnswerMsg};
+use crate::plugin::seam::InlineCallbacks;
+
+/// What `wshost worker` is told on its command line.
+#[derive(Debug, Clone)]
+pub struct WorkerArgs {
+    /// The Unix socket the host listens on for this worker.
+    pub socket: std::path::PathBuf,
+    /// The file's name as the user knows it.
+    pub display_name: std::path::PathBuf,
+    /// The private copy to map.
+    pub file: std::path::PathBuf,
+    /// Threads that run the plugin's calls.
+    pub threads: usize,
+    /// End the process when one plugin call runs longer (0: never).
+    pub callback_timeout_ms: u64,
+}
+
+/// The worker's side: runs until the host says stop or goes away. Returns the exit code.
+pub fn worker_main(args: &WorkerArgs) -> std::process::ExitCode {
+    match run(args) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("wshost worker: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &WorkerArgs) -> std::io::Result<()> {
+    let stream = UnixStream::connect(&args.socket)?;
+    let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
+    let out = Outbox::start(stream)?;
+    let watch = Watch::start(args.callback_timeout_ms);
+
+    // Load and report the identity.
+    let candidate = match load(&args.display_name, &args.file) {
+        Ok(c) => c,
+        Err(e) => {
+            out.push(proto::FAILED, 0, &[strip_file(&e, &args.display_name).as_bytes()]);
+            out.flush();
+            return Ok(());
+        }
+    };
+    let identity = proto::Identity {
+        name: candidate.name.clone(),
+        version: candidate.version.clone(),
+        routes: candidate.routes.clone(),
+        api_version: candidate.mapped.api_version.clone(),
+    };
+    out.push(
+        proto::IDENTITY,
+        0,
+        &[&serde_json::to_vec(&identity).unwrap_or_default()],
+    );
+
+    // Wait to be told to create it.
+    let Some((kind, _, body)) = read_frame(&mut reader)? else {
+        return Ok(());
+    };
+    if kind != proto::CREATE {
+        return Ok(());
+    }
+    let create: proto::Create = serde_json::from_slice(&body).unwrap_or_default();
+    let calls = Arc::new(Calls::default());
+    let services = WorkerHost(Arc::new(HostState {
+        out: Arc::clone(&out),
+        calls: Arc::clone(&calls),
+        config: create.config,
+        log_level: create.log_level,
+        retired: AtomicBool::new(false),
+    }));
+    let retired = Arc::clone(&services.0);
+    let handle = HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque);
+    let instance = {
+        let _call = watch.enter("create", 0);
+        candidate.create_instance(handle)
+    };
+    let instance = match instance {
+        Ok(i) => Arc::new(i),
+        Err(e) => {
+            out.push(proto::FAILED, 0, &[strip_file(&e, &args.display_name).as_bytes()]);
+            out.flush();
+            return Ok(());
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .thread_name(format!("wshost-{}", identity.name))
+        .enable_time()
+        .build()?;
+    out.push(proto::READY, 0, &[]);
+
+    let shared = Arc::new(Shared {
+        instance,
+        out: Arc::clone(&out),
+        calls,
+        watch: Arc::clone(&watch),
+        handlers: Mutex::new(HashMap::new()),
+    });
+    let mut conns: HashMap<u64, (tokio::sync::mpsc::UnboundedSender<Event>, Arc<WorkerConn>)> =
+        HashMap::new();
+    while let Some((kind, id, body)) = read_frame(&mut reader)? {
+        match kind {
+            proto::DECIDE => {
+                let Ok(map) = serde_json::from_slice::<proto::RequestMsg>(&body) else {
+                    continue;
+                };
+                let shared = Arc::clone(&shared);
+                runtime.spawn(async move { shared.decide(id, map).await });
+            }
+            proto::OPEN => {
+                let Ok(open) = serde_json::from_slice::<proto::Open>(&body) else {
+                    continue;
+                };
+                let handler = shared
+                    .handlers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&open.token);
+                let Some(Handler::Inline(handler)) = handler else {
+                    continue;
+                };
+                let conn = Arc::new(WorkerConn {
+                    id,
+                    remote: open.remote,
+                    max_send_queue: open.max_send_queue,
+                    state: AtomicU8::new(OPEN),
+                    sent: AtomicU64::new(0),
+                    acked: AtomicU64::new(0),
+                    drain_asked: AtomicBool::new(false),
+                    out: Arc::clone(&out),
+                    calls: Arc::clone(&shared.calls),
+                });
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let callbacks = InlineCallbacks::new(handler, Arc::clone(&conn));
+                runtime.spawn(connection(Arc::clone(&shared), Arc::clone(&conn), callbacks, rx));
+                conns.insert(id, (tx, conn));
+            }
+            proto::DISCARD => {
+                let handler = shared
+                    .handlers
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                if let Some(h) = handler {
+                    runtime.spawn(async move { drop(h) });
+                }
+            }
+            proto::REPLY => shared.calls.complete(id, proto::split_u64(&body).0),
+            proto::CREDIT => {
+                let (acked, rest) = proto::split_u64(&body);
+                if let Some((tx, conn)) = conns.get(&id) {
+                    conn.acked.fetch_max(acked, Ordering::AcqRel);
+                    if rest.first() == Some(&1) {
+                        conn.drain_asked.store(false, Ordering::Release);
+                        let _ = tx.send(Event::Drain);
+                    }
+                }
+            }
+            proto::SHUTDOWN => {
+                let panic = {
+                    let _call = watch.enter("shutdown", 0);
+                    shared.instance.shutdown().into_result().err()
+                };
+                retired.retired.store(true, Ordering::Release);
+                let text = panic.map(RString::into_string).unwrap_or_default();
+                out.push(proto::SHUT_DOWN, 0, &[text.as_bytes()]);
+                out.flush();
+                // Nothing more runs: threads the plugin left behind end with the process.
+                std::process::exit(0);
+            }
+            _ => {
+                let event = match kind {
+                    proto::CONNECT => Event::Connect,
+                    proto::TEXT => Event::Text(body),
+                    proto::BINARY => Event::Binary(body),
+                    proto::PING => Event::Ping(body),
+                    proto::PONG => Event::Pong(body),
+                    proto::ERROR => Event::Error(String::from_utf8_lossy(&body).into_owned()),
+                    proto::CLOSE => {
+                        let (code, reason) = proto::read_close(&body);
+                        Event::Close(code, reason)
+                    }
+                    _ => continue,
+                };
+                let last = matches!(event, Event::Close(..));
+                if let Some((tx, _)) = conns.get(&id) {
+                    let _ = tx.send(event);
+                }
+                if last {
+                    conns.remove(&id);
+                }
+            }
+        }
+    }
+    // The host closed the socket: it stopped, or ended this worker.
+    std::process::exit(0);
+}
+
+/// Maps and checks the library, and runs its guarded self-test.
+fn load(display: &Path, path: &Path) -> Result<Candidate, LoadError> {
+    loader::check_elf(display, path)?;
+    let candidate = Candidate::from_mapped(display, loader::map(display, path)?)?;
+    candidate.self_test()?;
+    Ok(candidate)
+}
+
+/// The host adds the file name itself; keep the worker's reason free of it.
+fn strip_file(e: &LoadError, display: &Path) -> String {
+    let text = e.to_string();
+    let prefix = format!("{}: ", display.display());
+    text.strip_prefix(&prefix).unwrap_or(&text).to_owned()
+}
+
+/// Reads one frame; `None` at the end of the stream.
+fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(u8, u64, Vec<u8>)>> {
+    let mut h = [0u8; proto::HEADER];
+    match r.read_exact(&mut h) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let Some((kind, id, len)) = proto::header(&h) else {
+        return Err(std::io::Error::other("corrupt frame from the host"));
+    };
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(Some((kind, id, body)))
+}
+
+/// One event of a connection, in order.
+#[derive(Debug)]
+enum Event {
+    Connect,
+    Text(Vec<u8>),
+    Binary(Vec<u8>),
+    Ping(Vec<u8>),
+    Pong(Vec<u8>),
+    Error(String),
+    Drain,
+    Close(u16, String),
+}
+
+/// What every task of the worker shares.
+struct Shared {
+    instance: Arc<PluginBox>,
+    out: Arc<Outbox>,
+    calls: Arc<Calls>,
+    watch: Arc<Watch>,
+    /// Accepted handlers waiting for their connection, by token (the request's id).
+    handlers: Mutex<HashMap<u64, Handler>>,
+}
+
+impl Shared {
+    /// Decides request `id` and sends the answer.
+    async fn decide(&self, id: u64, map: proto::RequestMsg) {
+        let upgrade = map.is_upgrade;
+        let req = HostRequest::from(map);
+        let result = {
+            let _call = self.watch.enter(if upgrade { "upgrade" } else { "request" }, 0);
+            if upgrade {
+                super::super::upgrade_on(&self.instance, &req)
+            } else {
+                super::super::request_on(&self.instance, &req)
+            }
+        };
+        let deferred = req
+            .deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(req);
+        let result = match deferred {
+            None => result,
+            Some(rx) => {
+                drop(result);
+                match rx.await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        self.answer(
+                            id,
+                            &AnswerMsg {
+                                dropped: true,
+                                ..AnswerMsg::default()
+                            },
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        let msg = match result {
+            Err(panic) => AnswerMsg {
+                panic: Some(panic),
+                ..AnswerMsg::default()
+            },
+            Ok(mut answer) => {
+                let handler = answer.handler.take().map(|h| {
+                    self.handlers
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(id, h);
+                    id
+                });
+                AnswerMsg {
+                    panic: None,
+                    dropped: false,
+                    status: answer.status,
+                    headers: std::mem::take(&mut answer.headers),
+                    body: std::mem::take(&mut answer.body),
+                    handler,
+                    settings: answer.settings,
+                }
+            }
+        };
+        self.answer(id, &msg);
+    }
+
+    fn answer(&self, id: u64, msg: &AnswerMsg) {
+        self.out.push(
+            proto::ANSWER,
+            id,
+            &[&serde_json::to_vec(msg).unwrap_or_default()],
+        );
+    }
+}
+
+/// A connection's task: its callbacks, one at a time, in the order the host sent them.
+async fn connection(
+    shared: Arc<Shared>,
+    conn: Arc<WorkerConn>,
+    mut callbacks: InlineCallbacks,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) {
+    let mut failed = false;
+    while let Some(event) = rx.recv().await {
+        let last = matches!(event, Event::Close(..));
+        if failed && !last {
+            continue;
+        }
+        if last {
+            conn.state.store(CLOSED, Ordering::Release);
+        }
+        let (name, result) = {
+            let name = match &event {
+                Event::Connect => "on_connect",
+                Event::Text(_) => "on_text",
+                Event::Binary(_) => "on_binary",
+                Event::Ping(_) => "on_ping",
+                Event::Pong(_) => "on_pong",
+                Event::Error(_) => "on_error",
+                Event::Drain => "on_drain",
+                Event::Close(..) => "on_close",
+            };
+            let _call = shared.watch.enter(name, conn.id);
+            let result = match &event {
+                Event::Connect => callbacks.on_connect(),
+                Event::Text(t) => match std::str::from_utf8(t) {
+                    Ok(t) => callbacks.on_text(t),
+                    Err(_) => Ok(()),
+                },
+                Event::Binary(b) => callbacks.on_binary(b),
+                Event::Ping(p) => callbacks.on_ping(p),
+                Event::Pong(p) => callbacks.on_pong(p),
+                Event::Error(e) => callbacks.on_error(e),
+                Event::Drain => callbacks.on_drain(),
+                Event::Close(code, reason) => callbacks.on_close(*code, reason),
+            };
+            (name, result)
+        };
+        if let Err(panic) = result {
+            if !last {
+                failed = true;
+                let msg = proto::Failed {
+                    callback: name.to_owned(),
+                    panic,
+                };
+                shared.out.push(
+                    proto::CALL_FAILED,
+                    conn.id,
+                    &[&serde_json::to_vec(&msg).unwrap_or_default()],
+                );
+            }
+        }
+        if last {
+            break;
+        }
+    }
+    let _call = shared.watch.enter("drop", conn.id);
+    drop(callbacks);
+}
+
+const OPEN: u8 = 0;
+const CLOSING: u8 = 1;
+const CLOSED: u8 = 2;
+
+/// A connection as the plugin in the worker sees it: its calls become frames to the host.
+///
+/// The send queue is the host's; the worker keeps credit: bytes it sent minus bytes the host
+/// said it wrote. A send past `max_send_queue` of credit is refused with `QueueFull`, and the
+/// host is asked to run `on_drain` once its queue has emptied.
+#[derive(Debug)]
+struct WorkerConn {
+    id: u64,
+    remote: String,
+    max_send_queue: u64,
+    state: AtomicU8,
+    sent: AtomicU64,
+    acked: AtomicU64,
+    drain_asked: AtomicBool,
+    out: Arc<Outbox>,
+    calls: Arc<Calls>,
+}
+
+impl WorkerConn {
+    fn send(&self, kind: u8, data: &[u8]) -> Result<(), SendError> {
+        if self.state.load(Ordering::Acquire) != OPEN {
+            return Err(SendError::Closed);
+        }
+        let n = data.len() as u64;
+        if n > self.max_send_queue {
+            return Err(SendError::MessageTooLarge);
+        }
+        let outstanding = self
+            .sent
+            .load(Ordering::Acquire)
+            .saturating_sub(self.acked.load(Ordering::Acquire));
+        if outstanding + n > self.max_send_queue {
+            if !self.drain_asked.swap(true, Ordering::AcqRel) {
+                self.out.push(proto::WANT_DRAIN, self.id, &[]);
+            }
+            return Err(SendError::QueueFull);
+        }
+        self.sent.fetch_add(n, Ordering::AcqRel);
+        self.out.push(kind, self.id, &[data]);
+        Ok(())
+    }
+}
+
+impl ConnOps for WorkerConn {
+    fn id(&self) -> u64 {
+        self.id
+    }
+    fn remote_addr(&self) -> &str {
+        &self.remote
+    }
+    fn is_open(&self) -> bool {
+        self.state.load(Ordering::Acquire) == OPEN
+    }
+    fn send_text(&self, text: &str) -> Result<(), SendError> {
+        self.send(proto::SEND_TEXT, text.as_bytes())
+    }
+    fn send_binary(&self, data: &[u8]) -> Result<(), SendError> {
+        self.send(proto::SEND_BINARY, data)
+    }
+    fn ping(&self, payload: &[u8]) -> Result<(), SendError> {
+        if payload.len() > 125 {
+            return Err(SendError::PayloadTooLong);
+        }
+        if !self.is_open() {
+            return Err(SendError::Closed);
+        }
+        self.out.push(proto::SEND_PING, self.id, &[payload]);
+        Ok(())
+    }
+    fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
+        if !plugin_api::is_sendable_close_code(code) {
+            return Err(SendError::InvalidCloseCode);
+        }
+        if reason.len() > plugin_api::MAX_CLOSE_REASON {
+            return Err(SendError::ReasonTooLong);
+        }
+        if self
+            .state
+            .compare_exchange(OPEN, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(SendError::Closed);
+        }
+        self.out
+            .push(proto::SEND_CLOSE, self.id, &[&proto::close_body(code, reason)]);
+        Ok(())
+    }
+    fn buffered_amount(&self) -> u64 {
+        self.sent
+            .load(Ordering::Acquire)
+            .saturating_sub(self.acked.load(Ordering::Acquire))
+    }
+    fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), SendError> {
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return Err(SendError::Closed);
+        }
+        let code = self.calls.call(&self.out, proto::SUBSCRIBE, &[
+            &self.id.to_le_bytes(),
+            channel.as_bytes(),
+        ]);
+        SendError::from_code(code.unwrap_or(SendError::Closed.code() as u64) as u32)
+    }
+    fn unsubscribe(&self, channel: &str) -> bool {
+        self.calls
+            .call(&self.out, proto::UNSUBSCRIBE, &[
+                &self.id.to_le_bytes(),
+                channel.as_bytes(),
+            ])
+            .is_some_and(|v| v == 1)
+    }
+    fn set_paused(&self, paused: bool) {
+        self.out.push(proto::PAUSE, self.id, &[&[u8::from(paused)]]);
+    }
+}
+
+/// The plugin's `Host` in the worker.
+#[derive(Debug, Clone)]
+struct WorkerHost(Arc<HostState>);
+
+#[derive(Debug)]
+struct HostState {
+    out: Arc<Outbox>,
+    calls: Arc<Calls>,
+    config: Vec<(String, String)>,
+    log_level: u8,
+    /// `shutdown` has run: calls are refused.
+    retired: AtomicBool,
+}
+
+impl HostFfi for WorkerHost {
+    fn log(&self, level: u8, message: RStr<'_>) {
+        if level <= self.0.log_level && !self.0.retired.load(Ordering::Acquire) {
+            self.0.out.push(proto::LOG, u64::from(level), &[message.as_str().as_bytes()]);
+        }
+    }
+    fn log_enabled(&self, level: u8) -> bool {
+        level <= self.0.log_level
+    }
+    fn config(&self) -> RVec<Tuple2<RString, RString>> {
+        self.0
+            .config
+            .iter()
+            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
+            .collect()
+    }
+    fn publish_text(&self, channel: RStr<'_>, text: RStr<'_>) -> u64 {
+        self.publish(false, channel.as_str(), text.as_str().as_bytes())
+    }
+    fn publish_binary(&self, channel: RStr<'_>, data: RSlice<'_, u8>) -> u64 {
+        self.publish(true, channel.as_str(), data.as_slice())
+    }
+    fn subscribers(&self, channel: RStr<'_>) -> u64 {
+        if self.0.retired.load(Ordering::Acquire) {
+            return 0;
+        }
+        self.0
+            .calls
+            .call(&self.0.out, proto::SUBSCRIBERS, &[channel.as_str().as_bytes()])
+            .unwrap_or(0)
+    }
+    fn host_version(&self) -> RString {
+        RString::from(env!("CARGO_PKG_VERSION"))
+    }
+}
+
+impl WorkerHost {
+    fn publish(&self, binary: bool, channel: &str, data: &[u8]) -> u64 {
+        if self.0.retired.load(Ordering::Acquire) {
+            return 0;
+        }
+        let body = proto::publish_body(binary, channel, data);
+        self.0
+            .calls
+            .call(&self.0.out, proto::PUBLISH, &[&body])
+            .unwrap_or(0)
+    }
+}
+
+/// Calls of the plugin's that wait for the host's reply (publish, subscribe, counts).
+#[derive(Debug, Default)]
+struct Calls {
+    next: AtomicU64,
+    waiting: Mutex<HashMap<u64, std::sync::mpsc::SyncSender<u64>>>,
+}
+
+impl Calls {
+    /// Sends a call and waits for its reply; `None` if the host did not answer in time.
+    fn call(&self, out: &Outbox, kind: u8, parts: &[&[u8]]) -> Option<u64> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id, tx);
+        out.push(kind, id, parts);
+        let r = rx.recv_timeout(Duration::from_secs(30)).ok();
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        r
+    }
+
+    fn complete(&self, id: u64, value: u64) {
+        let tx = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
+        if let Some(tx) = tx {
+            let _ = tx.try_send(value);
+        }
+    }
+}
+
+/// Frames to the host: appended to one buffer, written by one thread in as few writes as the
+/// load allows.
+#[derive(Debug)]
+struct Outbox {
+    state: Mutex<OutState>,
+    ready: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct OutState {
+    buf: Vec<u8>,
+    writing: bool,
+}
+
+impl Outbox {
+    fn start(mut stream: UnixStream) -> std::io::Result<Arc<Self>> {
+        let this = Arc::new(Self {
+            state: Mutex::new(OutState::default()),
+            ready: Condvar::new(),
+        });
+        let me = Arc::clone(&this);
+        std::thread::Builder::new()
+            .name("wshost-worker-out".into())
+            .spawn(move || {
+                let mut spare = Vec::new();
+                loop {
+                    let mut data = {
+                        let mut s = me.state.lock().unwrap_or_else(PoisonError::into_inner);
+                        s.writing = false;
+                        me.ready.notify_all();
+                        while s.buf.is_empty() {
+                            s = me.ready.wait(s).unwrap_or_else(PoisonError::into_inner);
+                        }
+                        s.writing = true;
+                        std::mem::replace(&mut s.buf, std::mem::take(&mut spare))
+                    };
+                    if stream.write_all(&data).is_err() {
+                        // The host is gone: so is this worker.
+                        std::process::exit(0);
+                    }
+                    data.clear();
+                    if data.capacity() <= 1 << 20 {
+                        spare = data;
+                    }
+                }
+            })?;
+        Ok(this)
+    }
+
+    fn push(&self, kind: u8, id: u64, parts: &[&[u8]]) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let was_empty = s.buf.is_empty();
+        proto::put(&mut s.buf, kind, id, parts);
+        drop(s);
+        if was_empty {
+            self.ready.notify_all();
+        }
+    }
+
+    /// Waits until everything pushed so far is written.
+    fn flush(&self) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        while !s.buf.is_empty() || s.writing {
+            let (next, _) = self
+                .ready
+                .wait_timeout(s, Duration::from_millis(100))
+                .unwrap_or_else(PoisonError::into_inner);
+            s = next;
+        }
+    }
+}
+
+/// The plugin calls running now, for the callback timeout.
+#[derive(Debug, Default)]
+struct Watch {
+    next: AtomicU64,
+    running: Mutex<HashMap<u64, (Instant, &'static str, u64)>>,
+    enabled: bool,
+}
+
+/// A running call; it leaves the watch when dropped.
+struct Running<'a>(&'a Watch, u64);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if self.0.enabled {
+            self.0
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&self.1);
+        }
+    }
+}
+
+impl Watch {
+    fn start(timeout_ms: u64) -> Arc<Self> {
+        let this = Arc::new(Self {
+            enabled: timeout_ms > 0,
+            ..Self::default()
+        });
+        if timeout_ms > 0 {
+            let me = Arc::clone(&this);
+            let limit = Duration::from_millis(timeout_ms);
+            let _ = std::thread::Builder::new()
+                .name("wshost-worker-watch".into())
+                .spawn(move || loop {
+                    std::thread::sleep((limit / 10).clamp(
+                        Duration::from_millis(5),
+                        Duration::from_millis(100),
+                    ));
+                    let over = me
+                        .running
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .values()
+                        .find(|(at, ..)| at.elapsed() > limit)
+                        .copied();
+                    if let Some((at, call, conn)) = over {
+                        eprintln!(
+                            "wshost worker: plugin call {call} (connection {conn}) has run for \
+                             {:.1} s, past the callback timeout of {:?}; ending the worker",
+                            at.elapsed().as_secs_f64(),
+                            limit
+                        );
+                        std::process::abort();
+                    }
+                });
+        }
+        this
+    }
+
+    fn enter(&self, call: &'static str, conn: u64) -> Running<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if self.enabled {
+            self.running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, (Instant::now(), call, conn));
+        }
+        Running(self, id)
+    }
+}
+
