@@ -548,11 +548,8 @@ impl Registry {
             started.discard();
             return remove(e);
         }
-        let generation = *state
-            .generations
-            .entry(name.clone())
-            .and_modify(|g| *g += 1)
-            .or_insert(1);
+        // Counted only once it loads: a refused file takes no generation number.
+        let generation = state.generations.get(&name).copied().unwrap_or(0) + 1;
         let limits = super::Settings::from_section(&section);
         let route_limits = section
             .route_limits
@@ -573,7 +570,9 @@ impl Registry {
             Arc::clone(&self.hub),
         );
         match supervisor {
-            Ok(sv) => Some(Ok(LoadedPlugin::isolated(
+            Ok(sv) => Some(Ok({
+                state.generations.insert(name, generation);
+                LoadedPlugin::isolated(
                 sv,
                 identity,
                 routes,
@@ -581,7 +580,8 @@ impl Registry {
                 generation,
                 limits,
                 route_limits,
-            ))),
+            )
+            })),
             Err(e) => remove(e),
         }
     }

@@ -21,7 +21,8 @@ pub(crate) const CREATE: u8 = 1;
 pub(crate) const DECIDE: u8 = 2;
 /// Bind an accepted handler to a connection (id: the connection): JSON [`Open`].
 pub(crate) const OPEN: u8 = 3;
-/// Drop an accepted handler whose connection never started (id: its token).
+/// The host stopped waiting for decision `id`: drop its accepted handler, or tell a deferred
+/// responder nobody waits.
 pub(crate) const DISCARD: u8 = 4;
 /// `on_connect` (id: the connection).
 pub(crate) const CONNECT: u8 = 5;
@@ -97,6 +98,8 @@ pub(crate) struct Create {
     pub(crate) config: Vec<(String, String)>,
     /// The most verbose plugin log level the host shows (abi levels: 0 error … 4 trace).
     pub(crate) log_level: u8,
+    /// A call running this long is logged (`--slow-callback`), in milliseconds.
+    pub(crate) slow_ms: u64,
 }
 
 /// A handler's binding to its connection.

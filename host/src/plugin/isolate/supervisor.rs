@@ -429,6 +429,7 @@ impl Supervisor {
             generation,
             config,
             log_level: log_level(),
+            slow_ms: super::super::retire::slow().as_millis() as u64,
         };
         let started = started.create(&create, file, iso.start_timeout)?;
         let (current, _) = tokio::sync::watch::channel(None);
@@ -515,6 +516,7 @@ impl Supervisor {
             if self.stopped.load(Ordering::Acquire) {
                 tracing::info!(plugin = %self.name, generation = self.generation, worker_pid = pid,
                     "worker process {how}; the generation's code is unmapped with it");
+                let _ = std::fs::remove_file(&self.private);
                 self.exited.notify_waiters();
                 return;
             }
@@ -527,6 +529,7 @@ impl Supervisor {
             loop {
                 std::thread::sleep(backoff(crashes));
                 if self.stopped.load(Ordering::Acquire) {
+                    let _ = std::fs::remove_file(&self.private);
                     self.exited.notify_waiters();
                     return;
                 }
@@ -698,6 +701,8 @@ impl Supervisor {
             ),
             Err(_) => {
                 link.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                // A deferred decision's responder learns nobody waits any more.
+                link.out.push(proto::DISCARD, id, &[]);
                 Decision::TimedOut
             }
         }

@@ -55,7 +55,7 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
     let stream = UnixStream::connect(&args.socket)?;
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let out = Outbox::start(stream)?;
-    let watch = Watch::start(args.callback_timeout_ms);
+    let watch = Watch::start(args.callback_timeout_ms, Arc::clone(&out));
 
     // Load and report the identity.
     let candidate = match load(&args.display_name, &args.file) {
@@ -86,6 +86,7 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
         return Ok(());
     }
     let create: proto::Create = serde_json::from_slice(&body).unwrap_or_default();
+    watch.slow_ms.store(create.slow_ms, Ordering::Relaxed);
     let calls = Arc::new(Calls::default());
     let services = WorkerHost(Arc::new(HostState {
         out: Arc::clone(&out),
@@ -121,6 +122,7 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
         calls,
         watch: Arc::clone(&watch),
         handlers: Mutex::new(HashMap::new()),
+        cancels: Mutex::new(HashMap::new()),
     });
     let mut conns: HashMap<u64, (tokio::sync::mpsc::UnboundedSender<Event>, Arc<WorkerConn>)> =
         HashMap::new();
@@ -162,6 +164,14 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
                 conns.insert(id, (tx, conn));
             }
             proto::DISCARD => {
+                let cancel = shared
+                    .cancels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                if let Some(cancel) = cancel {
+                    let _ = cancel.send(());
+                }
                 let handler = shared
                     .handlers
                     .lock()
@@ -274,6 +284,9 @@ struct Shared {
     watch: Arc<Watch>,
     /// Accepted handlers waiting for their connection, by token (the request's id).
     handlers: Mutex<HashMap<u64, Handler>>,
+    /// Deferred decisions the host still waits for, by request id: firing one tells the
+    /// plugin's responder nobody waits any more.
+    cancels: Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Shared {
@@ -299,7 +312,24 @@ impl Shared {
             None => result,
             Some(rx) => {
                 drop(result);
-                match rx.await {
+                let (cancel, cancelled) = tokio::sync::oneshot::channel();
+                self.cancels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .insert(id, cancel);
+                let decided = tokio::select! {
+                    r = rx => Some(r),
+                    _ = cancelled => None,
+                };
+                self.cancels
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
+                let Some(decided) = decided else {
+                    // The host answered 503 already; dropping the receiver tells the plugin.
+                    return;
+                };
+                match decided {
                     Ok(r) => r,
                     Err(_) => {
                         self.answer(
@@ -706,75 +736,119 @@ impl Outbox {
     }
 }
 
-/// The plugin calls running now, for the callback timeout.
-#[derive(Debug, Default)]
+/// The plugin calls running now: for the callback timeout, and to log calls that run long (as
+/// the host's watchdog does for inline plugins).
+#[derive(Debug)]
 struct Watch {
     next: AtomicU64,
-    running: Mutex<HashMap<u64, (Instant, &'static str, u64)>>,
-    enabled: bool,
+    running: Mutex<HashMap<u64, Call>>,
+    /// Log calls running longer than this (milliseconds; set by `Create`).
+    slow_ms: AtomicU64,
+    out: Arc<Outbox>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    at: Instant,
+    name: &'static str,
+    conn: u64,
+    /// When it was last logged as still running (a doubling back-off).
+    logged: Duration,
 }
 
 /// A running call; it leaves the watch when dropped.
-struct Running<'a>(&'a Watch, u64);
+struct Running<'a>(&'a Watch, u64, Instant, &'static str, u64);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if self.0.enabled {
-            self.0
-                .running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&self.1);
+        self.0
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.1);
+        let elapsed = self.2.elapsed();
+        if elapsed.as_millis() as u64 >= self.0.slow_ms.load(Ordering::Relaxed) {
+            self.0.log(
+                plugin_api::abi::level::WARN,
+                &format!(
+                    "slow callback: {} on connection {} took {:.1} ms; callbacks must not block: \
+                     move blocking work to a plugin thread",
+                    self.3,
+                    self.4,
+                    elapsed.as_secs_f64() * 1e3
+                ),
+            );
         }
     }
 }
 
 impl Watch {
-    fn start(timeout_ms: u64) -> Arc<Self> {
+    fn start(timeout_ms: u64, out: Arc<Outbox>) -> Arc<Self> {
         let this = Arc::new(Self {
-            enabled: timeout_ms > 0,
-            ..Self::default()
+            next: AtomicU64::new(0),
+            running: Mutex::new(HashMap::new()),
+            slow_ms: AtomicU64::new(u64::MAX),
+            out,
         });
-        if timeout_ms > 0 {
-            let me = Arc::clone(&this);
-            let limit = Duration::from_millis(timeout_ms);
-            let _ = std::thread::Builder::new()
-                .name("wshost-worker-watch".into())
-                .spawn(move || loop {
-                    std::thread::sleep((limit / 10).clamp(
-                        Duration::from_millis(5),
-                        Duration::from_millis(100),
-                    ));
-                    let over = me
-                        .running
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .values()
-                        .find(|(at, ..)| at.elapsed() > limit)
-                        .copied();
-                    if let Some((at, call, conn)) = over {
+        let me = Arc::clone(&this);
+        let limit = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
+        let tick = limit.map_or(Duration::from_millis(100), |l| {
+            (l / 10).clamp(Duration::from_millis(5), Duration::from_millis(100))
+        });
+        let _ = std::thread::Builder::new()
+            .name("wshost-worker-watch".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                let slow = Duration::from_millis(me.slow_ms.load(Ordering::Relaxed));
+                let mut running = me.running.lock().unwrap_or_else(PoisonError::into_inner);
+                for call in running.values_mut() {
+                    let elapsed = call.at.elapsed();
+                    if let Some(limit) = limit.filter(|l| elapsed > *l) {
                         eprintln!(
-                            "wshost worker: plugin call {call} (connection {conn}) has run for \
-                             {:.1} s, past the callback timeout of {:?}; ending the worker",
-                            at.elapsed().as_secs_f64(),
-                            limit
+                            "wshost worker: plugin call {} (connection {}) has run for {:.1} s, \
+                             past the callback timeout of {limit:?}; ending the worker",
+                            call.name,
+                            call.conn,
+                            elapsed.as_secs_f64(),
                         );
                         std::process::abort();
                     }
-                });
-        }
+                    if elapsed >= slow && elapsed >= call.logged * 2 {
+                        call.logged = elapsed.max(slow);
+                        me.log(
+                            plugin_api::abi::level::WARN,
+                            &format!(
+                                "plugin call still running: {} on connection {} for {:.0} ms",
+                                call.name,
+                                call.conn,
+                                elapsed.as_secs_f64() * 1e3
+                            ),
+                        );
+                    }
+                }
+            });
         this
     }
 
-    fn enter(&self, call: &'static str, conn: u64) -> Running<'_> {
+    fn log(&self, level: u8, text: &str) {
+        self.out.push(proto::LOG, u64::from(level), &[text.as_bytes()]);
+    }
+
+    fn enter(&self, name: &'static str, conn: u64) -> Running<'_> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        if self.enabled {
-            self.running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(id, (Instant::now(), call, conn));
-        }
-        Running(self, id)
+        let at = Instant::now();
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                Call {
+                    at,
+                    name,
+                    conn,
+                    logged: Duration::ZERO,
+                },
+            );
+        Running(self, id, at, name, conn)
     }
 }
-
