@@ -62,7 +62,10 @@ async fn every_fault_in_a_callback_ends_only_its_worker() {
     let mut testkit = connect(&host.url("/testkit")).await;
     let mut pids = vec![pid_of(&mut testkit).await];
     for (i, (fault, said)) in faults.iter().enumerate() {
-        assert_ne!(pids[i], host_pid, "testkit runs in a worker, not in the host");
+        assert_ne!(
+            pids[i], host_pid,
+            "testkit runs in a worker, not in the host"
+        );
         testkit.send(Message::text(*fault)).await.unwrap();
         let (code, _) = closed_with(&mut testkit).await;
         assert_eq!(code, 1011, "{fault}: the connection closes with 1011");
@@ -82,7 +85,11 @@ async fn every_fault_in_a_callback_ends_only_its_worker() {
         Some(faults.len() as f64)
     );
     assert_eq!(host.metric("wshost_mapped_libraries"), Some(0.0));
-    assert!(host.metric("wshost_plugin_rss_bytes{plugin=\"echo\",generation=\"1\"}").unwrap() > 0.0);
+    assert!(
+        host.metric("wshost_plugin_rss_bytes{plugin=\"echo\",generation=\"1\"}")
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[tokio::test]
@@ -94,7 +101,11 @@ async fn a_panicking_callback_closes_its_connection_and_the_worker_stays() {
     a.send(Message::text("panic")).await.unwrap();
     assert_eq!(closed_with(&mut a).await.0, 1011);
     host.wait_for_log(&["plugin callback panicked", "on_text panics on request"]);
-    assert_eq!(pid_of(&mut b).await, pid, "the same worker serves the other connection");
+    assert_eq!(
+        pid_of(&mut b).await,
+        pid,
+        "the same worker serves the other connection"
+    );
 }
 
 #[tokio::test]
@@ -132,7 +143,9 @@ async fn a_queue_full_refusal_is_followed_by_on_drain() {
     let host = isolated();
     let mut ws = connect(&host.url("/testkit?max_queue=65536")).await;
     // Streams 4 MiB in 64 KiB messages paced by `on_drain` (testkit's `stream`).
-    ws.send(Message::text(format!("stream:{}", 4 << 20))).await.unwrap();
+    ws.send(Message::text(format!("stream:{}", 4 << 20)))
+        .await
+        .unwrap();
     let mut bytes = 0;
     loop {
         match crate::harness::next(&mut ws).await {
@@ -164,7 +177,10 @@ async fn a_reload_starts_a_new_worker_and_the_old_one_exits_after_its_last_conne
     old.close(None).await.unwrap();
     let deadline = Instant::now() + PATIENCE;
     while std::path::Path::new(&format!("/proc/{old_pid}")).exists() {
-        assert!(Instant::now() < deadline, "the old worker {old_pid} did not exit");
+        assert!(
+            Instant::now() < deadline,
+            "the old worker {old_pid} did not exit"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     host.wait_for_log(&["generation shut down", "generation=1"]);
@@ -187,7 +203,11 @@ async fn a_constructor_that_aborts_is_refused_and_the_host_stays_up() {
         .start();
     let mut v = connect(&host.url("/variant")).await;
     assert_eq!(ask(&mut v, "x").await, "v:x");
-    crate::harness::install(host.plugins_dir(), "libvariant.so", &std::fs::read(&bad).unwrap());
+    crate::harness::install(
+        host.plugins_dir(),
+        "libvariant.so",
+        &std::fs::read(&bad).unwrap(),
+    );
     host.wait_for_log(&["plugin refused", "libvariant.so", "signal 6 (SIGABRT)"]);
     // Generation 1 keeps serving, old and new connections alike.
     assert_eq!(ask(&mut v, "y").await, "v:y");

@@ -524,11 +524,11 @@ impl Registry {
             start_timeout: iso.start_timeout,
         };
         let threads = self.plugin_workers.max(2);
-        let started = match super::isolate::supervisor::start(&settings(None), file, &private, threads)
-        {
-            Ok(s) => s,
-            Err(e) => return remove(e),
-        };
+        let started =
+            match super::isolate::supervisor::start(&settings(None), file, &private, threads) {
+                Ok(s) => s,
+                Err(e) => return remove(e),
+            };
         let name = started.identity.name.clone();
         let section = self.section(&name);
         if !section.process.unwrap_or(iso.process) {
@@ -573,14 +573,14 @@ impl Registry {
             Ok(sv) => Some(Ok({
                 state.generations.insert(name, generation);
                 LoadedPlugin::isolated(
-                sv,
-                identity,
-                routes,
-                file.to_owned(),
-                generation,
-                limits,
-                route_limits,
-            )
+                    sv,
+                    identity,
+                    routes,
+                    file.to_owned(),
+                    generation,
+                    limits,
+                    route_limits,
+                )
             })),
             Err(e) => remove(e),
         }

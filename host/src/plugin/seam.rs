@@ -191,40 +191,41 @@ impl Callbacks {
     pub(crate) fn new<C: SessionConn>(handler: Handler, conn: Arc<C>) -> Self {
         match handler {
             Handler::Inline(h) => Self::Inline(InlineCallbacks::new(h, conn)),
-            Handler::Remote(h) => {
-                Self::Remote(super::isolate::RemoteCallbacks::bind(h, Box::new(Bound(conn))))
-            }
+            Handler::Remote(h) => Self::Remote(super::isolate::RemoteCallbacks::bind(
+                h,
+                Box::new(Bound(conn)),
+            )),
         }
     }
 
     pub(crate) fn on_connect(&mut self) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_connect(),
-            Self::Remote(r) => Ok(r.event(proto::CONNECT, &[])),
+            Self::Remote(r) => r.event(proto::CONNECT, &[]),
         }
     }
     pub(crate) fn on_text(&mut self, text: &str) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_text(text),
-            Self::Remote(r) => Ok(r.event(proto::TEXT, &[text.as_bytes()])),
+            Self::Remote(r) => r.event(proto::TEXT, &[text.as_bytes()]),
         }
     }
     pub(crate) fn on_binary(&mut self, data: &[u8]) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_binary(data),
-            Self::Remote(r) => Ok(r.event(proto::BINARY, &[data])),
+            Self::Remote(r) => r.event(proto::BINARY, &[data]),
         }
     }
     pub(crate) fn on_ping(&mut self, payload: &[u8]) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_ping(payload),
-            Self::Remote(r) => Ok(r.event(proto::PING, &[payload])),
+            Self::Remote(r) => r.event(proto::PING, &[payload]),
         }
     }
     pub(crate) fn on_pong(&mut self, payload: &[u8]) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_pong(payload),
-            Self::Remote(r) => Ok(r.event(proto::PONG, &[payload])),
+            Self::Remote(r) => r.event(proto::PONG, &[payload]),
         }
     }
     /// In a worker, `on_drain` follows the worker's own refusals (its credit), not this.
@@ -237,13 +238,13 @@ impl Callbacks {
     pub(crate) fn on_error(&mut self, error: &str) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_error(error),
-            Self::Remote(r) => Ok(r.event(proto::ERROR, &[error.as_bytes()])),
+            Self::Remote(r) => r.event(proto::ERROR, &[error.as_bytes()]),
         }
     }
     pub(crate) fn on_close(&mut self, code: u16, reason: &str) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_close(code, reason),
-            Self::Remote(r) => Ok(r.event(proto::CLOSE, &[&proto::close_body(code, reason)])),
+            Self::Remote(r) => r.event(proto::CLOSE, &[&proto::close_body(code, reason)]),
         }
     }
 }

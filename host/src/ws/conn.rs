@@ -427,8 +427,11 @@ impl crate::plugin::SessionConn for ConnShared {
         }
         let n = msg.len() as u64;
         if !self.budget.take(n) {
-            tracing::warn!(conn_id = self.id, "a worker's send does not fit --max-buffered-total; \
-                closing with 1013");
+            tracing::warn!(
+                conn_id = self.id,
+                "a worker's send does not fit --max-buffered-total; \
+                closing with 1013"
+            );
             let _ = self.close_unchecked(1013, "server memory budget exhausted");
             return;
         }
@@ -436,7 +439,8 @@ impl crate::plugin::SessionConn for ConnShared {
         self.push((msg, n));
     }
     fn fail(&self, crashed: bool) {
-        self.failed.store(if crashed { 2 } else { 1 }, Ordering::Release);
+        self.failed
+            .store(if crashed { 2 } else { 1 }, Ordering::Release);
         self.waker.wake();
     }
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>) {

@@ -7,5 +7,5 @@ pub(crate) mod proto;
 pub(crate) mod supervisor;
 pub mod worker;
 
-pub(crate) use supervisor::{RemoteCallbacks, RemoteHandler, Supervisor};
 pub use supervisor::{all_stats, Isolation, WorkerStats};
+pub(crate) use supervisor::{RemoteCallbacks, RemoteHandler, Supervisor};

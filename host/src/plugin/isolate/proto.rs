@@ -223,7 +223,10 @@ mod tests {
         let h: [u8; HEADER] = rest[..HEADER].try_into().unwrap();
         let (kind, id, len) = header(&h).unwrap();
         assert_eq!((kind, id), (CLOSE, 8));
-        assert_eq!(read_close(&rest[HEADER..HEADER + len]), (1000, "bye".into()));
+        assert_eq!(
+            read_close(&rest[HEADER..HEADER + len]),
+            (1000, "bye".into())
+        );
         let p = publish_body(true, "room", b"xy");
         let (bin, ch, at) = read_publish(&p).unwrap();
         assert!(bin);

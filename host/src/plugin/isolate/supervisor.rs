@@ -158,7 +158,11 @@ pub(crate) fn start(
         .arg("--threads")
         .arg(threads.to_string())
         .arg("--callback-timeout-ms")
-        .arg(iso.callback_timeout.map_or(0, |d| d.as_millis() as u64).to_string())
+        .arg(
+            iso.callback_timeout
+                .map_or(0, |d| d.as_millis() as u64)
+                .to_string(),
+        )
         .arg(private)
         .env("RUST_LOG", "off")
         .stdin(std::process::Stdio::null())
@@ -179,8 +183,20 @@ pub(crate) fn start(
     let lines = Arc::new(Mutex::new(VecDeque::new()));
     let (done_tx, stderr_done) = std::sync::mpsc::channel();
     for (pipe, name) in [
-        (child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>), "stdout"),
-        (child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>), "stderr"),
+        (
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            "stdout",
+        ),
+        (
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            "stderr",
+        ),
     ] {
         let Some(pipe) = pipe else { continue };
         let (lines, done) = (Arc::clone(&lines), done_tx.clone());
@@ -212,7 +228,10 @@ pub(crate) fn start(
             break Err(format!("the worker {}", describe(status)));
         }
         if Instant::now() >= deadline {
-            break Err(format!("the worker did not start within {:?}", iso.start_timeout));
+            break Err(format!(
+                "the worker did not start within {:?}",
+                iso.start_timeout
+            ));
         }
         std::thread::sleep(Duration::from_millis(2));
     };
@@ -229,7 +248,11 @@ pub(crate) fn start(
         Err(why) => return Err(fail(child, why)),
     };
     let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10))));
+    let _ = stream.set_read_timeout(Some(
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(10)),
+    ));
     match read_frame_blocking(&mut stream) {
         Ok((proto::IDENTITY, body)) => match serde_json::from_slice::<Identity>(&body) {
             Ok(identity) => {
@@ -257,7 +280,10 @@ pub(crate) fn start(
             let status = wait_briefly(&mut child);
             let why = match status {
                 Some(s) => format!("the worker {} while loading it", describe(s)),
-                None => format!("the worker did not report within {:?} ({e})", iso.start_timeout),
+                None => format!(
+                    "the worker did not report within {:?} ({e})",
+                    iso.start_timeout
+                ),
             };
             Err(fail(child, why))
         }
@@ -266,10 +292,20 @@ pub(crate) fn start(
 
 impl Started {
     /// Tells the worker to create the instance and waits until it has. Blocking.
-    fn create(mut self, create: &proto::Create, file: &Path, timeout: Duration) -> Result<Self, LoadError> {
+    fn create(
+        mut self,
+        create: &proto::Create,
+        file: &Path,
+        timeout: Duration,
+    ) -> Result<Self, LoadError> {
         use std::io::Write as _;
         let mut buf = Vec::new();
-        proto::put(&mut buf, proto::CREATE, 0, &[&serde_json::to_vec(create).unwrap_or_default()]);
+        proto::put(
+            &mut buf,
+            proto::CREATE,
+            0,
+            &[&serde_json::to_vec(create).unwrap_or_default()],
+        );
         let refuse = |reason: String| LoadError::Create {
             name: self.identity.name.clone(),
             file: file.to_owned(),
@@ -401,14 +437,20 @@ fn last_words(lines: &Mutex<VecDeque<String>>) -> String {
     if l.is_empty() {
         String::new()
     } else {
-        format!("; its last output: {}", l.iter().cloned().collect::<Vec<_>>().join(" | "))
+        format!(
+            "; its last output: {}",
+            l.iter().cloned().collect::<Vec<_>>().join(" | ")
+        )
     }
 }
 
 impl Supervisor {
     /// Creates the instance in `started` (the worker that reported the identity) and starts
     /// supervising it. Blocking; call from a thread that may block, inside the runtime.
-    #[allow(clippy::too_many_arguments, reason = "one call site, every argument distinct")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site, every argument distinct"
+    )]
     pub(crate) fn create(
         started: Started,
         iso: Isolation,
@@ -500,7 +542,9 @@ impl Supervisor {
             let (status, why) = self.watch(&mut child, pid, &dead_rx, link.as_ref());
             let closed = link.as_ref().map_or(0, |l| l.die());
             self.current.send_if_modified(|c| {
-                if c.as_ref().is_some_and(|c| link.as_ref().is_some_and(|l| Arc::ptr_eq(c, l))) {
+                if c.as_ref()
+                    .is_some_and(|c| link.as_ref().is_some_and(|l| Arc::ptr_eq(c, l)))
+                {
                     *c = None;
                     true
                 } else {
@@ -525,7 +569,11 @@ impl Supervisor {
                 "plugin worker process {how}{}{}; its connections were closed with 1011 and a new \
                  worker starts", why.map(|w| format!(" ({w})")).unwrap_or_default(),
                 last_words(&lines));
-            crashes = if began.elapsed() >= STABLE { 1 } else { crashes + 1 };
+            crashes = if began.elapsed() >= STABLE {
+                1
+            } else {
+                crashes + 1
+            };
             loop {
                 std::thread::sleep(backoff(crashes));
                 if self.stopped.load(Ordering::Acquire) {
@@ -644,7 +692,8 @@ impl Supervisor {
                 let _ = child.kill();
             }
             if self.stopped.load(Ordering::Acquire) {
-                let d = *stop_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
+                let d =
+                    *stop_deadline.get_or_insert_with(|| Instant::now() + Duration::from_secs(10));
                 if Instant::now() >= d {
                     why = Some("its shutdown took longer than 10 s".into());
                     let _ = child.kill();
@@ -659,8 +708,11 @@ impl Supervisor {
         let link = match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
             Ok(Ok(l)) => l.clone().expect("waited for Some"),
             Ok(Err(_)) | Err(_) => {
-                return Decision::Unavailable("no worker process of the plugin is running (it is \
-                    restarting after a crash)".into())
+                return Decision::Unavailable(
+                    "no worker process of the plugin is running (it is \
+                    restarting after a crash)"
+                        .into(),
+                )
             }
         };
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
@@ -670,10 +722,17 @@ impl Supervisor {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, tx);
         if !link.alive.load(Ordering::Acquire) {
-            link.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            link.pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
             return Decision::Unavailable("the plugin's worker process ended".into());
         }
-        link.out.push(proto::DECIDE, id, &[&serde_json::to_vec(&req).unwrap_or_default()]);
+        link.out.push(
+            proto::DECIDE,
+            id,
+            &[&serde_json::to_vec(&req).unwrap_or_default()],
+        );
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(msg)) => {
                 if let Some(panic) = msg.panic {
@@ -696,11 +755,14 @@ impl Supervisor {
                     settings: msg.settings,
                 })
             }
-            Ok(Err(_)) => Decision::Unavailable(
-                "the plugin's worker process ended while deciding".into(),
-            ),
+            Ok(Err(_)) => {
+                Decision::Unavailable("the plugin's worker process ended while deciding".into())
+            }
             Err(_) => {
-                link.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                link.pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
                 // A deferred decision's responder learns nobody waits any more.
                 link.out.push(proto::DISCARD, id, &[]);
                 Decision::TimedOut
@@ -805,7 +867,11 @@ impl RemoteConn {
         }
         let drain = want && self.drain_wanted.swap(false, Ordering::AcqRel);
         self.reported.fetch_max(total, Ordering::AcqRel);
-        out.push(proto::CREDIT, id, &[&total.to_le_bytes(), &[u8::from(drain)]]);
+        out.push(
+            proto::CREDIT,
+            id,
+            &[&total.to_le_bytes(), &[u8::from(drain)]],
+        );
     }
 }
 
@@ -815,7 +881,10 @@ impl Link {
     fn die(&self) -> usize {
         self.alive.store(false, Ordering::Release);
         self.out.close();
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
         let conns: Vec<_> = self
             .conns
             .lock()
@@ -854,9 +923,16 @@ impl Link {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, Arc::clone(&conn));
-        self.out.push(proto::OPEN, id, &[&serde_json::to_vec(&open).unwrap_or_default()]);
+        self.out.push(
+            proto::OPEN,
+            id,
+            &[&serde_json::to_vec(&open).unwrap_or_default()],
+        );
         if !self.alive.load(Ordering::Acquire) {
-            self.conns.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+            self.conns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
             conn.ops.fail(true);
         }
         id
@@ -881,7 +957,11 @@ impl Link {
                 let Ok(msg) = serde_json::from_slice::<AnswerMsg>(&body) else {
                     return;
                 };
-                let tx = self.pending.lock().unwrap_or_else(PoisonError::into_inner).remove(&id);
+                let tx = self
+                    .pending
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
                 match tx {
                     Some(tx) => {
                         if let Err(msg) = tx.send(msg) {
@@ -977,10 +1057,18 @@ impl Link {
                 let (p, g) = (&self.plugin, self.generation);
                 use plugin_api::abi::level;
                 match id as u8 {
-                    level::ERROR => tracing::error!(target: "plugin", plugin = %p, generation = g, "{m}"),
-                    level::WARN => tracing::warn!(target: "plugin", plugin = %p, generation = g, "{m}"),
-                    level::INFO => tracing::info!(target: "plugin", plugin = %p, generation = g, "{m}"),
-                    level::DEBUG => tracing::debug!(target: "plugin", plugin = %p, generation = g, "{m}"),
+                    level::ERROR => {
+                        tracing::error!(target: "plugin", plugin = %p, generation = g, "{m}")
+                    }
+                    level::WARN => {
+                        tracing::warn!(target: "plugin", plugin = %p, generation = g, "{m}")
+                    }
+                    level::INFO => {
+                        tracing::info!(target: "plugin", plugin = %p, generation = g, "{m}")
+                    }
+                    level::DEBUG => {
+                        tracing::debug!(target: "plugin", plugin = %p, generation = g, "{m}")
+                    }
                     _ => tracing::trace!(target: "plugin", plugin = %p, generation = g, "{m}"),
                 }
             }
@@ -1135,8 +1223,12 @@ impl RemoteCallbacks {
         }
     }
 
-    pub(crate) fn event(&self, kind: u8, parts: &[&[u8]]) {
+    /// Sends one event; its callback's outcome comes back later (see [`SessionConn::fail`]).
+    ///
+    /// [`SessionConn::fail`]: crate::plugin::SessionConn::fail
+    pub(crate) fn event(&self, kind: u8, parts: &[&[u8]]) -> Result<(), String> {
         self.link.out.push(kind, self.id, parts);
+        Ok(())
     }
 }
 
@@ -1147,21 +1239,6 @@ impl Drop for RemoteCallbacks {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&self.id);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn restarts_back_off_to_thirty_seconds() {
-        assert_eq!(backoff(1), Duration::ZERO);
-        assert_eq!(backoff(2), Duration::from_millis(50));
-        assert_eq!(backoff(3), Duration::from_millis(100));
-        assert_eq!(backoff(7), Duration::from_millis(1600));
-        assert_eq!(backoff(12), Duration::from_secs(30));
-        assert_eq!(backoff(1000), Duration::from_secs(30));
     }
 }
 
@@ -1185,5 +1262,20 @@ fn log_level() -> u8 {
         level::WARN
     } else {
         level::ERROR
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_to_thirty_seconds() {
+        assert_eq!(backoff(1), Duration::ZERO);
+        assert_eq!(backoff(2), Duration::from_millis(50));
+        assert_eq!(backoff(3), Duration::from_millis(100));
+        assert_eq!(backoff(7), Duration::from_millis(1600));
+        assert_eq!(backoff(12), Duration::from_secs(30));
+        assert_eq!(backoff(1000), Duration::from_secs(30));
     }
 }

@@ -52,6 +52,10 @@ pub fn worker_main(args: &WorkerArgs) -> std::process::ExitCode {
 }
 
 fn run(args: &WorkerArgs) -> std::io::Result<()> {
+    // Hardening: no privileges gained through exec (setuid binaries, file capabilities).
+    if let Err(e) = nix::sys::prctl::set_no_new_privs() {
+        eprintln!("wshost worker: cannot set no_new_privs: {e}");
+    }
     let stream = UnixStream::connect(&args.socket)?;
     let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
     let out = Outbox::start(stream)?;
@@ -61,7 +65,11 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
     let candidate = match load(&args.display_name, &args.file) {
         Ok(c) => c,
         Err(e) => {
-            out.push(proto::FAILED, 0, &[strip_file(&e, &args.display_name).as_bytes()]);
+            out.push(
+                proto::FAILED,
+                0,
+                &[strip_file(&e, &args.display_name).as_bytes()],
+            );
             out.flush();
             return Ok(());
         }
@@ -104,7 +112,11 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
     let instance = match instance {
         Ok(i) => Arc::new(i),
         Err(e) => {
-            out.push(proto::FAILED, 0, &[strip_file(&e, &args.display_name).as_bytes()]);
+            out.push(
+                proto::FAILED,
+                0,
+                &[strip_file(&e, &args.display_name).as_bytes()],
+            );
             out.flush();
             return Ok(());
         }
@@ -160,7 +172,12 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
                 });
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let callbacks = InlineCallbacks::new(handler, Arc::clone(&conn));
-                runtime.spawn(connection(Arc::clone(&shared), Arc::clone(&conn), callbacks, rx));
+                runtime.spawn(connection(
+                    Arc::clone(&shared),
+                    Arc::clone(&conn),
+                    callbacks,
+                    rx,
+                ));
                 conns.insert(id, (tx, conn));
             }
             proto::DISCARD => {
@@ -295,7 +312,9 @@ impl Shared {
         let upgrade = map.is_upgrade;
         let req = HostRequest::from(map);
         let result = {
-            let _call = self.watch.enter(if upgrade { "upgrade" } else { "request" }, 0);
+            let _call = self
+                .watch
+                .enter(if upgrade { "upgrade" } else { "request" }, 0);
             if upgrade {
                 super::super::upgrade_on(&self.instance, &req)
             } else {
@@ -532,8 +551,11 @@ impl ConnOps for WorkerConn {
         {
             return Err(SendError::Closed);
         }
-        self.out
-            .push(proto::SEND_CLOSE, self.id, &[&proto::close_body(code, reason)]);
+        self.out.push(
+            proto::SEND_CLOSE,
+            self.id,
+            &[&proto::close_body(code, reason)],
+        );
         Ok(())
     }
     fn buffered_amount(&self) -> u64 {
@@ -545,18 +567,20 @@ impl ConnOps for WorkerConn {
         if self.state.load(Ordering::Acquire) == CLOSED {
             return Err(SendError::Closed);
         }
-        let code = self.calls.call(&self.out, proto::SUBSCRIBE, &[
-            &self.id.to_le_bytes(),
-            channel.as_bytes(),
-        ]);
+        let code = self.calls.call(
+            &self.out,
+            proto::SUBSCRIBE,
+            &[&self.id.to_le_bytes(), channel.as_bytes()],
+        );
         SendError::from_code(code.unwrap_or(SendError::Closed.code() as u64) as u32)
     }
     fn unsubscribe(&self, channel: &str) -> bool {
         self.calls
-            .call(&self.out, proto::UNSUBSCRIBE, &[
-                &self.id.to_le_bytes(),
-                channel.as_bytes(),
-            ])
+            .call(
+                &self.out,
+                proto::UNSUBSCRIBE,
+                &[&self.id.to_le_bytes(), channel.as_bytes()],
+            )
             .is_some_and(|v| v == 1)
     }
     fn set_paused(&self, paused: bool) {
@@ -581,7 +605,9 @@ struct HostState {
 impl HostFfi for WorkerHost {
     fn log(&self, level: u8, message: RStr<'_>) {
         if level <= self.0.log_level && !self.0.retired.load(Ordering::Acquire) {
-            self.0.out.push(proto::LOG, u64::from(level), &[message.as_str().as_bytes()]);
+            self.0
+                .out
+                .push(proto::LOG, u64::from(level), &[message.as_str().as_bytes()]);
         }
     }
     fn log_enabled(&self, level: u8) -> bool {
@@ -606,7 +632,11 @@ impl HostFfi for WorkerHost {
         }
         self.0
             .calls
-            .call(&self.0.out, proto::SUBSCRIBERS, &[channel.as_str().as_bytes()])
+            .call(
+                &self.0.out,
+                proto::SUBSCRIBERS,
+                &[channel.as_str().as_bytes()],
+            )
             .unwrap_or(0)
     }
     fn host_version(&self) -> RString {
@@ -795,10 +825,16 @@ impl Watch {
         let tick = limit.map_or(Duration::from_millis(100), |l| {
             (l / 10).clamp(Duration::from_millis(5), Duration::from_millis(100))
         });
+        let host = std::os::unix::process::parent_id();
         let _ = std::thread::Builder::new()
             .name("wshost-worker-watch".into())
             .spawn(move || loop {
                 std::thread::sleep(tick);
+                // The host is gone (killed outright; a plugin call that never returns keeps
+                // the socket's end from being noticed): so is this worker.
+                if std::os::unix::process::parent_id() != host {
+                    std::process::exit(0);
+                }
                 let slow = Duration::from_millis(me.slow_ms.load(Ordering::Relaxed));
                 let mut running = me.running.lock().unwrap_or_else(PoisonError::into_inner);
                 for call in running.values_mut() {
@@ -831,7 +867,8 @@ impl Watch {
     }
 
     fn log(&self, level: u8, text: &str) {
-        self.out.push(proto::LOG, u64::from(level), &[text.as_bytes()]);
+        self.out
+            .push(proto::LOG, u64::from(level), &[text.as_bytes()]);
     }
 
     fn enter(&self, name: &'static str, conn: u64) -> Running<'_> {
