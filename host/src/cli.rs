@@ -390,7 +390,7 @@ impl ServeArgs {
             max_plugin_size: self.max_plugin_size,
             plugin_workers: self.plugin_workers,
             decision_timeout: self.decision_timeout,
-            isolation: crate::config::IsolationConfig {
+            isolation: crate::plugin::isolate::IsolationConfig {
                 process: self.isolation == "process",
                 exe: exe.clone(),
                 callback_timeout: self.callback_timeout,

@@ -93,7 +93,7 @@ pub struct Config {
     /// `upgrade`, or a deferred one not completed); past it the client gets 503. Default 10 s.
     pub decision_timeout: Duration,
     /// Where plugins run: in the host, or each in a worker process of its own.
-    pub isolation: IsolationConfig,
+    pub isolation: crate::plugin::isolate::IsolationConfig,
     /// Per-plugin route mounts, limits and configuration tables (the config file's
     /// `[plugin.NAME]` sections), by plugin name.
     pub plugins: std::collections::BTreeMap<String, crate::config_file::PluginSection>,
@@ -137,7 +137,7 @@ impl Default for Config {
             max_plugin_size: crate::plugin::registry::DEFAULT_MAX_PLUGIN_SIZE,
             plugin_workers: crate::plugin::exec::default_workers(),
             decision_timeout: Duration::from_secs(10),
-            isolation: IsolationConfig::default(),
+            isolation: crate::plugin::isolate::IsolationConfig::default(),
             tls: None,
             ping_interval: Duration::from_secs(30),
             pong_timeout: Duration::from_secs(10),
@@ -170,29 +170,5 @@ mod tests {
     fn max_connections_stays_below_the_open_file_limit() {
         let limit = open_file_limit().expect("Linux has /proc/self/limits");
         assert!((Config::default().max_connections as u64) < limit);
-    }
-}
-
-/// Where plugins run: mapped in the host (inline), or each in a worker process of its own.
-#[derive(Debug, Clone)]
-pub struct IsolationConfig {
-    /// Plugins without an `isolation` setting of their own run in worker processes.
-    pub process: bool,
-    /// The `wshost` binary to start workers with (`None`: process isolation is unavailable).
-    pub exe: Option<std::path::PathBuf>,
-    /// A worker whose plugin call runs longer than this is ended and restarted (zero: never).
-    pub callback_timeout: Duration,
-    /// How long a worker may take to start and create its instance.
-    pub start_timeout: Duration,
-}
-
-impl Default for IsolationConfig {
-    fn default() -> Self {
-        Self {
-            process: false,
-            exe: None,
-            callback_timeout: Duration::from_secs(30),
-            start_timeout: Duration::from_secs(10),
-        }
     }
 }

@@ -171,7 +171,7 @@ pub struct Registry {
     /// calling runtime (a registry that only checks files).
     plugin_workers: usize,
     /// Where plugins run, and how worker processes start.
-    isolation: crate::config::IsolationConfig,
+    isolation: crate::plugin::isolate::IsolationConfig,
 }
 
 /// The plugin sections of a config file, by plugin name.
@@ -214,12 +214,12 @@ impl Registry {
             config_file: None,
             max_plugin_size: DEFAULT_MAX_PLUGIN_SIZE,
             plugin_workers: 0,
-            isolation: crate::config::IsolationConfig::default(),
+            isolation: crate::plugin::isolate::IsolationConfig::default(),
         })
     }
 
     /// Runs plugins in worker processes as `isolation` says (by default, or per plugin).
-    pub fn with_isolation(mut self, isolation: crate::config::IsolationConfig) -> Self {
+    pub fn with_isolation(mut self, isolation: crate::plugin::isolate::IsolationConfig) -> Self {
         self.isolation = isolation;
         self
     }
