@@ -374,6 +374,11 @@ impl Registry {
             )
             .and_then(|mut candidate| {
                     let section = self.section(&candidate.name);
+                    if section.memory_limit.is_some() || section.callback_timeout.is_some() {
+                        tracing::warn!(plugin = %candidate.name,
+                            "memory_limit and callback_timeout apply only to a plugin with \
+                             isolation = \"process\"; this one runs inline, without them");
+                    }
                     if let Some(routes) = &section.routes {
                         candidate.mount(routes)?;
                     }

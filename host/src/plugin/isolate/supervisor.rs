@@ -494,10 +494,12 @@ impl Supervisor {
             cpu_live: AtomicU64::new(0),
             exited: tokio::sync::Notify::new(),
         });
-        SUPERVISORS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Arc::downgrade(&this));
+        {
+            // Pruned here too, not only when scraped: a `Weak` keeps its allocation.
+            let mut all = SUPERVISORS.lock().unwrap_or_else(PoisonError::into_inner);
+            all.retain(|w| w.strong_count() > 0);
+            all.push(Arc::downgrade(&this));
+        }
         let me = Arc::clone(&this);
         std::thread::Builder::new()
             .name(format!("wshost-sv-{}", this.name))
