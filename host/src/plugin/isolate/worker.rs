@@ -275,8 +275,12 @@ fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(u8, u64, Vec<u8>)>> 
     let Some((kind, id, len)) = proto::header(&h) else {
         return Err(std::io::Error::other("corrupt frame from the host"));
     };
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
+    // Read into spare capacity: no zeroing of a buffer about to be overwritten.
+    let mut body = Vec::with_capacity(len);
+    r.take(len as u64).read_to_end(&mut body)?;
+    if body.len() < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(Some((kind, id, body)))
 }
 
