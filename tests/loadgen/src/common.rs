@@ -151,6 +151,42 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     ))
 }
 
+/// Resident memory of `pid` and its live children (a host and its plugin worker processes).
+pub fn rss_tree(pid: u32) -> anyhow::Result<u64> {
+    let mut total = rss(pid)?;
+    for child in children(pid) {
+        total += rss(child).unwrap_or_default();
+    }
+    Ok(total)
+}
+
+/// The live children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .flat_map(|t| {
+            std::fs::read_to_string(t.path().join("children"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|c| c.parse::<u32>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// CPU time of `pid` and its live children (a host and its plugin worker processes).
+pub fn cpu_time_tree(pid: u32) -> anyhow::Result<Duration> {
+    let mut total = cpu_time(pid)?;
+    for child in children(pid) {
+        // A child that just exited (a probe) has no CPU to add any more.
+        total += cpu_time(child).unwrap_or_default();
+    }
+    Ok(total)
+}
+
 fn ticks_per_second() -> f64 {
     static TICKS: OnceLock<f64> = OnceLock::new();
     *TICKS.get_or_init(|| {

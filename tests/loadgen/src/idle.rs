@@ -8,7 +8,7 @@ use anyhow::bail;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::common::{connect, rss, source, Ws};
+use crate::common::{connect, rss_tree, source, Ws};
 
 /// What one measurement found.
 #[derive(Debug, Clone, Copy)]
@@ -52,14 +52,14 @@ pub async fn measure(url: &str, pid: u32, conns: usize) -> anyhow::Result<(Outco
     // Warm up: one connection, so lazily allocated runtime state is in the baseline.
     let warm = open_one(url, 0).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let before = rss(pid)?;
+    let before = rss_tree(pid)?;
     let mut held = Vec::with_capacity(conns + 1);
     held.push(warm);
     for i in 0..conns {
         held.push(open_one(url, i).await?);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss(pid)?;
+    let after = rss_tree(pid)?;
     Ok((
         Outcome {
             conns,

@@ -3,7 +3,8 @@
 //! next round), reading each server's CPU time from /proc. Prints a Markdown table and writes
 //! it, with an SVG plot, to the output directory.
 //!
-//! Servers: wshost with the `echo` plugin; `bare-echo` (tokio-tungstenite alone, batched writes:
+//! Servers: wshost with the `echo` plugin, inline and process-isolated (`--isolation process`:
+//! its CPU is the host's and the worker's); `bare-echo` (tokio-tungstenite alone, batched writes:
 //! the ceiling of our own stack); with `--peers`, Node.js `ws` and Jetty 9.4.
 
 use std::collections::BTreeMap;
@@ -14,13 +15,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
-use crate::common::{self, build, cpu_time, median, quantiles_ms, workspace_root, Payload, Server};
+use crate::common::{
+    self, build, cpu_time, cpu_time_tree, median, quantiles_ms, workspace_root, Payload, Server,
+};
 use crate::{echo, fanout, idle};
 
 #[derive(Debug, clap::Args)]
 pub struct SuiteArgs {
-    /// Seconds-long run against wshost and the bare server only, with debug builds: checks that
-    /// every mode works, judges nothing (CI runs this).
+    /// Seconds-long run against wshost (inline and process-isolated) and the bare server only,
+    /// with debug builds: checks that every mode works, judges nothing (CI runs this).
     #[arg(long)]
     pub smoke: bool,
     /// Also run the Node.js ws and Jetty 9.4 peers (needs node/npm and Debian's
@@ -99,6 +102,7 @@ struct Servers {
 
 const BARE: &str = "bare tokio-tungstenite";
 const WSHOST: &str = "wshost + echo plugin";
+const WSHOST_PROCESS: &str = "wshost + echo, --isolation process";
 const NODE: &str = "Node.js ws 8";
 const JETTY: &str = "Jetty 9.4";
 
@@ -125,7 +129,7 @@ fn start_servers(args: &SuiteArgs, cpu: Option<usize>) -> anyhow::Result<Servers
         dir,
         _plugins: plugins,
     };
-    let mut kinds = vec![WSHOST, BARE];
+    let mut kinds = vec![WSHOST, WSHOST_PROCESS, BARE];
     if args.peers {
         kinds.extend([NODE, JETTY]);
     }
@@ -148,6 +152,15 @@ impl Servers {
                 ))
                 .env("RUST_LOG", "warn");
                 Server::start(WSHOST, cmd)
+            }
+            WSHOST_PROCESS => {
+                let mut cmd = taskset(cpu, &self.dir.join("wshost").to_string_lossy());
+                cmd.args(common::wshost_args(
+                    self._plugins.path(),
+                    &["--max-connections", "20000", "--isolation", "process"],
+                ))
+                .env("RUST_LOG", "warn");
+                Server::start(WSHOST_PROCESS, cmd)
             }
             BARE => Server::start(
                 BARE,
@@ -227,11 +240,11 @@ async fn run_echo(
     warmup: Duration,
 ) -> anyhow::Result<(echo::Outcome, f64)> {
     let conns = echo::open(&server.url("/echo"), args.conns).await?;
-    let cpu0 = cpu_time(server.pid())?;
+    let cpu0 = cpu_time_tree(server.pid())?;
     let t0 = std::time::Instant::now();
     let outcome = echo::closed(conns, w.inflight, &w.payload, warmup, args.window).await?;
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = (cpu_time(server.pid())? - cpu0).as_secs_f64();
+    let cpu = (cpu_time_tree(server.pid())? - cpu0).as_secs_f64();
     // Messages per CPU-second of the server, over the whole run (warm-up included on both
     // sides: its messages are the run's rate times its length).
     let per_cpu = outcome.rate() * wall / cpu.max(0.01);
