@@ -771,44 +771,74 @@ impl Outbox {
 }
 
 /// The plugin calls running now: for the callback timeout, and to log calls that run long (as
-/// the host's watchdog does for inline plugins).
+/// the host's watchdog does for inline plugins). Each thread that runs plugin code has a slot of
+/// its own (a few atomics, no lock on the call path); the watch thread scans them.
 #[derive(Debug)]
 struct Watch {
-    next: AtomicU64,
-    running: Mutex<HashMap<u64, Call>>,
+    slots: Mutex<Vec<Arc<Slot>>>,
     /// Log calls running longer than this (milliseconds; set by `Create`).
     slow_ms: AtomicU64,
     out: Arc<Outbox>,
+    epoch: Instant,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Call {
+/// One thread's current plugin call.
+#[derive(Debug, Default)]
+struct Slot {
+    /// When it started, in microseconds since the watch's epoch, plus one; 0 when idle.
+    started_us: AtomicU64,
+    call: AtomicU8,
+    conn: AtomicU64,
+    /// When it was last logged as still running, in microseconds of its run (a doubling
+    /// back-off); reset per call.
+    logged_us: AtomicU64,
+}
+
+thread_local! {
+    static SLOT: std::cell::OnceCell<Arc<Slot>> = const { std::cell::OnceCell::new() };
+}
+
+/// Names of the calls a slot can hold (by index).
+const CALLS: &[&str] = &[
+    "",
+    "create",
+    "shutdown",
+    "upgrade",
+    "request",
+    "on_connect",
+    "on_text",
+    "on_binary",
+    "on_ping",
+    "on_pong",
+    "on_error",
+    "on_drain",
+    "on_close",
+    "drop",
+];
+
+fn call_index(name: &str) -> u8 {
+    CALLS.iter().position(|c| *c == name).unwrap_or(0) as u8
+}
+
+/// A running call; it leaves its slot when dropped.
+struct Running<'a> {
+    watch: &'a Watch,
+    slot: Arc<Slot>,
     at: Instant,
-    name: &'static str,
-    conn: u64,
-    /// When it was last logged as still running (a doubling back-off).
-    logged: Duration,
 }
-
-/// A running call; it leaves the watch when dropped.
-struct Running<'a>(&'a Watch, u64, Instant, &'static str, u64);
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.0
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.1);
-        let elapsed = self.2.elapsed();
-        if elapsed.as_millis() as u64 >= self.0.slow_ms.load(Ordering::Relaxed) {
-            self.0.log(
+        self.slot.started_us.store(0, Ordering::Release);
+        let elapsed = self.at.elapsed();
+        if elapsed.as_millis() as u64 >= self.watch.slow_ms.load(Ordering::Relaxed) {
+            let call = CALLS[usize::from(self.slot.call.load(Ordering::Relaxed))];
+            self.watch.log(
                 plugin_api::abi::level::WARN,
                 &format!(
-                    "slow callback: {} on connection {} took {:.1} ms; callbacks must not block: \
-                     move blocking work to a plugin thread",
-                    self.3,
-                    self.4,
+                    "slow callback: {call} on connection {} took {:.1} ms; callbacks must not \
+                     block: move blocking work to a plugin thread",
+                    self.slot.conn.load(Ordering::Relaxed),
                     elapsed.as_secs_f64() * 1e3
                 ),
             );
@@ -819,10 +849,10 @@ impl Drop for Running<'_> {
 impl Watch {
     fn start(timeout_ms: u64, out: Arc<Outbox>) -> Arc<Self> {
         let this = Arc::new(Self {
-            next: AtomicU64::new(0),
-            running: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Vec::new()),
             slow_ms: AtomicU64::new(u64::MAX),
             out,
+            epoch: Instant::now(),
         });
         let me = Arc::clone(&this);
         let limit = (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms));
@@ -839,29 +869,38 @@ impl Watch {
                 if std::os::unix::process::parent_id() != host {
                     std::process::exit(0);
                 }
-                let slow = Duration::from_millis(me.slow_ms.load(Ordering::Relaxed));
-                let mut running = me.running.lock().unwrap_or_else(PoisonError::into_inner);
-                for call in running.values_mut() {
-                    let elapsed = call.at.elapsed();
-                    if let Some(limit) = limit.filter(|l| elapsed > *l) {
+                let slow_us = me.slow_ms.load(Ordering::Relaxed).saturating_mul(1000);
+                let now_us = me.epoch.elapsed().as_micros() as u64 + 1;
+                let slots = me
+                    .slots
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                for slot in slots {
+                    let started = slot.started_us.load(Ordering::Acquire);
+                    if started == 0 {
+                        continue;
+                    }
+                    let ran_us = now_us.saturating_sub(started);
+                    let call = CALLS[usize::from(slot.call.load(Ordering::Relaxed))];
+                    let conn = slot.conn.load(Ordering::Relaxed);
+                    if let Some(limit) = limit.filter(|l| ran_us > l.as_micros() as u64) {
                         eprintln!(
-                            "wshost worker: plugin call {} (connection {}) has run for {:.1} s, \
-                             past the callback timeout of {limit:?}; ending the worker",
-                            call.name,
-                            call.conn,
-                            elapsed.as_secs_f64(),
+                            "wshost worker: plugin call {call} (connection {conn}) has run for \
+                             {:.1} s, past the callback timeout of {limit:?}; ending the worker",
+                            ran_us as f64 / 1e6,
                         );
                         std::process::abort();
                     }
-                    if elapsed >= slow && elapsed >= call.logged * 2 {
-                        call.logged = elapsed.max(slow);
+                    let logged = slot.logged_us.load(Ordering::Relaxed);
+                    if ran_us >= slow_us && ran_us >= logged.saturating_mul(2) {
+                        slot.logged_us.store(ran_us.max(slow_us), Ordering::Relaxed);
                         me.log(
                             plugin_api::abi::level::WARN,
                             &format!(
-                                "plugin call still running: {} on connection {} for {:.0} ms",
-                                call.name,
-                                call.conn,
-                                elapsed.as_secs_f64() * 1e3
+                                "plugin call still running: {call} on connection {conn} for \
+                                 {:.0} ms",
+                                ran_us as f64 / 1e3
                             ),
                         );
                     }
@@ -875,21 +914,30 @@ impl Watch {
             .push(proto::LOG, u64::from(level), &[text.as_bytes()]);
     }
 
+    /// Notes that this thread starts plugin call `name` for connection `conn` (0: none).
     fn enter(&self, name: &'static str, conn: u64) -> Running<'_> {
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let slot = SLOT.with(|s| {
+            Arc::clone(s.get_or_init(|| {
+                let slot = Arc::new(Slot::default());
+                self.slots
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(Arc::clone(&slot));
+                slot
+            }))
+        });
         let at = Instant::now();
-        self.running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                id,
-                Call {
-                    at,
-                    name,
-                    conn,
-                    logged: Duration::ZERO,
-                },
-            );
-        Running(self, id, at, name, conn)
+        slot.call.store(call_index(name), Ordering::Relaxed);
+        slot.conn.store(conn, Ordering::Relaxed);
+        slot.logged_us.store(0, Ordering::Relaxed);
+        slot.started_us.store(
+            at.saturating_duration_since(self.epoch).as_micros() as u64 + 1,
+            Ordering::Release,
+        );
+        Running {
+            watch: self,
+            slot,
+            at,
+        }
     }
 }
