@@ -468,5 +468,8 @@ mod tests {
         assert_eq!(a.ping_interval, b.ping_interval);
         assert_eq!(a.pong_timeout, b.pong_timeout);
         assert_eq!(a.idle_timeout, b.idle_timeout);
+        assert_eq!(a.isolation.process, b.isolation.process);
+        assert_eq!(a.isolation.callback_timeout, b.isolation.callback_timeout);
+        assert_eq!(a.isolation.start_timeout, b.isolation.start_timeout);
     }
 }

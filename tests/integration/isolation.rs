@@ -214,3 +214,17 @@ async fn a_constructor_that_aborts_is_refused_and_the_host_stays_up() {
     let mut fresh = connect(&host.url("/variant")).await;
     assert_eq!(ask(&mut fresh, "z").await, "v:z");
 }
+
+#[test]
+fn isolation_settings_are_checked_with_file_line_and_key() {
+    let err =
+        crate::harness::serve_refused(&[], Some("[plugin.echo]\nisolation = \"sometimes\"\n"));
+    assert!(
+        err.contains(":2:") && err.contains("isolation") && err.contains("\"process\""),
+        "{err}"
+    );
+    let err = crate::harness::serve_refused(&[], Some("[plugin.echo]\nmemory_limit = \"lots\"\n"));
+    assert!(err.contains(":2:") && err.contains("memory_limit"), "{err}");
+    let err = crate::harness::serve_refused(&["--isolation", "sometimes"], None);
+    assert!(err.contains("--isolation"), "{err}");
+}

@@ -1113,7 +1113,9 @@ async fn reader(
                 break 'read;
             };
             if buf.len() < proto::HEADER + len {
-                buf.reserve(proto::HEADER + len - buf.len());
+                // Room for what is missing, at most 1 MiB at a time: a worker's claimed length
+                // reserves nothing it does not send.
+                buf.reserve((proto::HEADER + len - buf.len()).min(1 << 20));
                 break;
             }
             buf.advance(proto::HEADER);
