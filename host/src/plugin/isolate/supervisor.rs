@@ -1165,9 +1165,18 @@ impl Outbox {
         self.closed.store(true, Ordering::Release);
         self.ready.notify_one();
     }
+
+    /// Whether nothing waits to be written.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.buf
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
 }
 
-async fn writer(out: Arc<Outbox>, mut write: tokio::net::unix::OwnedWriteHalf) {
+/// Writes what is pushed to `out` until the socket fails or `out` is closed.
+pub(crate) async fn writer(out: Arc<Outbox>, mut write: tokio::net::unix::OwnedWriteHalf) {
     let mut spare = Vec::new();
     loop {
         out.ready.notified().await;

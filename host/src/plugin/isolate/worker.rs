@@ -9,11 +9,11 @@
 //! longer (an infinite loop, a deadlock), after saying which call on standard error.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use abi_stable::sabi_trait::TD_Opaque;
@@ -23,6 +23,7 @@ use plugin_api::SendError;
 
 use super::super::{loader, Candidate, ConnOps, Handler, HostRequest, LoadError};
 use super::proto::{self, AnswerMsg};
+use super::supervisor::Outbox;
 use crate::plugin::seam::InlineCallbacks;
 
 /// What `wshost worker` is told on its command line.
@@ -56,22 +57,19 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
     if let Err(e) = nix::sys::prctl::set_no_new_privs() {
         eprintln!("wshost worker: cannot set no_new_privs: {e}");
     }
-    let stream = UnixStream::connect(&args.socket)?;
-    let mut reader = BufReader::with_capacity(256 << 10, stream.try_clone()?);
-    let out = Outbox::start(stream)?;
-    let watch = Watch::start(args.callback_timeout_ms, Arc::clone(&out));
+    let mut stream = UnixStream::connect(&args.socket)?;
+    let write_now = |stream: &mut UnixStream, kind: u8, body: &[u8]| {
+        let mut buf = Vec::new();
+        proto::put(&mut buf, kind, 0, &[body]);
+        stream.write_all(&buf)
+    };
 
-    // Load and report the identity.
+    // Load and report the identity (blocking: nothing else runs yet).
     let candidate = match load(&args.display_name, &args.file) {
         Ok(c) => c,
         Err(e) => {
-            out.push(
-                proto::FAILED,
-                0,
-                &[strip_file(&e, &args.display_name).as_bytes()],
-            );
-            out.flush();
-            return Ok(());
+            let why = strip_file(&e, &args.display_name);
+            return write_now(&mut stream, proto::FAILED, why.as_bytes());
         }
     };
     let identity = proto::Identity {
@@ -80,84 +78,158 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
         routes: candidate.routes.clone(),
         api_version: candidate.mapped.api_version.clone(),
     };
-    out.push(
+    write_now(
+        &mut stream,
         proto::IDENTITY,
-        0,
-        &[&serde_json::to_vec(&identity).unwrap_or_default()],
-    );
-
-    // Wait to be told to create it.
-    let Some((kind, _, body)) = read_frame(&mut reader)? else {
+        &serde_json::to_vec(&identity).unwrap_or_default(),
+    )?;
+    let Some((kind, _, body)) = read_frame(&mut stream)? else {
         return Ok(());
     };
     if kind != proto::CREATE {
         return Ok(());
     }
     let create: proto::Create = serde_json::from_slice(&body).unwrap_or_default();
+
+    // From here the socket is the runtime's: one task reads it, one writes it, and each
+    // connection's callbacks run as a task of their own, so that an event usually goes from the
+    // socket to its callback and the callback's sends back to the socket on one thread.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .thread_name(format!("wshost-{}", identity.name))
+        .enable_all()
+        .build()?;
+    let _entered = runtime.enter();
+    stream.set_nonblocking(true)?;
+    let (read, write) = tokio::net::UnixStream::from_std(stream)?.into_split();
+    let out = Arc::new(Outbox::default());
+    runtime.spawn({
+        let out = Arc::clone(&out);
+        async move {
+            super::supervisor::writer(out, write).await;
+            // The host is gone, or stopped reading: so is this worker.
+            std::process::exit(0);
+        }
+    });
+    let watch = Watch::start(args.callback_timeout_ms, Arc::clone(&out));
     watch.slow_ms.store(create.slow_ms, Ordering::Relaxed);
     let calls = Arc::new(Calls::default());
-    let services = WorkerHost(Arc::new(HostState {
+    let state = Arc::new(HostState {
         out: Arc::clone(&out),
         calls: Arc::clone(&calls),
         config: create.config,
         log_level: create.log_level,
         retired: AtomicBool::new(false),
-    }));
-    let retired = Arc::clone(&services.0);
-    let handle = HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque);
-    let instance = {
-        let _call = watch.enter("create", 0);
-        candidate.create_instance(handle)
-    };
-    let instance = match instance {
-        Ok(i) => Arc::new(i),
-        Err(e) => {
-            out.push(
-                proto::FAILED,
-                0,
-                &[strip_file(&e, &args.display_name).as_bytes()],
-            );
-            out.flush();
-            return Ok(());
-        }
-    };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.threads.max(1))
-        .thread_name(format!("wshost-{}", identity.name))
-        .enable_time()
-        .build()?;
-    out.push(proto::READY, 0, &[]);
-
+    });
     let shared = Arc::new(Shared {
-        instance,
+        instance: std::sync::OnceLock::new(),
+        state: Arc::clone(&state),
         out: Arc::clone(&out),
         calls,
         watch: Arc::clone(&watch),
         handlers: Mutex::new(HashMap::new()),
         cancels: Mutex::new(HashMap::new()),
     });
+    // The reader runs before the instance exists: a constructor that publishes gets its reply.
+    let reader = runtime.spawn(reader(Arc::clone(&shared), read));
+    let handle = HostFfi_TO::from_ptr(RArc::new(WorkerHost(state)), TD_Opaque);
+    let instance = {
+        let _call = watch.enter("create", 0);
+        candidate.create_instance(handle)
+    };
+    match instance {
+        Ok(i) => {
+            let _ = shared.instance.set(Arc::new(i));
+            out.push(proto::READY, 0, &[]);
+        }
+        Err(e) => {
+            let why = strip_file(&e, &args.display_name);
+            out.push(proto::FAILED, 0, &[why.as_bytes()]);
+            runtime.block_on(flushed(&out));
+            return Ok(());
+        }
+    }
+    let _ = runtime.block_on(reader);
+    // The host closed the socket: it stopped, or ended this worker.
+    std::process::exit(0);
+}
+
+/// Waits until everything pushed to `out` so far is written.
+async fn flushed(out: &Outbox) {
+    while !out.is_empty() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    // The writer may still hold the last batch: give it a moment to finish the write.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+}
+
+/// Reads the host's frames until the socket closes, and hands each to whom it is for.
+async fn reader(shared: Arc<Shared>, mut read: tokio::net::unix::OwnedReadHalf) {
+    use bytes::Buf as _;
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = bytes::BytesMut::with_capacity(256 << 10);
     let mut conns: HashMap<u64, (tokio::sync::mpsc::UnboundedSender<Event>, Arc<WorkerConn>)> =
         HashMap::new();
-    while let Some((kind, id, body)) = read_frame(&mut reader)? {
+    loop {
+        while buf.len() >= proto::HEADER {
+            let h: [u8; proto::HEADER] = buf[..proto::HEADER].try_into().expect("header");
+            let Some((kind, id, len)) = proto::header(&h) else {
+                eprintln!("wshost worker: corrupt frame from the host");
+                return;
+            };
+            if buf.len() < proto::HEADER + len {
+                buf.reserve((proto::HEADER + len - buf.len()).min(1 << 20));
+                break;
+            }
+            buf.advance(proto::HEADER);
+            let body = buf.split_to(len).freeze();
+            shared.dispatch(kind, id, body, &mut conns).await;
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(64 << 10);
+        }
+        match read.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+impl Shared {
+    /// One frame from the host.
+    async fn dispatch(
+        self: &Arc<Self>,
+        kind: u8,
+        id: u64,
+        body: bytes::Bytes,
+        conns: &mut HashMap<u64, (tokio::sync::mpsc::UnboundedSender<Event>, Arc<WorkerConn>)>,
+    ) {
+        if kind == proto::REPLY {
+            self.calls.complete(id, proto::split_u64(&body).0);
+            return;
+        }
+        let Some(instance) = self.instance.get() else {
+            return;
+        };
         match kind {
             proto::DECIDE => {
                 let Ok(map) = serde_json::from_slice::<proto::RequestMsg>(&body) else {
-                    continue;
+                    return;
                 };
-                let shared = Arc::clone(&shared);
-                runtime.spawn(async move { shared.decide(id, map).await });
+                let shared = Arc::clone(self);
+                tokio::spawn(async move { shared.decide(id, map).await });
             }
             proto::OPEN => {
                 let Ok(open) = serde_json::from_slice::<proto::Open>(&body) else {
-                    continue;
+                    return;
                 };
-                let handler = shared
+                let handler = self
                     .handlers
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&open.token);
                 let Some(Handler::Inline(handler)) = handler else {
-                    continue;
+                    return;
                 };
                 let conn = Arc::new(WorkerConn {
                     id,
@@ -167,13 +239,13 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
                     sent: AtomicU64::new(0),
                     acked: AtomicU64::new(0),
                     drain_asked: AtomicBool::new(false),
-                    out: Arc::clone(&out),
-                    calls: Arc::clone(&shared.calls),
+                    out: Arc::clone(&self.out),
+                    calls: Arc::clone(&self.calls),
                 });
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let callbacks = InlineCallbacks::new(handler, Arc::clone(&conn));
-                runtime.spawn(connection(
-                    Arc::clone(&shared),
+                tokio::spawn(connection(
+                    Arc::clone(self),
                     Arc::clone(&conn),
                     callbacks,
                     rx,
@@ -181,7 +253,7 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
                 conns.insert(id, (tx, conn));
             }
             proto::DISCARD => {
-                let cancel = shared
+                let cancel = self
                     .cancels
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
@@ -189,16 +261,15 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
                 if let Some(cancel) = cancel {
                     let _ = cancel.send(());
                 }
-                let handler = shared
+                let handler = self
                     .handlers
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .remove(&id);
                 if let Some(h) = handler {
-                    runtime.spawn(async move { drop(h) });
+                    tokio::spawn(async move { drop(h) });
                 }
             }
-            proto::REPLY => shared.calls.complete(id, proto::split_u64(&body).0),
             proto::CREDIT => {
                 let (acked, rest) = proto::split_u64(&body);
                 if let Some((tx, conn)) = conns.get(&id) {
@@ -210,14 +281,14 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
                 }
             }
             proto::SHUTDOWN => {
-                let panic = {
-                    let _call = watch.enter("shutdown", 0);
-                    shared.instance.shutdown().into_result().err()
-                };
-                retired.retired.store(true, Ordering::Release);
+                let panic = tokio::task::block_in_place(|| {
+                    let _call = self.watch.enter("shutdown", 0);
+                    instance.shutdown().into_result().err()
+                });
+                self.state.retired.store(true, Ordering::Release);
                 let text = panic.map(RString::into_string).unwrap_or_default();
-                out.push(proto::SHUT_DOWN, 0, &[text.as_bytes()]);
-                out.flush();
+                self.out.push(proto::SHUT_DOWN, 0, &[text.as_bytes()]);
+                flushed(&self.out).await;
                 // Nothing more runs: threads the plugin left behind end with the process.
                 std::process::exit(0);
             }
@@ -233,7 +304,7 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
                         let (code, reason) = proto::read_close(&body);
                         Event::Close(code, reason)
                     }
-                    _ => continue,
+                    _ => return,
                 };
                 let last = matches!(event, Event::Close(..));
                 if let Some((tx, _)) = conns.get(&id) {
@@ -245,8 +316,6 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
             }
         }
     }
-    // The host closed the socket: it stopped, or ended this worker.
-    std::process::exit(0);
 }
 
 /// Maps and checks the library, and runs its guarded self-test.
@@ -288,10 +357,10 @@ fn read_frame(r: &mut impl Read) -> std::io::Result<Option<(u8, u64, Vec<u8>)>> 
 #[derive(Debug)]
 enum Event {
     Connect,
-    Text(Vec<u8>),
-    Binary(Vec<u8>),
-    Ping(Vec<u8>),
-    Pong(Vec<u8>),
+    Text(bytes::Bytes),
+    Binary(bytes::Bytes),
+    Ping(bytes::Bytes),
+    Pong(bytes::Bytes),
     Error(String),
     Drain,
     Close(u16, String),
@@ -299,7 +368,9 @@ enum Event {
 
 /// What every task of the worker shares.
 struct Shared {
-    instance: Arc<PluginBox>,
+    /// Set once the constructor returned.
+    instance: std::sync::OnceLock<Arc<PluginBox>>,
+    state: Arc<HostState>,
     out: Arc<Outbox>,
     calls: Arc<Calls>,
     watch: Arc<Watch>,
@@ -319,10 +390,13 @@ impl Shared {
             let _call = self
                 .watch
                 .enter(if upgrade { "upgrade" } else { "request" }, 0);
+            let Some(instance) = self.instance.get() else {
+                return;
+            };
             if upgrade {
-                super::super::upgrade_on(&self.instance, &req)
+                super::super::upgrade_on(instance, &req)
             } else {
-                super::super::request_on(&self.instance, &req)
+                super::super::request_on(instance, &req)
             }
         };
         let deferred = req
@@ -678,7 +752,14 @@ impl Calls {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id, tx);
         out.push(kind, id, parts);
-        let r = rx.recv_timeout(Duration::from_secs(30)).ok();
+        // On one of the runtime's threads, hand its other tasks (the socket's reader among
+        // them) to another thread while this one waits.
+        let wait = || rx.recv_timeout(Duration::from_secs(30)).ok();
+        let r = if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::task::block_in_place(wait)
+        } else {
+            wait()
+        };
         self.waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -694,78 +775,6 @@ impl Calls {
             .remove(&id);
         if let Some(tx) = tx {
             let _ = tx.try_send(value);
-        }
-    }
-}
-
-/// Frames to the host: appended to one buffer, written by one thread in as few writes as the
-/// load allows.
-#[derive(Debug)]
-struct Outbox {
-    state: Mutex<OutState>,
-    ready: Condvar,
-}
-
-#[derive(Debug, Default)]
-struct OutState {
-    buf: Vec<u8>,
-    writing: bool,
-}
-
-impl Outbox {
-    fn start(mut stream: UnixStream) -> std::io::Result<Arc<Self>> {
-        let this = Arc::new(Self {
-            state: Mutex::new(OutState::default()),
-            ready: Condvar::new(),
-        });
-        let me = Arc::clone(&this);
-        std::thread::Builder::new()
-            .name("wshost-worker-out".into())
-            .spawn(move || {
-                let mut spare = Vec::new();
-                loop {
-                    let mut data = {
-                        let mut s = me.state.lock().unwrap_or_else(PoisonError::into_inner);
-                        s.writing = false;
-                        me.ready.notify_all();
-                        while s.buf.is_empty() {
-                            s = me.ready.wait(s).unwrap_or_else(PoisonError::into_inner);
-                        }
-                        s.writing = true;
-                        std::mem::replace(&mut s.buf, std::mem::take(&mut spare))
-                    };
-                    if stream.write_all(&data).is_err() {
-                        // The host is gone: so is this worker.
-                        std::process::exit(0);
-                    }
-                    data.clear();
-                    if data.capacity() <= 1 << 20 {
-                        spare = data;
-                    }
-                }
-            })?;
-        Ok(this)
-    }
-
-    fn push(&self, kind: u8, id: u64, parts: &[&[u8]]) {
-        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        let was_empty = s.buf.is_empty();
-        proto::put(&mut s.buf, kind, id, parts);
-        drop(s);
-        if was_empty {
-            self.ready.notify_all();
-        }
-    }
-
-    /// Waits until everything pushed so far is written.
-    fn flush(&self) {
-        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        while !s.buf.is_empty() || s.writing {
-            let (next, _) = self
-                .ready
-                .wait_timeout(s, Duration::from_millis(100))
-                .unwrap_or_else(PoisonError::into_inner);
-            s = next;
         }
     }
 }
