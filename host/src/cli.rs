@@ -154,14 +154,14 @@ pub struct ServeArgs {
     #[arg(long, env = ENV_PLUGINS, default_value = "plugins")]
     pub plugins: PathBuf,
     /// Largest message accepted from a client, in bytes (close 1009 past it).
-    #[arg(long, env = "WSHOST_MAX_MESSAGE_SIZE", value_parser = size, default_value_t = Config::default().max_message_size)]
-    pub max_message_size: usize,
+    #[arg(long, env = "WSHOST_MAX_MESSAGE_SIZE", value_parser = size_u64, default_value_t = crate::limits::DEFAULT_MAX_MESSAGE_SIZE)]
+    pub max_message_size: u64,
     /// Largest frame accepted from a client, in bytes.
-    #[arg(long, env = "WSHOST_MAX_FRAME_SIZE", value_parser = size, default_value_t = Config::default().max_frame_size)]
-    pub max_frame_size: usize,
+    #[arg(long, env = "WSHOST_MAX_FRAME_SIZE", value_parser = size_u64, default_value_t = crate::limits::DEFAULT_MAX_FRAME_SIZE)]
+    pub max_frame_size: u64,
     /// Most bytes queued for sending to one connection.
-    #[arg(long, env = "WSHOST_MAX_SEND_QUEUE", value_parser = size, default_value_t = Config::default().max_send_queue)]
-    pub max_send_queue: usize,
+    #[arg(long, env = "WSHOST_MAX_SEND_QUEUE", value_parser = size_u64, default_value_t = crate::limits::DEFAULT_MAX_SEND_QUEUE)]
+    pub max_send_queue: u64,
     /// Bytes tungstenite reads per call, kept per connection for its lifetime (socket reads go
     /// through a 64 KiB buffer per thread whatever this is).
     #[arg(long, env = "WSHOST_READ_BUFFER_SIZE", value_parser = size, default_value_t = Config::default().read_buffer_size)]
@@ -347,16 +347,18 @@ impl ServeArgs {
             max_body_size: self.max_body_size,
             body_timeout: self.body_timeout,
             header_read_timeout: self.header_read_timeout,
-            max_message_size: self.max_message_size,
-            max_frame_size: self.max_frame_size,
-            max_send_queue: self.max_send_queue,
+            limits: crate::limits::ConnLimits {
+                max_message_size: Some(self.max_message_size),
+                max_frame_size: Some(self.max_frame_size),
+                max_send_queue: Some(self.max_send_queue),
+                ping_interval: Some(self.ping_interval),
+                pong_timeout: Some(self.pong_timeout),
+                idle_timeout: Some(self.idle_timeout),
+            },
             read_buffer_size: self.read_buffer_size.max(64),
             slow_callback: self.slow_callback,
             close_timeout: self.close_timeout,
             shutdown_timeout: self.shutdown_timeout,
-            ping_interval: self.ping_interval,
-            pong_timeout: self.pong_timeout,
-            idle_timeout: self.idle_timeout,
             max_message_rate: self.max_message_rate,
             message_timeout: self.message_timeout,
             max_header_size: self.max_header_size,
@@ -465,9 +467,7 @@ mod tests {
         assert_eq!(a.close_timeout, b.close_timeout);
         assert_eq!(a.shutdown_timeout, b.shutdown_timeout);
         assert_eq!(a.watch, b.watch);
-        assert_eq!(a.ping_interval, b.ping_interval);
-        assert_eq!(a.pong_timeout, b.pong_timeout);
-        assert_eq!(a.idle_timeout, b.idle_timeout);
+        assert_eq!(a.limits, b.limits);
         assert_eq!(a.isolation.process, b.isolation.process);
         assert_eq!(a.isolation.callback_timeout, b.isolation.callback_timeout);
         assert_eq!(a.isolation.start_timeout, b.isolation.start_timeout);

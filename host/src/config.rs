@@ -20,14 +20,11 @@ pub struct Config {
     /// How long a client may take to send its request head; a client that trickles it byte by
     /// byte is dropped. Default 10 s.
     pub header_read_timeout: Duration,
-    /// Largest message accepted from a client (close 1009 past it), unless the plugin's 101
-    /// response sets its own. Default 1 MiB.
-    pub max_message_size: usize,
-    /// Largest frame accepted from a client (close 1009 past it). Default 1 MiB.
-    pub max_frame_size: usize,
-    /// Most bytes queued for sending to one connection; sends past it fail with `QueueFull`.
-    /// Default 1 MiB.
-    pub max_send_queue: usize,
+    /// The host's per-connection limits (every one set), under a plugin's config file section,
+    /// its route's, and its 101: message and frame size (1 MiB), send queue (1 MiB), ping
+    /// interval (30 s), pong timeout (10 s), idle timeout (300 s, like Jetty's). See
+    /// [`crate::limits`].
+    pub limits: crate::limits::ConnLimits,
     /// Bytes tungstenite takes per read call, a buffer every connection keeps for its lifetime.
     /// Socket reads themselves go through a 64 KiB read-ahead buffer per worker thread, so this
     /// costs no system calls. Default 256 B: an idle connection costs ~3.8 KiB in all (4 KiB
@@ -42,14 +39,6 @@ pub struct Config {
     /// On shutdown, how long to wait for connections to finish their close handshakes.
     /// Default 10 s.
     pub shutdown_timeout: Duration,
-    /// Interval of the host's pings; zero disables them. Default 30 s. A plugin may set its own
-    /// per connection in its 101 response.
-    pub ping_interval: Duration,
-    /// A connection whose pong does not arrive this long after a ping is dropped. Default 10 s.
-    pub pong_timeout: Duration,
-    /// A connection without data messages either way (pings and pongs do not count) for this
-    /// long is closed with 1001; zero disables it. Default 300 s, like Jetty's.
-    pub idle_timeout: Duration,
     /// Data messages a connection may send per second, with a burst of as many; past it the
     /// connection is closed with 1008. Zero disables the limit. Default 10,000.
     pub max_message_rate: u32,
@@ -117,9 +106,7 @@ impl Default for Config {
             max_body_size: 1 << 20,
             body_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
-            max_message_size: 1 << 20,
-            max_frame_size: 1 << 20,
-            max_send_queue: 1 << 20,
+            limits: crate::limits::ConnLimits::host_defaults(),
             read_buffer_size: 256,
             slow_callback: Duration::from_millis(50),
             close_timeout: Duration::from_secs(5),
@@ -139,9 +126,6 @@ impl Default for Config {
             decision_timeout: Duration::from_secs(10),
             isolation: crate::plugin::isolate::IsolationConfig::default(),
             tls: None,
-            ping_interval: Duration::from_secs(30),
-            pong_timeout: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(300),
             max_message_rate: 10_000,
             watch: true,
             bus: crate::bus::BusConfig::Memory,

@@ -62,18 +62,8 @@ pub enum ConfigError {
 pub struct PluginSection {
     /// Route prefixes that replace the plugin's own.
     pub routes: Option<Vec<String>>,
-    /// Largest message its connections accept.
-    pub max_message_size: Option<u64>,
-    /// Largest frame its connections accept.
-    pub max_frame_size: Option<u64>,
-    /// Its connections' send queue.
-    pub max_send_queue: Option<u64>,
-    /// Its connections' ping interval.
-    pub ping_interval: Option<Duration>,
-    /// Its connections' pong timeout.
-    pub pong_timeout: Option<Duration>,
-    /// Its connections' idle timeout.
-    pub idle_timeout: Option<Duration>,
+    /// Limits for its connections (over the host's, under its route's and its 101's).
+    pub limits: crate::limits::ConnLimits,
     /// Worker threads of the plugin's own runtime: how many of its calls may run (or block)
     /// at once.
     pub workers: Option<usize>,
@@ -311,12 +301,12 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
                 None => p.memory_limit = Some(size(k, v)?),
             },
             "callback_timeout" if top => p.callback_timeout = Some(time(k, v)?),
-            "max_message_size" => p.max_message_size = Some(size(k, v)?),
-            "max_frame_size" => p.max_frame_size = Some(size(k, v)?),
-            "max_send_queue" => p.max_send_queue = Some(size(k, v)?),
-            "ping_interval" => p.ping_interval = Some(time(k, v)?),
-            "pong_timeout" => p.pong_timeout = Some(time(k, v)?),
-            "idle_timeout" => p.idle_timeout = Some(time(k, v)?),
+            "max_message_size" => p.limits.max_message_size = Some(size(k, v)?),
+            "max_frame_size" => p.limits.max_frame_size = Some(size(k, v)?),
+            "max_send_queue" => p.limits.max_send_queue = Some(size(k, v)?),
+            "ping_interval" => p.limits.ping_interval = Some(time(k, v)?),
+            "pong_timeout" => p.limits.pong_timeout = Some(time(k, v)?),
+            "idle_timeout" => p.limits.idle_timeout = Some(time(k, v)?),
             "config" if top => {
                 let table = v
                     .as_table()
@@ -416,12 +406,14 @@ mod tests {
             .unwrap();
         let p = plugin_section(&t).unwrap();
         assert_eq!(p.routes, Some(vec!["/r".to_owned()]));
-        assert_eq!(p.max_message_size, Some(10));
-        assert_eq!(p.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(p.limits.max_message_size, Some(10));
+        assert_eq!(p.limits.idle_timeout, Some(Duration::from_secs(60)));
         assert_eq!(p.config["size"], "5");
         let routed: toml::Table = "[route.\"/a\"]\nmax_message_size = 3\n".parse().unwrap();
         assert_eq!(
-            plugin_section(&routed).unwrap().route_limits["/a"].max_message_size,
+            plugin_section(&routed).unwrap().route_limits["/a"]
+                .limits
+                .max_message_size,
             Some(3)
         );
         let nested: toml::Table = "[route.\"/a\"]\nroutes = []\n".parse().unwrap();

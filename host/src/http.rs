@@ -367,7 +367,7 @@ async fn websocket(
         .get(&prefix)
         .copied()
         .unwrap_or_default();
-    let settings = answer.settings.or(route_limits).or(plugin.limits);
+    let limits = answer.limits.over(route_limits).over(plugin.limits);
     let start = session::Start {
         id,
         peer,
@@ -375,7 +375,7 @@ async fn websocket(
         admission,
         plugin,
         handler,
-        settings,
+        limits,
         hub: Arc::clone(ctx.registry.hub()),
         budget: Arc::clone(&ctx.send_budget),
         metrics: Arc::clone(&ctx.metrics),

@@ -38,6 +38,7 @@ pub mod config;
 pub mod config_file;
 mod context;
 mod http;
+pub mod limits;
 pub mod metrics;
 pub mod plugin;
 mod proxy;

@@ -20,6 +20,7 @@ use plugin_api::abi::{
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::channels::Hub;
+use crate::limits::ConnLimits;
 
 mod elf;
 pub mod exec;
@@ -160,9 +161,9 @@ pub struct LoadedPlugin {
     /// checked.
     exec: Option<Arc<exec::Executor>>,
     /// Limits for this plugin's connections from the config file.
-    pub(crate) limits: Settings,
+    pub(crate) limits: ConnLimits,
     /// Limits for connections on one of its routes, from the config file, over `limits`.
-    pub(crate) route_limits: BTreeMap<String, Settings>,
+    pub(crate) route_limits: BTreeMap<String, ConnLimits>,
     open_conns: AtomicU64,
     shut_down: AtomicBool,
 }
@@ -207,19 +208,7 @@ pub(crate) struct Answer {
     pub(crate) headers: Vec<(String, String)>,
     pub(crate) body: Vec<u8>,
     pub(crate) handler: Option<Handler>,
-    pub(crate) settings: Settings,
-}
-
-/// Per-connection settings a 101 response (or a config file section) may carry; `None` means
-/// the next default.
-#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Settings {
-    pub(crate) max_message_size: Option<u64>,
-    pub(crate) max_frame_size: Option<u64>,
-    pub(crate) max_send_queue: Option<u64>,
-    pub(crate) ping_interval_ms: Option<u64>,
-    pub(crate) pong_timeout_ms: Option<u64>,
-    pub(crate) idle_timeout_ms: Option<u64>,
+    pub(crate) limits: ConnLimits,
 }
 
 /// A plugin library, mapped and checked, whose instance is not created yet.
@@ -324,8 +313,8 @@ impl Candidate {
         generation: u64,
         hub: &Arc<Hub>,
         config: BTreeMap<String, String>,
-        limits: Settings,
-        route_limits: BTreeMap<String, Settings>,
+        limits: ConnLimits,
+        route_limits: BTreeMap<String, ConnLimits>,
     ) -> Result<LoadedPlugin, LoadError> {
         let inner = Arc::new(HostInner {
             plugin: self.name.clone(),
@@ -392,8 +381,8 @@ impl LoadedPlugin {
         routes: Vec<String>,
         file: PathBuf,
         generation: u64,
-        limits: Settings,
-        route_limits: BTreeMap<String, Settings>,
+        limits: ConnLimits,
+        route_limits: BTreeMap<String, ConnLimits>,
     ) -> Self {
         Self {
             name: identity.name,
@@ -587,33 +576,6 @@ impl LoadedPlugin {
     }
 }
 
-impl Settings {
-    /// These settings, with `defaults` where none is set.
-    pub(crate) fn or(self, defaults: Settings) -> Settings {
-        Settings {
-            max_message_size: self.max_message_size.or(defaults.max_message_size),
-            max_frame_size: self.max_frame_size.or(defaults.max_frame_size),
-            max_send_queue: self.max_send_queue.or(defaults.max_send_queue),
-            ping_interval_ms: self.ping_interval_ms.or(defaults.ping_interval_ms),
-            pong_timeout_ms: self.pong_timeout_ms.or(defaults.pong_timeout_ms),
-            idle_timeout_ms: self.idle_timeout_ms.or(defaults.idle_timeout_ms),
-        }
-    }
-
-    /// The limits of a config file section.
-    pub(crate) fn from_section(s: &crate::config_file::PluginSection) -> Settings {
-        let ms = |d: Option<std::time::Duration>| d.map(|d| d.as_millis() as u64);
-        Settings {
-            max_message_size: s.max_message_size,
-            max_frame_size: s.max_frame_size,
-            max_send_queue: s.max_send_queue,
-            ping_interval_ms: ms(s.ping_interval),
-            pong_timeout_ms: ms(s.pong_timeout),
-            idle_timeout_ms: ms(s.idle_timeout),
-        }
-    }
-}
-
 /// Checks the config file's mounts of plugin `name` (of `file`).
 pub(crate) fn check_mounts(name: &str, file: &Path, routes: &[String]) -> Result<(), LoadError> {
     if let Some(bad) = routes.iter().find(|r| !valid_route(r)) {
@@ -646,13 +608,14 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
         ROption::RSome(v) => Some(v),
         ROption::RNone => None,
     };
-    let settings = Settings {
+    let ms = |key: &str| setting(key).map(std::time::Duration::from_millis);
+    let settings = ConnLimits {
         max_message_size: setting(abi::setting::MAX_MESSAGE_SIZE),
         max_frame_size: setting(abi::setting::MAX_FRAME_SIZE),
         max_send_queue: setting(abi::setting::MAX_SEND_QUEUE),
-        ping_interval_ms: setting(abi::setting::PING_INTERVAL_MS),
-        pong_timeout_ms: setting(abi::setting::PONG_TIMEOUT_MS),
-        idle_timeout_ms: setting(abi::setting::IDLE_TIMEOUT_MS),
+        ping_interval: ms(abi::setting::PING_INTERVAL_MS),
+        pong_timeout: ms(abi::setting::PONG_TIMEOUT_MS),
+        idle_timeout: ms(abi::setting::IDLE_TIMEOUT_MS),
     };
     Ok(Answer {
         status: resp.status(),
@@ -663,7 +626,7 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
             .collect(),
         body: resp.take_body().into_vec(),
         handler: resp.take_handler().into_option().map(Handler::Inline),
-        settings,
+        limits: settings,
     })
 }
 

@@ -388,14 +388,14 @@ impl Registry {
                         .entry(candidate.name.clone())
                         .and_modify(|g| *g += 1)
                         .or_insert(1);
-                    let limits = super::Settings::from_section(&section);
+                    let limits = section.limits;
                     let mut route_limits = BTreeMap::new();
                     for (route, l) in &section.route_limits {
                         if !candidate.routes.contains(route) {
                             tracing::warn!(plugin = %candidate.name, %route, routes = ?candidate.routes,
                                 "the config file sets limits for a route this plugin does not serve");
                         }
-                        route_limits.insert(route.clone(), super::Settings::from_section(l));
+                        route_limits.insert(route.clone(), l.limits);
                     }
                     let name = candidate.name.clone();
                     let plugin = candidate.create(
@@ -555,11 +555,11 @@ impl Registry {
         }
         // Counted only once it loads: a refused file takes no generation number.
         let generation = state.generations.get(&name).copied().unwrap_or(0) + 1;
-        let limits = super::Settings::from_section(&section);
+        let limits = section.limits;
         let route_limits = section
             .route_limits
             .iter()
-            .map(|(r, l)| (r.clone(), super::Settings::from_section(l)))
+            .map(|(r, l)| (r.clone(), l.limits))
             .collect();
         let identity = started.identity.clone();
         let threads = section.workers.unwrap_or(threads).max(1);

@@ -21,8 +21,9 @@ use super::counted::{Counted, Partial};
 use super::rebind::SessionIo;
 use crate::channels::Hub;
 use crate::config::Config;
+use crate::limits::ConnLimits;
 use crate::metrics::{CodeLabel, Metrics};
-use crate::plugin::{LoadedPlugin, Settings};
+use crate::plugin::LoadedPlugin;
 
 type Ws = WebSocketStream<Counted<SessionIo>>;
 
@@ -42,7 +43,7 @@ pub(crate) struct Start {
     pub(crate) admission: crate::context::Admission,
     pub(crate) plugin: Arc<LoadedPlugin>,
     pub(crate) handler: crate::plugin::Handler,
-    pub(crate) settings: Settings,
+    pub(crate) limits: ConnLimits,
     pub(crate) hub: Arc<Hub>,
     pub(crate) budget: Arc<crate::budget::MemoryBudget>,
     pub(crate) metrics: Arc<Metrics>,
@@ -78,18 +79,18 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         admission,
         plugin,
         handler,
-        settings,
+        limits: own_limits,
         hub,
         budget,
         metrics,
         shutdown,
     } = start;
-    let max_message = settings
-        .max_message_size
-        .map_or(config.max_message_size, clamp_usize);
-    let max_frame = settings
+    // Every limit is set: the host's defaults are the last source merged.
+    let limits = own_limits.over(config.limits);
+    let max_message = limits.max_message_size.map_or(usize::MAX, clamp_usize);
+    let max_frame = limits
         .max_frame_size
-        .map_or(config.max_frame_size, clamp_usize)
+        .map_or(usize::MAX, clamp_usize)
         .min(max_message);
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(config.read_buffer_size)
@@ -104,9 +105,7 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead)
     };
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
-    let max_send_queue = settings
-        .max_send_queue
-        .unwrap_or(config.max_send_queue as u64);
+    let max_send_queue = limits.max_send_queue.unwrap_or(u64::MAX);
     let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
     let conn = ConnShared::new(
         id,
@@ -134,7 +133,7 @@ async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Ar
         durations: Default::default(),
     };
     s.call("on_connect", |cb| cb.on_connect());
-    let timing = Timing::new(config, &settings);
+    let timing = Timing::new(config, &limits);
     let (code, reason) = s
         .read_loop(&mut ws, &mut out, &shutdown, timing, &partial)
         .await;
@@ -230,18 +229,15 @@ pub(crate) struct Timing {
 }
 
 impl Timing {
-    fn new(config: &Config, settings: &Settings) -> Self {
+    fn new(config: &Config, limits: &ConnLimits) -> Self {
         // A plugin's 101 may carry any number of milliseconds: bounded, so that no deadline
         // overflows the clock.
-        let ms = |v: Option<u64>, default: Duration| {
-            v.map_or(default, Duration::from_millis)
-                .min(crate::config::MAX_DURATION)
-        };
+        let bounded = |v: Option<Duration>| v.unwrap_or_default().min(crate::config::MAX_DURATION);
         let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Self {
-            ping_interval: nonzero(ms(settings.ping_interval_ms, config.ping_interval)),
-            pong_timeout: ms(settings.pong_timeout_ms, config.pong_timeout),
-            idle_timeout: nonzero(ms(settings.idle_timeout_ms, config.idle_timeout)),
+            ping_interval: nonzero(bounded(limits.ping_interval)),
+            pong_timeout: bounded(limits.pong_timeout),
+            idle_timeout: nonzero(bounded(limits.idle_timeout)),
             close_timeout: config.close_timeout,
             max_message_rate: config.max_message_rate,
             message_timeout: nonzero(config.message_timeout),
@@ -865,11 +861,11 @@ mod tests {
 
     #[test]
     fn a_plugins_timers_are_bounded_so_deadlines_never_overflow() {
-        let settings = Settings {
-            ping_interval_ms: Some(u64::MAX),
-            pong_timeout_ms: Some(u64::MAX),
-            idle_timeout_ms: Some(u64::MAX),
-            ..Settings::default()
+        let settings = ConnLimits {
+            ping_interval: Some(Duration::from_millis(u64::MAX)),
+            pong_timeout: Some(Duration::from_millis(u64::MAX)),
+            idle_timeout: Some(Duration::from_millis(u64::MAX)),
+            ..ConnLimits::default()
         };
         let t = Timing::new(&Config::default(), &settings);
         let max = crate::config::MAX_DURATION;

@@ -6,7 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::super::{RequestMap, Settings};
+use super::super::RequestMap;
+use crate::limits::ConnLimits;
 
 /// Bytes before a frame's body: length, kind, id.
 pub(crate) const HEADER: usize = 13;
@@ -121,7 +122,7 @@ pub(crate) struct AnswerMsg {
     pub(crate) body: Vec<u8>,
     /// The handler's token if the plugin accepted with callbacks.
     pub(crate) handler: Option<u64>,
-    pub(crate) settings: Settings,
+    pub(crate) limits: ConnLimits,
 }
 
 /// A callback that panicked.

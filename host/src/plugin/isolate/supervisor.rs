@@ -754,7 +754,7 @@ impl Supervisor {
                             bound: false,
                         })
                     }),
-                    settings: msg.settings,
+                    limits: msg.limits,
                 })
             }
             Ok(Err(_)) => {

@@ -461,7 +461,7 @@ impl Shared {
                     headers: std::mem::take(&mut answer.headers),
                     body: std::mem::take(&mut answer.body),
                     handler,
-                    settings: answer.settings,
+                    limits: answer.limits,
                 }
             }
         };
