@@ -36,6 +36,8 @@ pub(crate) mod retire;
 mod seam;
 
 pub(crate) use seam::{Callbacks, ConnOps, Handler, RequestMap, SessionConn};
+#[cfg(test)]
+pub(crate) use seam::{DynConn, FakeEvent, FakeHandler};
 pub mod watcher;
 
 /// How many plugin libraries this process has mapped; they are never unmapped.
@@ -397,6 +399,28 @@ impl LoadedPlugin {
             exec: None,
             limits,
             route_limits,
+            open_conns: AtomicU64::new(0),
+            shut_down: AtomicBool::new(false),
+        }
+    }
+
+    /// A generation with no code behind it, for in-process session tests (their handlers are
+    /// [`Handler::Fake`]).
+    #[cfg(test)]
+    pub(crate) fn fake(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            version: "0".into(),
+            routes: vec![format!("/{name}")],
+            api_version: plugin_api::API_VERSION.into(),
+            file: PathBuf::from(format!("lib{name}.so")),
+            generation: 1,
+            instance: None,
+            services: None,
+            remote: None,
+            exec: None,
+            limits: ConnLimits::default(),
+            route_limits: BTreeMap::new(),
             open_conns: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
         }

@@ -99,6 +99,36 @@ pub(crate) enum Handler {
     Inline(HandlerBox),
     /// A handler in a worker process.
     Remote(super::isolate::RemoteHandler),
+    /// A handler written in the test (in-process session tests).
+    #[cfg(test)]
+    Fake(FakeHandler),
+}
+
+/// What a fake handler is told (in-process session tests).
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum FakeEvent<'a> {
+    Connect,
+    Text(&'a str),
+    Binary(&'a [u8]),
+    Ping(&'a [u8]),
+    Pong(&'a [u8]),
+    Drain,
+    Error(&'a str),
+    Close(u16, &'a str),
+}
+
+/// A handler written in a test: every event, and the connection to act on.
+#[cfg(test)]
+pub(crate) struct FakeHandler(
+    pub(crate) Box<dyn FnMut(FakeEvent<'_>, &dyn DynConn) -> Result<(), String> + Send>,
+);
+
+#[cfg(test)]
+impl std::fmt::Debug for FakeHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FakeHandler")
+    }
 }
 
 impl std::fmt::Debug for Handler {
@@ -184,6 +214,15 @@ pub(crate) enum Callbacks {
     Inline(InlineCallbacks),
     /// Sent to the worker process.
     Remote(super::isolate::RemoteCallbacks),
+    /// A test's handler.
+    #[cfg(test)]
+    Fake(FakeHandler, Box<dyn DynConn>),
+}
+
+impl std::fmt::Debug for dyn DynConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynConn").field("id", &self.id()).finish()
+    }
 }
 
 impl Callbacks {
@@ -195,6 +234,17 @@ impl Callbacks {
                 h,
                 Box::new(Bound(conn)),
             )),
+            #[cfg(test)]
+            Handler::Fake(h) => Self::Fake(h, Box::new(Bound(conn))),
+        }
+    }
+
+    /// Tells a test's handler `event`.
+    #[cfg(test)]
+    fn fake(&mut self, event: FakeEvent<'_>) -> Result<(), String> {
+        match self {
+            Self::Fake(h, conn) => (h.0)(event, conn.as_ref()),
+            _ => Ok(()),
         }
     }
 
@@ -202,30 +252,40 @@ impl Callbacks {
         match self {
             Self::Inline(c) => c.on_connect(),
             Self::Remote(r) => r.event(proto::CONNECT, &[]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Connect),
         }
     }
     pub(crate) fn on_text(&mut self, text: &str) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_text(text),
             Self::Remote(r) => r.event(proto::TEXT, &[text.as_bytes()]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Text(text)),
         }
     }
     pub(crate) fn on_binary(&mut self, data: &[u8]) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_binary(data),
             Self::Remote(r) => r.event(proto::BINARY, &[data]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Binary(data)),
         }
     }
     pub(crate) fn on_ping(&mut self, payload: &[u8]) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_ping(payload),
             Self::Remote(r) => r.event(proto::PING, &[payload]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Ping(payload)),
         }
     }
     pub(crate) fn on_pong(&mut self, payload: &[u8]) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_pong(payload),
             Self::Remote(r) => r.event(proto::PONG, &[payload]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Pong(payload)),
         }
     }
     /// In a worker, `on_drain` follows the worker's own refusals (its credit), not this.
@@ -233,18 +293,24 @@ impl Callbacks {
         match self {
             Self::Inline(c) => c.on_drain(),
             Self::Remote(_) => Ok(()),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Drain),
         }
     }
     pub(crate) fn on_error(&mut self, error: &str) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_error(error),
             Self::Remote(r) => r.event(proto::ERROR, &[error.as_bytes()]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Error(error)),
         }
     }
     pub(crate) fn on_close(&mut self, code: u16, reason: &str) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_close(code, reason),
             Self::Remote(r) => r.event(proto::CLOSE, &[&proto::close_body(code, reason)]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Close(code, reason)),
         }
     }
 }

@@ -86,7 +86,7 @@ pub(crate) struct ConnShared {
     /// The plugin paused reading (`Conn::pause`).
     paused: AtomicBool,
     channels: Mutex<Vec<String>>,
-    started: std::time::Instant,
+    started: tokio::time::Instant,
     /// When the session last sent a data message, in milliseconds since `started`.
     last_out_ms: AtomicU64,
     /// The plugin failed the connection: 1 a callback panicked, 2 its worker process died.
@@ -133,7 +133,7 @@ impl ConnShared {
             closing: AtomicBool::new(false),
             paused: AtomicBool::new(false),
             channels: Mutex::new(Vec::new()),
-            started: std::time::Instant::now(),
+            started: tokio::time::Instant::now(),
             last_out_ms: AtomicU64::new(0),
             failed: AtomicU8::new(0),
             on_empty: std::sync::OnceLock::new(),
@@ -290,7 +290,7 @@ impl ConnShared {
     }
 
     /// When the session task last sent a data message (the connection's start if never).
-    pub(crate) fn last_data_out(&self) -> std::time::Instant {
+    pub(crate) fn last_data_out(&self) -> tokio::time::Instant {
         self.started + std::time::Duration::from_millis(self.last_out_ms.load(Ordering::Relaxed))
     }
 

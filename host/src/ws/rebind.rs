@@ -102,6 +102,9 @@ pub(crate) enum SessionIo {
     Tls(Box<tokio_rustls::server::TlsStream<Rebind>>),
     /// Anything else, left where it is.
     Other(TokioIo<Upgraded>),
+    /// One end of an in-memory pipe (in-process session tests).
+    #[cfg(test)]
+    Test(tokio::io::DuplexStream),
 }
 
 impl SessionIo {
@@ -150,6 +153,8 @@ impl AsyncRead for SessionIo {
             SessionIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             SessionIo::Other(s) => Pin::new(s).poll_read(cx, buf),
+            #[cfg(test)]
+            SessionIo::Test(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -164,6 +169,8 @@ impl AsyncWrite for SessionIo {
             SessionIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             SessionIo::Other(s) => Pin::new(s).poll_write(cx, buf),
+            #[cfg(test)]
+            SessionIo::Test(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -172,6 +179,8 @@ impl AsyncWrite for SessionIo {
             SessionIo::Tcp(s) => Pin::new(s).poll_flush(cx),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             SessionIo::Other(s) => Pin::new(s).poll_flush(cx),
+            #[cfg(test)]
+            SessionIo::Test(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -180,6 +189,8 @@ impl AsyncWrite for SessionIo {
             SessionIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             SessionIo::Other(s) => Pin::new(s).poll_shutdown(cx),
+            #[cfg(test)]
+            SessionIo::Test(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 
@@ -192,6 +203,8 @@ impl AsyncWrite for SessionIo {
             SessionIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             SessionIo::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            #[cfg(test)]
+            SessionIo::Test(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -200,6 +213,8 @@ impl AsyncWrite for SessionIo {
             SessionIo::Tcp(s) => s.is_write_vectored(),
             SessionIo::Tls(s) => s.is_write_vectored(),
             SessionIo::Other(s) => s.is_write_vectored(),
+            #[cfg(test)]
+            SessionIo::Test(s) => s.is_write_vectored(),
         }
     }
 }
