@@ -640,7 +640,11 @@ impl Session {
         f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
     ) {
         self.conn.set_in_callback(true);
-        crate::plugin::exec::enter(crate::plugin::exec::call_index(name), self.conn.id, started.into_std());
+        crate::plugin::exec::enter(
+            crate::plugin::exec::call_index(name),
+            self.conn.id,
+            started.into_std(),
+        );
         let result = f(&mut self.callbacks);
         crate::plugin::exec::leave();
         self.conn.set_in_callback(false);
@@ -938,8 +942,12 @@ mod in_process {
             seen.lock().unwrap().push(match event {
                 FakeEvent::Connect => "connect".to_owned(),
                 FakeEvent::Text(t) => format!("text {t}"),
+                FakeEvent::Binary(b) => format!("binary {}", b.len()),
+                FakeEvent::Ping(p) => format!("ping {}", p.len()),
+                FakeEvent::Pong(p) => format!("pong {}", p.len()),
+                FakeEvent::Error(e) => format!("error {e}"),
+                FakeEvent::Drain => "drain".to_owned(),
                 FakeEvent::Close(code, reason) => format!("close {code} {reason}"),
-                other => format!("{other:?}"),
             });
             reply(event, conn);
             Ok(())
