@@ -376,7 +376,7 @@ impl Session {
         let timer = tokio::time::sleep(far);
         tokio::pin!(timer);
         let mut wake = self.next_wake(&timing, next_ping, awaiting_pong, last_data_in, far);
-        timer.as_mut().reset(wake.into());
+        timer.as_mut().reset(wake);
         // Made once, not per message: a waiting cancellation future takes a lock to register and
         // another to leave.
         let cancelled = shutdown.cancelled();
@@ -401,7 +401,7 @@ impl Session {
                 close_deadline = Some(Instant::now() + timing.close_timeout);
                 if close_deadline < Some(wake) {
                     wake = close_deadline.unwrap_or(wake);
-                    timer.as_mut().reset(wake.into());
+                    timer.as_mut().reset(wake);
                 }
             }
             // Biased, I/O first: while messages are ready nothing else is polled (the timer and
@@ -446,7 +446,7 @@ impl Session {
                                 close_deadline = Some(d);
                                 if d < wake {
                                     wake = d;
-                                    timer.as_mut().reset(wake.into());
+                                    timer.as_mut().reset(wake);
                                 }
                             }
                         }
@@ -507,7 +507,7 @@ impl Session {
                     if let Some(d) = close_deadline {
                         wake = wake.min(d);
                     }
-                    timer.as_mut().reset(wake.into());
+                    timer.as_mut().reset(wake);
                 }
             }
         }
