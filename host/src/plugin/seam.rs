@@ -120,9 +120,11 @@ pub(crate) enum FakeEvent<'a> {
 
 /// A handler written in a test: every event, and the connection to act on.
 #[cfg(test)]
-pub(crate) struct FakeHandler(
-    pub(crate) Box<dyn FnMut(FakeEvent<'_>, &dyn DynConn) -> Result<(), String> + Send>,
-);
+pub(crate) struct FakeHandler(pub(crate) Box<FakeFn>);
+
+/// What a fake handler runs for each event.
+#[cfg(test)]
+pub(crate) type FakeFn = dyn FnMut(FakeEvent<'_>, &dyn DynConn) -> Result<(), String> + Send;
 
 #[cfg(test)]
 impl std::fmt::Debug for FakeHandler {
