@@ -320,51 +320,40 @@ impl Collector for PluginCollector {
             }
         }
         let workers = crate::plugin::isolate::all_stats();
-        {
-            let mut family = encoder.encode_descriptor(
+        type WorkerField = fn(&crate::plugin::isolate::WorkerStats) -> f64;
+        let per_worker: [(&str, &str, MetricType, WorkerField); 3] = [
+            (
                 "plugin_restarts",
                 "Worker processes started after one died, per process-isolated plugin generation",
-                None,
                 MetricType::Counter,
-            )?;
-            for w in &workers {
-                let labels = vec![
-                    ("plugin", w.plugin.clone()),
-                    ("generation", w.generation.to_string()),
-                ];
-                ConstCounter::new(w.restarts).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
+                |w| w.restarts as f64,
+            ),
+            (
                 "plugin_rss_bytes",
                 "Resident memory of a process-isolated plugin's worker",
-                None,
                 MetricType::Gauge,
-            )?;
-            for w in &workers {
-                let labels = vec![
-                    ("plugin", w.plugin.clone()),
-                    ("generation", w.generation.to_string()),
-                ];
-                ConstGauge::new(i64::try_from(w.rss_bytes).unwrap_or(i64::MAX))
-                    .encode(family.encode_family(&labels)?)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
+                |w| w.rss_bytes as f64,
+            ),
+            (
                 "plugin_cpu_seconds",
                 "CPU time (user and system) of a process-isolated plugin's workers, dead ones \
                  included",
-                None,
                 MetricType::Counter,
-            )?;
+                |w| w.cpu_seconds,
+            ),
+        ];
+        for (name, help, kind, field) in per_worker {
+            let mut family = encoder.encode_descriptor(name, help, None, kind)?;
             for w in &workers {
                 let labels = vec![
                     ("plugin", w.plugin.clone()),
                     ("generation", w.generation.to_string()),
                 ];
-                ConstCounter::new(w.cpu_seconds).encode(family.encode_family(&labels)?)?;
+                let sample = family.encode_family(&labels)?;
+                match kind {
+                    MetricType::Counter => ConstCounter::new(field(w)).encode(sample)?,
+                    _ => ConstGauge::new(field(w)).encode(sample)?,
+                }
             }
         }
         let (ok, refused) = self.registry.load_counts();

@@ -27,6 +27,8 @@ pub(crate) const CALLS: &[&str] = &[
     "on_error",
     "on_close",
     "drop",
+    "create",
+    "shutdown",
 ];
 
 /// The index of `call` in [`CALLS`] (0 if unknown).
@@ -43,6 +45,8 @@ pub(crate) fn call_index(call: &str) -> u8 {
         "on_error" => 9,
         "on_close" => 10,
         "drop" => 11,
+        "create" => 12,
+        "shutdown" => 13,
         _ => 0,
     }
 }

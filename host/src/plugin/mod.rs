@@ -622,6 +622,14 @@ pub(crate) fn check_mounts(name: &str, file: &Path, routes: &[String]) -> Result
     Ok(())
 }
 
+/// A plugin's config table as its `Host::config` returns it.
+pub(crate) fn config_table(config: &[(String, String)]) -> RVec<Tuple2<RString, RString>> {
+    config
+        .iter()
+        .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
+        .collect()
+}
+
 fn valid_route(r: &str) -> bool {
     r.starts_with('/') && (r == "/" || !r.ends_with('/')) && !r.contains(['?', '#'])
 }
@@ -757,11 +765,7 @@ impl HostFfi for HostServices {
     }
 
     fn config(&self) -> RVec<Tuple2<RString, RString>> {
-        self.0
-            .config
-            .iter()
-            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
-            .collect()
+        config_table(&self.0.config)
     }
 
     fn publish_text(&self, channel: RStr<'_>, text: RStr<'_>) -> u64 {

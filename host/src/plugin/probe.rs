@@ -126,9 +126,11 @@ impl Probe {
     }
 }
 
-fn signal_name(sig: i32) -> &'static str {
+/// The name of signal `sig`, for the ones a crashing plugin dies of.
+pub(crate) fn signal_name(sig: i32) -> &'static str {
     match sig {
         4 => "SIGILL",
+        6 => "SIGABRT",
         7 => "SIGBUS",
         8 => "SIGFPE",
         9 => "SIGKILL",

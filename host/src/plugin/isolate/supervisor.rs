@@ -413,22 +413,12 @@ fn read_frame_blocking_id(
 /// How a worker ended, in words.
 pub(crate) fn describe(status: std::process::ExitStatus) -> String {
     match (status.signal(), status.code()) {
-        (Some(sig), _) => format!("was killed by signal {sig} ({})", signal_name(sig)),
+        (Some(sig), _) => format!(
+            "was killed by signal {sig} ({})",
+            super::super::probe::signal_name(sig)
+        ),
         (None, Some(code)) => format!("exited with code {code}"),
         _ => format!("ended ({status})"),
-    }
-}
-
-fn signal_name(sig: i32) -> &'static str {
-    match sig {
-        4 => "SIGILL",
-        6 => "SIGABRT",
-        7 => "SIGBUS",
-        8 => "SIGFPE",
-        9 => "SIGKILL",
-        11 => "SIGSEGV",
-        15 => "SIGTERM",
-        _ => "signal",
     }
 }
 

@@ -692,11 +692,7 @@ impl HostFfi for WorkerHost {
         level <= self.0.log_level
     }
     fn config(&self) -> RVec<Tuple2<RString, RString>> {
-        self.0
-            .config
-            .iter()
-            .map(|(k, v)| Tuple2(RString::from(k.as_str()), RString::from(v.as_str())))
-            .collect()
+        super::super::config_table(&self.0.config)
     }
     fn publish_text(&self, channel: RStr<'_>, text: RStr<'_>) -> u64 {
         self.publish(false, channel.as_str(), text.as_str().as_bytes())
@@ -807,27 +803,7 @@ thread_local! {
     static SLOT: std::cell::OnceCell<Arc<Slot>> = const { std::cell::OnceCell::new() };
 }
 
-/// Names of the calls a slot can hold (by index).
-const CALLS: &[&str] = &[
-    "",
-    "create",
-    "shutdown",
-    "upgrade",
-    "request",
-    "on_connect",
-    "on_text",
-    "on_binary",
-    "on_ping",
-    "on_pong",
-    "on_error",
-    "on_drain",
-    "on_close",
-    "drop",
-];
-
-fn call_index(name: &str) -> u8 {
-    CALLS.iter().position(|c| *c == name).unwrap_or(0) as u8
-}
+use crate::plugin::exec::{call_index, CALLS};
 
 /// A running call; it leaves its slot when dropped.
 struct Running<'a> {
