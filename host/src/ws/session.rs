@@ -125,7 +125,7 @@ async fn serve(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &C
     );
     let callbacks = crate::plugin::Callbacks::new(handler, Arc::clone(&conn));
     let mut ws = ws;
-    let mut out = Out::default();
+    let mut out = Writer::default();
 
     tracing::debug!("connection open");
     plugin.connection_opened();
@@ -358,7 +358,7 @@ impl Session {
     async fn read_loop(
         &mut self,
         ws: &mut Ws,
-        out: &mut Out,
+        out: &mut Writer,
         shutdown: &CancellationToken,
         timing: Timing,
         partial: &Partial,
@@ -411,14 +411,14 @@ impl Session {
             tokio::select! {
                 biased;
                 item = std::future::poll_fn(|cx| out.poll_io(cx, ws, &conn, &self.metrics)) => match item {
-                    Io::End => break,
-                    Io::Flags => {}
-                    Io::WriteFailed => {
+                    IoEvent::End => break,
+                    IoEvent::Flags => {}
+                    IoEvent::WriteFailed => {
                         conn.peer_closed();
                         tracing::debug!("write failed; the connection is gone");
                         break;
                     }
-                    Io::Read(Ok(msg)) => {
+                    IoEvent::Read(Ok(msg)) => {
                     partial.delivered();
                     match msg {
                         Message::Text(t) => {
@@ -452,7 +452,7 @@ impl Session {
                         }
                         Message::Frame(_) => {}
                     }},
-                    Io::Read(Err(e)) => {
+                    IoEvent::Read(Err(e)) => {
                         self.read_error(e);
                         break;
                     }
@@ -681,7 +681,7 @@ fn is_data(m: &Message) -> bool {
 }
 
 /// What a socket event was.
-enum Io {
+enum IoEvent {
     Read(Result<Message, WsError>),
     /// The peer's side is over (after the close handshake, or the TCP connection ended).
     End,
@@ -694,7 +694,7 @@ enum Io {
 /// The writing side of a session: frames taken from the connection's queue, fed to the socket
 /// and flushed.
 #[derive(Default)]
-struct Out {
+struct Writer {
     /// Frames taken from the shared queue, not yet fed.
     local: super::conn::Queue,
     /// Queued bytes fed since the last flush (released from the send queue once flushed).
@@ -710,7 +710,7 @@ struct Out {
     counts: Counts,
 }
 
-impl Out {
+impl Writer {
     /// Feeds queued frames while the socket takes them.
     fn feed(&mut self, cx: &mut Context<'_>, ws: &mut Ws, conn: &ConnShared) -> Result<(), ()> {
         while !self.close_fed && self.fed < MAX_BATCH {
@@ -777,16 +777,16 @@ impl Out {
         ws: &mut Ws,
         conn: &ConnShared,
         metrics: &Metrics,
-    ) -> Poll<Io> {
+    ) -> Poll<IoEvent> {
         conn.register(cx.waker());
         if conn.has_flags() {
-            return Poll::Ready(Io::Flags);
+            return Poll::Ready(IoEvent::Flags);
         }
         // A few rounds of feed, read, flush; if there is still work after them, yield to the
         // other connections and come back.
         for _ in 0..4 {
             if self.feed(cx, ws, conn).is_err() {
-                return Poll::Ready(Io::WriteFailed);
+                return Poll::Ready(IoEvent::WriteFailed);
             }
             let paused = conn.is_paused();
             let read_polled = !paused && (self.reads < MAX_READS_BEFORE_FLUSH || !self.dirty);
@@ -794,9 +794,9 @@ impl Out {
                 match ws.poll_next_unpin(cx) {
                     Poll::Ready(Some(msg)) => {
                         self.reads += 1;
-                        return Poll::Ready(Io::Read(msg));
+                        return Poll::Ready(IoEvent::Read(msg));
                     }
-                    Poll::Ready(None) => return Poll::Ready(Io::End),
+                    Poll::Ready(None) => return Poll::Ready(IoEvent::End),
                     Poll::Pending => {}
                 }
             }
@@ -807,13 +807,13 @@ impl Out {
                     let more = !self.close_fed && (!self.local.is_empty() || conn.has_queued());
                     if conn.has_flags() {
                         // The flush emptied a queue a refused send waits on: `on_drain` now.
-                        return Poll::Ready(Io::Flags);
+                        return Poll::Ready(IoEvent::Flags);
                     }
                     if (read_polled || paused) && !more {
                         return Poll::Pending;
                     }
                 }
-                Poll::Ready(Err(())) => return Poll::Ready(Io::WriteFailed),
+                Poll::Ready(Err(())) => return Poll::Ready(IoEvent::WriteFailed),
                 Poll::Pending => return Poll::Pending,
             }
         }

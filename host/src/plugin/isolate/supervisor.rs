@@ -95,7 +95,7 @@ pub(crate) struct Supervisor {
     memory_limit: Option<u64>,
     hub: Arc<Hub>,
     rt: tokio::runtime::Handle,
-    current: tokio::sync::watch::Sender<Option<Arc<Link>>>,
+    current: tokio::sync::watch::Sender<Option<Arc<WorkerLink>>>,
     restarts: AtomicU64,
     /// No more restarts: the generation is being retired.
     stopped: AtomicBool,
@@ -601,7 +601,7 @@ impl Supervisor {
         stream: std::os::unix::net::UnixStream,
         pid: u32,
         dead: std::sync::mpsc::Sender<()>,
-    ) -> Option<Arc<Link>> {
+    ) -> Option<Arc<WorkerLink>> {
         let _guard = self.rt.enter();
         let stream = stream
             .set_nonblocking(true)
@@ -614,7 +614,7 @@ impl Supervisor {
             }
         };
         let (read, write) = stream.into_split();
-        let link = Arc::new(Link {
+        let link = Arc::new(WorkerLink {
             plugin: self.name.clone(),
             generation: self.generation,
             pid,
@@ -639,7 +639,7 @@ impl Supervisor {
         child: &mut std::process::Child,
         pid: u32,
         dead: &std::sync::mpsc::Receiver<()>,
-        link: Option<&Arc<Link>>,
+        link: Option<&Arc<WorkerLink>>,
     ) -> (Option<std::process::ExitStatus>, Option<String>) {
         let mut why = None;
         let mut stop_deadline: Option<Instant> = None;
@@ -820,7 +820,7 @@ fn sample(pid: u32) -> (u64, u64) {
 /// One live worker process: its socket's two directions, the decisions it owes, and the
 /// connections whose handlers it holds.
 #[derive(Debug)]
-pub(crate) struct Link {
+pub(crate) struct WorkerLink {
     plugin: String,
     generation: u64,
     pid: u32,
@@ -867,7 +867,7 @@ impl RemoteConn {
     }
 }
 
-impl Link {
+impl WorkerLink {
     /// The worker is gone: decisions it owed fail, its connections close with 1011. Returns
     /// how many connections it had.
     fn die(&self) -> usize {
@@ -1090,7 +1090,7 @@ impl Link {
 
 /// Reads the worker's frames until its socket closes.
 async fn reader(
-    link: Arc<Link>,
+    link: Arc<WorkerLink>,
     mut read: tokio::net::unix::OwnedReadHalf,
     dead: std::sync::mpsc::Sender<()>,
 ) {
@@ -1195,7 +1195,7 @@ pub(crate) async fn writer(out: Arc<Outbox>, mut write: tokio::net::unix::OwnedW
 /// An accepted handler that lives in a worker, until a connection binds it.
 #[derive(Debug)]
 pub(crate) struct RemoteHandler {
-    link: Arc<Link>,
+    link: Arc<WorkerLink>,
     token: u64,
     bound: bool,
 }
@@ -1212,7 +1212,7 @@ impl Drop for RemoteHandler {
 /// once; a panic in the worker comes back as a failure of the connection.
 #[derive(Debug)]
 pub(crate) struct RemoteCallbacks {
-    link: Arc<Link>,
+    link: Arc<WorkerLink>,
     id: u64,
 }
 
