@@ -113,6 +113,10 @@ crate-type = ["cdylib", "rlib"]
 [dependencies]
 plugin-api = { path = "{api}" }
 
+[dev-dependencies]
+# The test kit: a test host, connection and request for the unit tests (src/lib.rs).
+plugin-api = { path = "{api}", features = ["testkit"] }
+
 # Keep the default panic = "unwind": the host refuses plugins built with panic = "abort",
 # whose panics it could not contain.
 
@@ -183,10 +187,31 @@ export_plugin!({Type});
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plugin_api::testkit::{Sent, TestConn, TestHost, TestRequest};
 
     #[test]
-    fn replies_with_the_message() {
-        assert_eq!(reply("hello"), "hello");
+    fn accepts_and_echoes() {
+        let host = TestHost::new();
+        let plugin = {Type}::new(host.host()).unwrap();
+        assert!(host.logged("started"));
+        let answer = TestRequest::upgrade("/{name}").decide(|r| plugin.upgrade(r));
+        assert_eq!(answer.status(), 101);
+        let mut handler = answer.handler().unwrap();
+        let conn = TestConn::new(1);
+        handler.on_text(&conn, "hello").unwrap();
+        handler.on_binary(&conn, b"bytes").unwrap();
+        assert_eq!(
+            conn.sent(),
+            [Sent::Text("hello".into()), Sent::Binary(b"bytes".to_vec())]
+        );
+    }
+
+    #[test]
+    fn answers_plain_requests() {
+        let plugin = {Type}::new(TestHost::new().host()).unwrap();
+        let answer = TestRequest::plain("GET", "/{name}").decide(|r| plugin.request(r));
+        assert_eq!(answer.status(), 200);
+        assert!(answer.text().contains("{name}"));
     }
 }
 "#;

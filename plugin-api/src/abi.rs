@@ -528,6 +528,12 @@ impl Conn {
         unsafe { &*(handle as *const ConnHandle as *const Conn) }
     }
 
+    /// A `Conn` over `handle` (the test kit's connections).
+    #[cfg(feature = "testkit")]
+    pub(crate) fn from_handle(handle: ConnHandle) -> Conn {
+        Conn(handle)
+    }
+
     pub(crate) fn handle(&self) -> &ConnHandle {
         &self.0
     }

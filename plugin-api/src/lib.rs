@@ -91,6 +91,8 @@ use abi_stable::std_types::{RSlice, RStr, RString, RVec, Tuple2};
 )]
 #[doc(hidden)]
 pub mod abi;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use abi::{Conn, API_VERSION};
 
@@ -824,8 +826,9 @@ macro_rules! export_plugin {
 }
 
 /// The plugin guide (`docs/plugin-guide.md`), included only when doc tests run, so that every
-/// code block in it is compiled and run as one.
-#[cfg(doctest)]
+/// code block in it is compiled and run as one (with the test kit: `cargo test --workspace`
+/// enables it through the example plugins' dev-dependencies).
+#[cfg(all(doctest, feature = "testkit"))]
 #[doc = include_str!("../../docs/plugin-guide.md")]
 pub struct PluginGuide;
 

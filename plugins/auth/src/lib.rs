@@ -154,4 +154,35 @@ mod tests {
         assert!(check(&tokens, Duration::ZERO, "a"));
         assert!(!check(&tokens, Duration::ZERO, "c"));
     }
+
+    use plugin_api::testkit::{TestConn, TestHost, TestRequest};
+
+    fn auth() -> Auth {
+        let host = TestHost::new()
+            .config("tokens", "letmein,other")
+            .config("lookup_ms", "1");
+        Auth::new(host.host()).unwrap()
+    }
+
+    #[test]
+    fn a_known_token_is_accepted_after_the_deferred_lookup() {
+        let auth = auth();
+        let answer = TestRequest::upgrade("/auth?token=letmein").decide(|r| auth.upgrade(r));
+        assert_eq!(answer.status(), 101);
+        let mut handler = answer.handler().unwrap();
+        let conn = TestConn::new(1);
+        handler.on_text(&conn, "ping").unwrap();
+        assert_eq!(conn.texts(), ["ping"]);
+        auth.shutdown();
+    }
+
+    #[test]
+    fn an_unknown_or_missing_token_is_refused() {
+        let auth = auth();
+        let answer = TestRequest::upgrade("/auth?token=nope").decide(|r| auth.upgrade(r));
+        assert_eq!(answer.status(), 403);
+        let answer = TestRequest::upgrade("/auth").decide(|r| auth.upgrade(r));
+        assert_ne!(answer.status(), 101);
+        auth.shutdown();
+    }
 }

@@ -144,6 +144,55 @@ export_plugin!(Chat);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plugin_api::testkit::{TestConn, TestHost, TestRequest};
+
+    #[test]
+    fn a_member_joins_speaks_and_leaves_through_the_rooms_channel() {
+        let host = TestHost::new();
+        let chat = Chat::new(host.host()).unwrap();
+        let answer = TestRequest::upgrade("/chat/lobby?name=Ann").decide(|r| chat.upgrade(r));
+        assert_eq!(answer.status(), 101);
+        let mut ann = answer.handler().unwrap();
+        let conn = TestConn::new(1);
+        ann.on_connect(&conn).unwrap();
+        assert_eq!(conn.channels(), ["lobby"]);
+        ann.on_text(&conn, "hi").unwrap();
+        ann.on_close(&conn, 1000, "").unwrap();
+        let lines: Vec<_> = host
+            .published()
+            .into_iter()
+            .map(|p| (p.channel, p.message))
+            .collect();
+        use plugin_api::testkit::Sent::Text;
+        assert_eq!(
+            lines,
+            [
+                ("lobby".to_owned(), Text("* Ann joined".into())),
+                ("lobby".to_owned(), Text("Ann: hi".into())),
+                ("lobby".to_owned(), Text("* Ann left".into())),
+            ]
+        );
+        // A later member gets the room's recent history first.
+        let mut bob = TestRequest::upgrade("/chat/lobby?name=Bob")
+            .decide(|r| chat.upgrade(r))
+            .handler()
+            .unwrap();
+        let bob_conn = TestConn::new(2);
+        bob.on_connect(&bob_conn).unwrap();
+        assert_eq!(bob_conn.texts(), ["* Ann joined", "Ann: hi", "* Ann left"]);
+    }
+
+    #[test]
+    fn bad_rooms_and_names_are_refused_with_400() {
+        let chat = Chat::new(TestHost::new().host()).unwrap();
+        for uri in ["/chat/?name=Ann", "/chat/lobby", "/chat/a%20b?name=Ann"] {
+            let answer = TestRequest::upgrade(uri).decide(|r| chat.upgrade(r));
+            assert_eq!(answer.status(), 400, "{uri}: {}", answer.text());
+        }
+        let page = TestRequest::plain("GET", "/chat/").decide(|r| chat.request(r));
+        assert_eq!(page.status(), 200);
+        assert!(page.text().contains("<html"));
+    }
 
     #[test]
     fn rooms() {

@@ -42,3 +42,41 @@ impl Handler for EchoConn {
 }
 
 export_plugin!(Echo);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_api::testkit::{Sent, TestConn, TestHost, TestRequest};
+
+    #[test]
+    fn echoes_text_and_binary_and_picks_the_first_subprotocol() {
+        let echo = Echo::new(TestHost::new().host()).unwrap();
+        let answer = TestRequest::upgrade("/echo")
+            .subprotocol("v2")
+            .subprotocol("v1")
+            .decide(|r| echo.upgrade(r));
+        assert_eq!(answer.status(), 101);
+        assert_eq!(answer.header("sec-websocket-protocol"), Some("v2"));
+        let mut handler = answer.handler().unwrap();
+        let conn = TestConn::new(7);
+        handler.on_text(&conn, "hello").unwrap();
+        handler.on_binary(&conn, &[1, 2, 3]).unwrap();
+        assert_eq!(
+            conn.sent(),
+            [Sent::Text("hello".into()), Sent::Binary(vec![1, 2, 3])]
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_echo_without_a_panic() {
+        let echo = Echo::new(TestHost::new().host()).unwrap();
+        let mut handler = TestRequest::upgrade("/echo")
+            .decide(|r| echo.upgrade(r))
+            .handler()
+            .unwrap();
+        let conn = TestConn::new(1);
+        conn.set_queue_full(true);
+        handler.on_text(&conn, "lost").unwrap();
+        assert!(conn.sent().is_empty());
+    }
+}

@@ -113,3 +113,50 @@ impl Handler for Watcher {
 }
 
 export_plugin!(Kv);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_api::testkit::{TestConn, TestHost, TestRequest};
+
+    #[test]
+    fn put_get_delete_and_watchers_hear_the_changes() {
+        let host = TestHost::new();
+        let kv = Kv::new(host.host()).unwrap();
+        let put = TestRequest::plain("PUT", "/kv/color")
+            .body(br#""blue""#)
+            .decide(|r| kv.request(r));
+        assert_eq!(put.status(), 200);
+        let get = TestRequest::plain("GET", "/kv/color").decide(|r| kv.request(r));
+        assert_eq!(get.status(), 200);
+        assert!(get.text().contains("blue"), "{}", get.text());
+        assert_eq!(
+            TestRequest::plain("PUT", "/kv/x")
+                .body(b"not json")
+                .decide(|r| kv.request(r))
+                .status(),
+            400
+        );
+        assert_eq!(
+            TestRequest::plain("DELETE", "/kv/color")
+                .decide(|r| kv.request(r))
+                .status(),
+            204
+        );
+        assert_eq!(
+            TestRequest::plain("GET", "/kv/color")
+                .decide(|r| kv.request(r))
+                .status(),
+            404
+        );
+        // The changes went to the watchers' channel.
+        assert_eq!(host.published().len(), 2);
+        let mut watcher = TestRequest::upgrade("/kv")
+            .decide(|r| kv.upgrade(r))
+            .handler()
+            .unwrap();
+        let conn = TestConn::new(1);
+        watcher.on_connect(&conn).unwrap();
+        assert_eq!(conn.channels(), [CHANGES]);
+    }
+}

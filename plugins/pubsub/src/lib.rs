@@ -75,6 +75,31 @@ export_plugin!(PubSub);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use plugin_api::testkit::{Sent, TestConn, TestHost, TestRequest};
+
+    #[test]
+    fn members_subscribe_and_publish_to_their_channel() {
+        let host = TestHost::new();
+        let plugin = PubSub::new(host.host()).unwrap();
+        let mut member = TestRequest::upgrade("/pubsub/prices")
+            .decide(|r| plugin.upgrade(r))
+            .handler()
+            .unwrap();
+        let conn = TestConn::new(1);
+        member.on_connect(&conn).unwrap();
+        assert_eq!(conn.channels(), ["prices"]);
+        member.on_text(&conn, "42").unwrap();
+        assert_eq!(host.published()[0].channel, "prices");
+        assert_eq!(host.published()[0].message, Sent::Text("42".into()));
+        // ?subscribe=0: a publisher only.
+        let mut publisher = TestRequest::upgrade("/pubsub/prices?subscribe=0")
+            .decide(|r| plugin.upgrade(r))
+            .handler()
+            .unwrap();
+        let pconn = TestConn::new(2);
+        publisher.on_connect(&pconn).unwrap();
+        assert!(pconn.channels().is_empty());
+    }
 
     #[test]
     fn channels() {

@@ -115,3 +115,38 @@ impl Handler for Listener {
 }
 
 export_plugin!(Ticker);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plugin_api::testkit::{TestConn, TestHost, TestRequest};
+
+    #[test]
+    fn listeners_get_ticks_and_shutdown_stops_the_thread() {
+        let host = TestHost::new().config("interval_ms", "5");
+        let ticker = Ticker::new(host.host()).unwrap();
+        let mut listener = TestRequest::upgrade("/ticker")
+            .decide(|r| ticker.upgrade(r))
+            .handler()
+            .unwrap();
+        let conn = TestConn::new(1);
+        listener.on_connect(&conn).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while conn.texts().len() < 2 {
+            assert!(std::time::Instant::now() < deadline, "no ticks");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(conn.texts()[0].starts_with("tick "));
+        ticker.shutdown();
+        assert!(
+            ticker.thread.lock().unwrap().is_none(),
+            "the thread was joined"
+        );
+    }
+
+    #[test]
+    fn a_bad_interval_refuses_the_plugin() {
+        let host = TestHost::new().config("interval_ms", "soon");
+        assert!(Ticker::new(host.host()).is_err());
+    }
+}
