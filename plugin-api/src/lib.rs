@@ -292,6 +292,22 @@ impl fmt::Debug for Conn {
     }
 }
 
+/// Two handles are equal when they are handles of the same connection (its [`Conn::id`]), so a
+/// `Conn` can key a `HashMap` or sit in a `HashSet` of members.
+impl PartialEq for Conn {
+    fn eq(&self, other: &Self) -> bool {
+        self.id() == other.id()
+    }
+}
+
+impl Eq for Conn {}
+
+impl std::hash::Hash for Conn {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id().hash(state);
+    }
+}
+
 // ----------------------------------------------------------------------------------------------
 // Host services.
 

@@ -711,3 +711,34 @@ impl TestHandler {
         done(self.0.on_close(&conn.handle, code, RStr::from_str(reason)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conns_are_equal_and_hash_alike_by_connection() {
+        let a = TestConn::new(1);
+        let b = TestConn::new(2);
+        let mut members = std::collections::HashSet::new();
+        members.insert(a.conn());
+        members.insert(a.conn());
+        members.insert(b.conn());
+        assert_eq!(members.len(), 2);
+        assert_eq!(a.conn(), a.clone().conn());
+        assert_ne!(a.conn(), b.conn());
+    }
+
+    #[test]
+    fn a_closed_connection_refuses_sends_and_a_full_one_until_it_drains() {
+        let conn = TestConn::new(1);
+        conn.set_queue_full(true);
+        assert_eq!(conn.conn().send_text("x"), Err(SendError::QueueFull));
+        conn.set_queue_full(false);
+        assert_eq!(conn.conn().send_text("y"), Ok(()));
+        assert_eq!(conn.conn().close(1000, "bye"), Ok(()));
+        assert_eq!(conn.conn().send_text("z"), Err(SendError::Closed));
+        assert_eq!(conn.closed(), Some((1000, "bye".into())));
+        assert_eq!(conn.texts(), ["y"]);
+    }
+}
