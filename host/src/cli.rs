@@ -299,6 +299,11 @@ pub struct ServeArgs {
     /// plugin's.
     #[arg(long, env = "WSHOST_CALLBACK_TIMEOUT", default_value = "30s", value_parser = duration)]
     pub callback_timeout: Duration,
+    /// After a reload replaced a plugin, close the old generation's remaining connections with
+    /// 1012 (Service Restart) this long after, so clients reconnect to the new build; "0s"
+    /// never (they stay on the old build until they close).
+    #[arg(long, env = "WSHOST_REPLACED_GRACE", default_value = "0s", value_parser = duration)]
+    pub replaced_grace: Duration,
 }
 
 /// Where the admin endpoint listens, if anywhere.
@@ -392,6 +397,7 @@ impl ServeArgs {
             max_plugin_size: self.max_plugin_size,
             plugin_workers: self.plugin_workers,
             decision_timeout: self.decision_timeout,
+            replaced_grace: self.replaced_grace,
             isolation: crate::plugin::isolate::IsolationConfig {
                 process: self.isolation == "process",
                 exe: exe.clone(),
@@ -471,5 +477,6 @@ mod tests {
         assert_eq!(a.isolation.process, b.isolation.process);
         assert_eq!(a.isolation.callback_timeout, b.isolation.callback_timeout);
         assert_eq!(a.isolation.start_timeout, b.isolation.start_timeout);
+        assert_eq!(a.replaced_grace, b.replaced_grace);
     }
 }

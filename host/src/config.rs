@@ -81,6 +81,9 @@ pub struct Config {
     /// How long an upgrade or a plain request may wait for its plugin's decision (a blocked
     /// `upgrade`, or a deferred one not completed); past it the client gets 503. Default 10 s.
     pub decision_timeout: Duration,
+    /// After a reload replaced a plugin, its old generation's connections are closed with 1012
+    /// this long after (zero: never). Default: never.
+    pub replaced_grace: Duration,
     /// Where plugins run: in the host, or each in a worker process of its own.
     pub isolation: crate::plugin::isolate::IsolationConfig,
     /// Per-plugin route mounts, limits and configuration tables (the config file's
@@ -124,6 +127,7 @@ impl Default for Config {
             max_plugin_size: crate::plugin::registry::DEFAULT_MAX_PLUGIN_SIZE,
             plugin_workers: crate::plugin::exec::default_workers(),
             decision_timeout: Duration::from_secs(10),
+            replaced_grace: Duration::ZERO,
             isolation: crate::plugin::isolate::IsolationConfig::default(),
             tls: None,
             max_message_rate: 10_000,

@@ -368,6 +368,7 @@ async fn websocket(
         .copied()
         .unwrap_or_default();
     let limits = answer.limits.over(route_limits).over(plugin.limits);
+    let closing = plugin.closing().clone();
     let start = session::Start {
         id,
         peer,
@@ -379,7 +380,8 @@ async fn websocket(
         hub: Arc::clone(ctx.registry.hub()),
         budget: Arc::clone(&ctx.send_budget),
         metrics: Arc::clone(&ctx.metrics),
-        shutdown: ctx.shutdown.clone(),
+        // Fires on shutdown, or when a replaced generation's grace ends.
+        shutdown: closing,
     };
     // Only the upgrade's handle goes into the task, not the request: what a task captures stays
     // in its memory for the life of the connection.

@@ -128,7 +128,8 @@ impl Server {
             )
             .with_max_plugin_size(config.max_plugin_size)
             .with_plugin_workers(config.plugin_workers)
-            .with_isolation(config.isolation.clone());
+            .with_isolation(config.isolation.clone())
+            .with_replaced_grace(config.replaced_grace);
         // Watch first, then load: a file put in meanwhile is seen by one or the other (the
         // watch's reload waits until serving starts).
         let (reloader, reload_rx) = Reloader::new();

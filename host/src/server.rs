@@ -53,6 +53,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, listener: TcpListener, shutdown: impl Fut
     let open = ctx.tracker.len();
     tracing::info!(open, "shutting down: closing connections with 1001");
     ctx.shutdown.cancel();
+    // Sessions watch their generation's token, a child of the registry's.
+    ctx.registry.close_all();
     ctx.tracker.close();
     // One deadline for all of it: connections, then plugin shutdowns. A plugin that never
     // returns (a callback that spins) holds up neither: the process exits at the deadline.

@@ -238,6 +238,11 @@ pub trait PluginFfi: Send + Sync + 'static {
     /// The host is done with this instance: no more calls will come.
     #[sabi(last_prefix_field)]
     fn shutdown(&self) -> RResult<(), RString>;
+    /// A newer generation took over this instance's routes (since 1.2; a plugin built against
+    /// an older 1.x is not told).
+    fn replaced(&self) -> RResult<(), RString> {
+        RResult::ROk(())
+    }
 }
 
 /// The root module every plugin library exports.
@@ -410,6 +415,10 @@ impl<P: crate::Plugin> PluginFfi for PluginShell<P> {
 
     fn shutdown(&self) -> RResult<(), RString> {
         guard("shutdown", || self.0.get().shutdown())
+    }
+
+    fn replaced(&self) -> RResult<(), RString> {
+        guard("replaced", || self.0.get().replaced())
     }
 }
 

@@ -782,6 +782,16 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// block to join the plugin's threads. Stop them here: afterwards the host refuses this
     /// instance's `Host` calls.
     fn shutdown(&self) {}
+
+    /// Called once when a newer build of this plugin took over its routes (a reload): new
+    /// connections and requests go to the new one from now on, while this instance keeps
+    /// serving the connections it has — until they close, or until the host's
+    /// `--replaced-grace` passes and it closes them with 1012 (Service Restart), so that clients
+    /// reconnect to the new code. Stop here what only one generation should do (a background
+    /// publisher, a timer), and, if you like, tell your clients to reconnect. Runs on a thread
+    /// of the host's own; `shutdown` still follows once the last connection is gone. (Since
+    /// plugin-api 1.2.)
+    fn replaced(&self) {}
 }
 
 /// A connection's callbacks; every one is optional (the default does nothing).

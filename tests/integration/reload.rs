@@ -380,3 +380,58 @@ async fn an_old_generation_shuts_down_when_its_last_connection_closes() {
     ws.close(None).await.unwrap();
     host.wait_for_log(&["generation shut down", gone]);
 }
+
+/// Reloads testkit in a host started with `args` while a connection is open on it: the old
+/// generation is told (`Plugin::replaced`), and once `--replaced-grace` passes its connection is
+/// closed with 1012 while a connection to the new one stays open.
+async fn replaced_generation_hands_over(args: &[&str]) {
+    let host = Host::builder().plugin("testkit").args(args).start();
+    let mut old = crate::harness::connect(&host.url("/testkit")).await;
+    assert_eq!(crate::harness::ask(&mut old, "log:before").await, "logged");
+    crate::harness::install(
+        host.plugins_dir(),
+        "libtestkit.so",
+        &std::fs::read(crate::harness::plugin("testkit")).unwrap(),
+    );
+    wait_generation(&host, "testkit", 2);
+    host.wait_for_log(&["testkit replaced", "generation=1"]);
+    let mut new = crate::harness::connect(&host.url("/testkit")).await;
+    assert_eq!(
+        crate::harness::closed_with(&mut old).await,
+        (1012, "service restart".into())
+    );
+    host.wait_for_log(&["grace passed", "generation=1"]);
+    // The new generation's connection is untouched.
+    assert_eq!(crate::harness::ask(&mut new, "log:after").await, "logged");
+}
+
+#[tokio::test]
+async fn a_replaced_generation_is_told_and_its_connections_move_after_the_grace() {
+    replaced_generation_hands_over(&["--replaced-grace", "300ms"]).await;
+}
+
+#[tokio::test]
+async fn a_replaced_process_isolated_generation_is_told_and_hands_over_too() {
+    replaced_generation_hands_over(&["--replaced-grace", "300ms", "--isolation", "process"]).await;
+}
+
+#[tokio::test]
+async fn without_a_grace_the_old_generation_keeps_its_connections() {
+    let host = Host::builder().plugin("testkit").start();
+    let mut old = crate::harness::connect(&host.url("/testkit")).await;
+    crate::harness::install(
+        host.plugins_dir(),
+        "libtestkit.so",
+        &std::fs::read(crate::harness::plugin("testkit")).unwrap(),
+    );
+    wait_generation(&host, "testkit", 2);
+    host.wait_for_log(&["testkit replaced", "generation=1"]);
+    // Told, but not closed: it still answers (on generation 1).
+    for i in 0..20 {
+        assert_eq!(
+            crate::harness::ask(&mut old, &format!("log:{i}")).await,
+            "logged"
+        );
+    }
+    host.wait_for_log(&["testkit says 19", "generation=1"]);
+}

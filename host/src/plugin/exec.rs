@@ -29,6 +29,7 @@ pub(crate) const CALLS: &[&str] = &[
     "drop",
     "create",
     "shutdown",
+    "replaced",
 ];
 
 /// The index of `call` in [`CALLS`] (0 if unknown).
@@ -47,6 +48,7 @@ pub(crate) fn call_index(call: &str) -> u8 {
         "drop" => 11,
         "create" => 12,
         "shutdown" => 13,
+        "replaced" => 14,
         _ => 0,
     }
 }

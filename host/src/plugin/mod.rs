@@ -168,6 +168,10 @@ pub struct LoadedPlugin {
     pub(crate) route_limits: BTreeMap<String, ConnLimits>,
     open_conns: AtomicU64,
     shut_down: AtomicBool,
+    /// Cancelled when its connections must close: the host shuts down, or (with `restart`
+    /// set) the generation was replaced and its grace passed.
+    closing: tokio_util::sync::CancellationToken,
+    restart: AtomicBool,
 }
 
 impl fmt::Debug for LoadedPlugin {
@@ -344,6 +348,8 @@ impl Candidate {
             route_limits,
             open_conns: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
+            closing: Default::default(),
+            restart: AtomicBool::new(false),
         })
     }
 }
@@ -401,6 +407,8 @@ impl LoadedPlugin {
             route_limits,
             open_conns: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
+            closing: Default::default(),
+            restart: AtomicBool::new(false),
         }
     }
 
@@ -423,6 +431,8 @@ impl LoadedPlugin {
             route_limits: BTreeMap::new(),
             open_conns: AtomicU64::new(0),
             shut_down: AtomicBool::new(false),
+            closing: Default::default(),
+            restart: AtomicBool::new(false),
         }
     }
 
@@ -576,6 +586,57 @@ impl LoadedPlugin {
         }
         tracing::info!(plugin = %self.name, generation = self.generation,
             "generation shut down; its code stays mapped");
+    }
+
+    /// Fires when this generation's connections must close (shutdown, or the end of its grace
+    /// after a replacement).
+    pub(crate) fn closing(&self) -> &tokio_util::sync::CancellationToken {
+        &self.closing
+    }
+
+    /// Whether its connections close because it was replaced (1012), not for shutdown.
+    pub(crate) fn restarting(&self) -> &AtomicBool {
+        &self.restart
+    }
+
+    /// Ties this generation's closing to `parent` (the registry's, cancelled at shutdown).
+    pub(crate) fn with_closing(mut self, parent: &tokio_util::sync::CancellationToken) -> Self {
+        self.closing = parent.child_token();
+        self
+    }
+
+    /// A newer generation took over: tells the plugin (`Plugin::replaced`, off the I/O
+    /// threads), and after `grace` (if any) closes this generation's connections with 1012.
+    pub(crate) fn replaced(self: &Arc<Self>, grace: Option<std::time::Duration>) {
+        if let Some(remote) = &self.remote {
+            remote.replaced();
+        } else if self.instance.is_some() {
+            let this = Arc::clone(self);
+            retire::submit(&self.name, self.generation, "replaced", move || {
+                if let RResult::RErr(panic) = this.instance().replaced() {
+                    tracing::error!(plugin = %this.name, generation = this.generation, %panic,
+                        "plugin replaced() panicked");
+                }
+            });
+        }
+        let Some(grace) = grace else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(old) = weak.upgrade() {
+                let open = old.open_connections();
+                if open > 0 {
+                    tracing::info!(plugin = %old.name, generation = old.generation, open,
+                        ?grace, "replaced generation's grace passed: closing its connections \
+                        with 1012 so they reconnect to the new one");
+                }
+                old.restart.store(true, Ordering::Release);
+                old.closing.cancel();
+            }
+        });
     }
 
     /// Connections open on this instance.

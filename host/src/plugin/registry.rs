@@ -172,6 +172,11 @@ pub struct Registry {
     plugin_workers: usize,
     /// Where plugins run, and how worker processes start.
     isolation: crate::plugin::isolate::IsolationConfig,
+    /// Cancelled at shutdown; every generation's closing token is a child of it.
+    root: tokio_util::sync::CancellationToken,
+    /// After a replacement, how long the old generation keeps its connections before they are
+    /// closed with 1012; `None`: until they close.
+    replaced_grace: Option<std::time::Duration>,
 }
 
 /// The plugin sections of a config file, by plugin name.
@@ -215,7 +220,21 @@ impl Registry {
             max_plugin_size: DEFAULT_MAX_PLUGIN_SIZE,
             plugin_workers: 0,
             isolation: crate::plugin::isolate::IsolationConfig::default(),
+            root: Default::default(),
+            replaced_grace: None,
         })
+    }
+
+    /// After a replacement, closes the old generation's connections with 1012 once `grace`
+    /// has passed (zero: never; they close on their own).
+    pub fn with_replaced_grace(mut self, grace: std::time::Duration) -> Self {
+        self.replaced_grace = (!grace.is_zero()).then_some(grace);
+        self
+    }
+
+    /// Closes every generation's connections (shutdown).
+    pub fn close_all(&self) {
+        self.root.cancel();
     }
 
     /// Runs plugins in worker processes as `isolation` says (by default, or per plugin).
@@ -330,6 +349,7 @@ impl Registry {
         let mut report = ReloadReport::default();
         let mut retired = Vec::new();
         let mut unrouted: Vec<Arc<LoadedPlugin>> = Vec::new();
+        let mut replaced_generations: Vec<Arc<LoadedPlugin>> = Vec::new();
 
         let present: HashSet<&PathBuf> = files.iter().collect();
         let gone: Vec<PathBuf> = state
@@ -421,11 +441,12 @@ impl Registry {
             };
             match loaded {
                 Ok(plugin) => {
-                    let plugin = Arc::new(plugin);
+                    let plugin = Arc::new(plugin.with_closing(&self.root));
                     let load_ms = started.elapsed().as_secs_f64() * 1e3;
                     let replaced = current.insert(plugin.name.clone(), Arc::clone(&plugin));
                     if let Some(old) = replaced.as_ref() {
                         retired.push(Arc::clone(old));
+                        replaced_generations.push(Arc::clone(old));
                     }
                     report
                         .loaded
@@ -476,6 +497,9 @@ impl Registry {
                 "{}", if replaced { "plugin reloaded" } else { "plugin loaded" });
         }
         let mut retired_list = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+        for old in &replaced_generations {
+            old.replaced(self.replaced_grace);
+        }
         for old in retired {
             let open = old.open_connections();
             tracing::info!(plugin = %old.name, generation = old.generation, open_connections = open,

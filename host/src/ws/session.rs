@@ -142,7 +142,14 @@ async fn serve(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &C
     s.call("on_connect", |cb| cb.on_connect());
     let timing = Timing::new(config, &limits);
     let (code, reason) = s
-        .read_loop(&mut ws, &mut out, &shutdown, timing, &partial)
+        .read_loop(
+            &mut ws,
+            &mut out,
+            &shutdown,
+            plugin.restarting(),
+            timing,
+            &partial,
+        )
         .await;
     partial.delivered();
     s.counts.flush_in(&metrics);
@@ -258,6 +265,9 @@ impl Timing {
 pub(crate) enum CloseReason {
     /// The host is shutting down (SIGTERM): 1001.
     ShuttingDown,
+    /// The connection's generation was replaced and `--replaced-grace` passed: 1012, so the
+    /// client reconnects to the new one.
+    ServiceRestart,
     /// No data messages either way for `--idle-timeout`: 1001.
     IdleTimeout,
     /// No pong within `--pong-timeout` (the peer is gone; `on_close` gets 1006): 1001.
@@ -291,6 +301,7 @@ impl CloseReason {
             Self::InvalidUtf8 => 1007,
             Self::MessageTimeout | Self::RateLimit => 1008,
             Self::TooBig => 1009,
+            Self::ServiceRestart => 1012,
             Self::PluginPanicked | Self::PluginCrashed | Self::InternalError => 1011,
             Self::MemoryBudget => 1013,
         }
@@ -310,6 +321,7 @@ impl CloseReason {
             Self::PluginPanicked | Self::InternalError => "internal error",
             Self::PluginCrashed => "plugin crashed",
             Self::MemoryBudget => "server busy: try again later",
+            Self::ServiceRestart => "service restart",
         }
     }
 }
@@ -360,6 +372,7 @@ impl Session {
         ws: &mut Ws,
         out: &mut Writer,
         shutdown: &CancellationToken,
+        restart: &std::sync::atomic::AtomicBool,
         timing: Timing,
         partial: &Partial,
     ) -> (u16, String) {
@@ -459,7 +472,11 @@ impl Session {
                 },
                 () = &mut cancelled, if !shutting_down => {
                     shutting_down = true;
-                    self.close_by_host(CloseReason::ShuttingDown);
+                    self.close_by_host(if restart.load(std::sync::atomic::Ordering::Acquire) {
+                        CloseReason::ServiceRestart
+                    } else {
+                        CloseReason::ShuttingDown
+                    });
                 }
                 () = &mut timer => {
                     let now = Instant::now();

@@ -46,6 +46,8 @@ pub(crate) const CREDIT: u8 = 12;
 pub(crate) const REPLY: u8 = 13;
 /// Run the instance's `shutdown`, then exit.
 pub(crate) const SHUTDOWN: u8 = 14;
+/// A newer generation took over: run the instance's `replaced`.
+pub(crate) const REPLACED: u8 = 15;
 
 // Worker → host.
 /// The library's identity: JSON [`Identity`].

@@ -762,6 +762,13 @@ impl Supervisor {
         }
     }
 
+    /// Tells the live worker's plugin that a newer generation took over.
+    pub(crate) fn replaced(&self) {
+        if let Some(link) = self.current.borrow().as_ref() {
+            link.out.push(proto::REPLACED, 0, &[]);
+        }
+    }
+
     /// Stops the generation: the worker runs `shutdown` and exits (ended after 10 s); no more
     /// restarts. Blocks until the worker is gone or `timeout` passed.
     pub(crate) fn stop(&self, timeout: Duration) {

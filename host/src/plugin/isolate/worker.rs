@@ -280,6 +280,25 @@ impl Shared {
                     }
                 }
             }
+            proto::REPLACED => {
+                let instance = Arc::clone(instance);
+                let (out, watch) = (Arc::clone(&self.out), Arc::clone(&self.watch));
+                // Plugin code that may block: off the reader.
+                tokio::task::spawn_blocking(move || {
+                    let panic = {
+                        let _call = watch.enter("replaced", 0);
+                        instance.replaced().into_result().err()
+                    };
+                    if let Some(panic) = panic {
+                        let text = format!("plugin replaced() panicked: {panic}");
+                        out.push(
+                            proto::LOG,
+                            u64::from(plugin_api::abi::level::ERROR),
+                            &[text.as_bytes()],
+                        );
+                    }
+                });
+            }
             proto::SHUTDOWN => {
                 let panic = tokio::task::block_in_place(|| {
                     let _call = self.watch.enter("shutdown", 0);

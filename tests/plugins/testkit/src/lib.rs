@@ -110,6 +110,12 @@ impl Plugin for Testkit {
         }
     }
 
+    fn replaced(&self) {
+        let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
+        self.host
+            .info(&format!("testkit replaced, on thread {}", thread.trim()));
+    }
+
     fn shutdown(&self) {
         // The OS name of the thread (this plugin's own std does not know the host's threads).
         let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
