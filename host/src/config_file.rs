@@ -74,8 +74,11 @@ pub struct PluginSection {
     pub memory_limit: Option<u64>,
     /// In a worker process: a call running longer ends the worker.
     pub callback_timeout: Option<Duration>,
-    /// The free-form table handed to the plugin.
+    /// The free-form table handed to the plugin, every value as text (`Host::config`; lists
+    /// and tables as JSON text).
     pub config: BTreeMap<String, String>,
+    /// The same table with its types, as JSON (`Host::config_value`, `Host::config_as`).
+    pub config_json: String,
     /// Limits for one of its routes (`[plugin.NAME.route."/path"]`), over the section's own.
     pub route_limits: BTreeMap<String, PluginSection>,
 }
@@ -311,15 +314,16 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
                 let table = v
                     .as_table()
                     .ok_or_else(|| (k.clone(), "must be a table".to_owned()))?;
+                let typed = serde_json::to_value(table)
+                    .map_err(|e| (k.clone(), format!("cannot be handed to the plugin: {e}")))?;
                 for (ck, cv) in table {
-                    let value = scalar(cv).ok_or_else(|| {
-                        (
-                            format!("config.{ck}"),
-                            "must be a string, number or boolean".to_owned(),
-                        )
-                    })?;
-                    p.config.insert(ck.clone(), value);
+                    let text = match scalar(cv) {
+                        Some(text) => text,
+                        None => typed[ck.as_str()].to_string(),
+                    };
+                    p.config.insert(ck.clone(), text);
                 }
+                p.config_json = typed.to_string();
             }
             _ => {
                 return Err((

@@ -102,6 +102,11 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     /// The host's version, for diagnostics.
     #[sabi(last_prefix_field)]
     fn host_version(&self) -> RString;
+    /// The configuration table with its types, as a JSON object (since 1.2; empty from an older
+    /// host, which has only the text table).
+    fn config_json(&self) -> RString {
+        RString::new()
+    }
 }
 
 /// A WebSocket connection as the plugin sees it. Implemented by the host.

@@ -94,6 +94,9 @@ pub mod abi;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+/// The JSON crate of [`Host::config_value`]'s values (and of the test kit's typed config).
+pub use serde_json;
+
 pub use abi::{Conn, API_VERSION};
 
 /// The version of this interface, parsed: `(major, minor, patch)`.
@@ -343,18 +346,34 @@ impl Level {
 pub struct Host {
     handle: abi::HostHandle,
     config: std::sync::Arc<BTreeMap<String, String>>,
+    typed: std::sync::Arc<serde_json::Value>,
 }
 
 impl Host {
     pub(crate) fn from_handle(handle: abi::HostHandle) -> Self {
-        let config = handle
+        let config: BTreeMap<String, String> = handle
             .config()
             .into_iter()
             .map(|Tuple2(k, v)| (k.into_string(), v.into_string()))
             .collect();
+        // The typed table (a 1.2 host); from an older host, the text table as strings.
+        let typed = serde_json::from_str::<serde_json::Value>(handle.config_json().as_str())
+            .ok()
+            .filter(serde_json::Value::is_object)
+            .unwrap_or_else(|| {
+                serde_json::Value::Object(
+                    config
+                        .iter()
+                        .map(|(k, v): (&String, &String)| {
+                            (k.clone(), serde_json::Value::String(v.clone()))
+                        })
+                        .collect(),
+                )
+            });
         Self {
             handle,
             config: std::sync::Arc::new(config),
+            typed: std::sync::Arc::new(typed),
         }
     }
 
@@ -388,6 +407,20 @@ impl Host {
         &self.config
     }
 
+    /// The config table with its types (numbers, booleans, lists, tables), as the config file
+    /// wrote it: a JSON object.
+    pub fn config_value(&self) -> &serde_json::Value {
+        &self.typed
+    }
+
+    /// The config table as your own type (any `serde::Deserialize`), e.g. a struct with the
+    /// fields you expect. Every field that does not fit is reported, in one error that names
+    /// each (`config.retries: invalid type: string "x", expected u32; config.tags: ...`), so
+    /// that a plugin refuses a bad table at start with all of its faults at once.
+    pub fn config_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, PluginError> {
+        deserialize_all((*self.typed).clone())
+    }
+
     /// Publishes a text message to every subscriber of this plugin's `channel` (on every host,
     /// when hosts share a bus: `wshost serve --bus redis://…`); returns how many connections of
     /// this host it was queued for.
@@ -419,6 +452,67 @@ impl fmt::Debug for Host {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
+}
+
+/// Deserializes `value` into `T`; on failure, names every field that does not fit: each
+/// faulty field is taken out and the rest tried again, so one bad field does not hide the next.
+fn deserialize_all<T: serde::de::DeserializeOwned>(
+    mut value: serde_json::Value,
+) -> Result<T, PluginError> {
+    let mut faults = Vec::new();
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..64 {
+        match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(t) if faults.is_empty() => return Ok(t),
+            Ok(_) => break,
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.inner().to_string();
+                // A field this loop took out is now "missing": already reported.
+                let ours = removed.iter().any(|r| {
+                    let leaf = r.rsplit('.').next().unwrap_or(r);
+                    inner.starts_with(&format!("missing field `{leaf}`"))
+                });
+                if ours {
+                    break;
+                }
+                faults.push(match path.as_str() {
+                    "." | "" => format!("config: {inner}"),
+                    p => format!("config.{p}: {inner}"),
+                });
+                // Take the faulty field out and try the rest; a missing one cannot be.
+                if !remove_path(&mut value, &path) {
+                    break;
+                }
+                removed.push(path);
+            }
+        }
+    }
+    Err(PluginError::new(faults.join("; ")))
+}
+
+/// Removes the value at `path` (`a.b.c`, `list[2]`); whether there was one.
+fn remove_path(value: &mut serde_json::Value, path: &str) -> bool {
+    let mut parts: Vec<&str> = path
+        .split('.')
+        .filter(|p| !p.is_empty() && *p != "?")
+        .collect();
+    let Some(last) = parts.pop() else {
+        return false;
+    };
+    let mut at = value;
+    for p in parts {
+        let next = match p.split_once('[') {
+            Some((k, _)) => at.get_mut(k),
+            None => at.get_mut(p),
+        };
+        match next {
+            Some(n) => at = n,
+            None => return false,
+        }
+    }
+    let key = last.split_once('[').map_or(last, |(k, _)| k);
+    at.as_object_mut().and_then(|o| o.remove(key)).is_some()
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ pub struct TestHost {
 #[derive(Debug, Default)]
 struct HostState {
     config: Mutex<Vec<(String, String)>>,
+    typed: Mutex<serde_json::Map<String, serde_json::Value>>,
     log: Mutex<Vec<(Level, String)>>,
     published: Mutex<Vec<Published>>,
     subscribers: Mutex<HashMap<String, u64>>,
@@ -99,6 +100,21 @@ impl TestHost {
     #[must_use]
     pub fn config(self, key: &str, value: &str) -> Self {
         lock(&self.state.config).push((key.to_owned(), value.to_owned()));
+        lock(&self.state.typed).insert(key.to_owned(), serde_json::Value::from(value));
+        self
+    }
+
+    /// Adds `key` with a typed `value` (a number, a list, a table: `serde_json::json!`), as a
+    /// config file would (`Host::config_value`, `Host::config_as`); `Host::config` gets it as
+    /// text.
+    #[must_use]
+    pub fn config_typed(self, key: &str, value: serde_json::Value) -> Self {
+        let text = match &value {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        lock(&self.state.config).push((key.to_owned(), text));
+        lock(&self.state.typed).insert(key.to_owned(), value);
         self
     }
 
@@ -173,6 +189,9 @@ impl HostFfi for TestHostFfi {
     }
     fn host_version(&self) -> RString {
         RString::from("testkit")
+    }
+    fn config_json(&self) -> RString {
+        RString::from(serde_json::Value::Object(lock(&self.0.typed).clone()).to_string())
     }
 }
 
@@ -715,6 +734,43 @@ impl TestHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typed_config_reaches_the_plugin_and_every_bad_field_is_named() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code, reason = "read by Deserialize only")]
+        struct Settings {
+            retries: u32,
+            tags: Vec<String>,
+            limits: std::collections::BTreeMap<String, u64>,
+            verbose: bool,
+        }
+        let good = TestHost::new()
+            .config_typed("retries", serde_json::json!(3))
+            .config_typed("tags", serde_json::json!(["a", "b"]))
+            .config_typed("limits", serde_json::json!({"rooms": 10}))
+            .config_typed("verbose", serde_json::json!(true))
+            .host();
+        let s: Settings = good.config_as().unwrap();
+        assert_eq!(
+            (s.retries, s.tags.len(), s.limits["rooms"], s.verbose),
+            (3, 2, 10, true)
+        );
+        assert_eq!(good.config()["tags"], r#"["a","b"]"#);
+        let bad = TestHost::new()
+            .config_typed("retries", serde_json::json!("many"))
+            .config_typed("tags", serde_json::json!("a"))
+            .config_typed("limits", serde_json::json!({"rooms": -1}))
+            .config_typed("verbose", serde_json::json!(true))
+            .host();
+        let err = bad.config_as::<Settings>().unwrap_err().to_string();
+        for field in ["config.retries", "config.tags", "config.limits.rooms"] {
+            assert!(err.contains(field), "{field} not named in: {err}");
+        }
+        assert!(!err.contains("missing field"), "{err}");
+        let missing = TestHost::new().host().config_as::<Settings>().unwrap_err();
+        assert_eq!(missing.to_string(), "config: missing field `retries`");
+    }
 
     #[test]
     fn conns_are_equal_and_hash_alike_by_connection() {

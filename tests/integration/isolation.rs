@@ -228,3 +228,31 @@ fn isolation_settings_are_checked_with_file_line_and_key() {
     let err = crate::harness::serve_refused(&["--isolation", "sometimes"], None);
     assert!(err.contains("--isolation"), "{err}");
 }
+
+/// A config table with lists, tables and numbers reaches the plugin with its types, inline and
+/// in a worker; `Host::config` has them as text.
+#[tokio::test]
+async fn typed_config_reaches_the_plugin_inline_and_in_a_worker() {
+    let toml = "[plugin.testkit.config]\nretries = 3\ntags = [\"a\", \"b\"]\n\
+                [plugin.testkit.config.limits]\nrooms = 10\n";
+    for args in [&[][..], &["--isolation", "process"][..]] {
+        let host = Host::builder()
+            .plugin("testkit")
+            .args(args)
+            .config_file(toml)
+            .start();
+        let mut ws = connect(&host.url("/testkit")).await;
+        let typed: serde_json::Value =
+            serde_json::from_str(&ask(&mut ws, "config-json").await).unwrap();
+        assert_eq!(
+            typed,
+            serde_json::json!({"retries": 3, "tags": ["a", "b"], "limits": {"rooms": 10}}),
+            "{args:?}"
+        );
+        assert_eq!(
+            ask(&mut ws, "config-text:tags").await,
+            r#"Some("[\"a\",\"b\"]")"#
+        );
+        assert_eq!(ask(&mut ws, "config-text:retries").await, r#"Some("3")"#);
+    }
+}

@@ -236,7 +236,7 @@ impl Candidate {
         private_dir: &Path,
         probe: Option<&probe::Probe>,
         max_size: u64,
-        configs: &BTreeMap<String, BTreeMap<String, String>>,
+        configs: &BTreeMap<String, PluginConfig>,
     ) -> Result<Self, LoadError> {
         loader::check_original(file, max_size)?;
         let private = loader::private_copy(file, private_dir)?;
@@ -318,7 +318,7 @@ impl Candidate {
         self,
         generation: u64,
         hub: &Arc<Hub>,
-        config: BTreeMap<String, String>,
+        config: PluginConfig,
         limits: ConnLimits,
         route_limits: BTreeMap<String, ConnLimits>,
     ) -> Result<LoadedPlugin, LoadError> {
@@ -326,7 +326,8 @@ impl Candidate {
             plugin: self.name.clone(),
             generation,
             hub: Arc::clone(hub),
-            config: config.into_iter().collect(),
+            config: config.table.into_iter().collect(),
+            config_json: config.json,
             retired: AtomicBool::new(false),
             warned: AtomicBool::new(false),
         });
@@ -683,6 +684,24 @@ pub(crate) fn check_mounts(name: &str, file: &Path, routes: &[String]) -> Result
     Ok(())
 }
 
+/// A plugin's `[plugin.NAME.config]` table: as text (`Host::config`) and with its types, as
+/// JSON (`Host::config_value`).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct PluginConfig {
+    pub(crate) table: BTreeMap<String, String>,
+    pub(crate) json: String,
+}
+
+impl PluginConfig {
+    /// The config of a config file section.
+    pub(crate) fn of(section: &crate::config_file::PluginSection) -> Self {
+        Self {
+            table: section.config.clone(),
+            json: section.config_json.clone(),
+        }
+    }
+}
+
 /// A plugin's config table as its `Host::config` returns it.
 pub(crate) fn config_table(config: &[(String, String)]) -> RVec<Tuple2<RString, RString>> {
     config
@@ -768,6 +787,7 @@ struct HostInner {
     generation: u64,
     hub: Arc<Hub>,
     config: Vec<(String, String)>,
+    config_json: String,
     /// The generation's `shutdown` has run: its calls are refused.
     retired: AtomicBool,
     /// A refused call was logged.
@@ -827,6 +847,10 @@ impl HostFfi for HostServices {
 
     fn config(&self) -> RVec<Tuple2<RString, RString>> {
         config_table(&self.0.config)
+    }
+
+    fn config_json(&self) -> RString {
+        RString::from(self.0.config_json.as_str())
     }
 
     fn publish_text(&self, channel: RStr<'_>, text: RStr<'_>) -> u64 {

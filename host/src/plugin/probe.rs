@@ -34,7 +34,7 @@ impl Probe {
         &self,
         file: &Path,
         private: &Path,
-        configs: &BTreeMap<String, BTreeMap<String, String>>,
+        configs: &BTreeMap<String, super::PluginConfig>,
     ) -> Result<(), LoadError> {
         let refuse = |reason: String| LoadError::Probe {
             file: file.to_owned(),
@@ -164,7 +164,7 @@ fn strip_file(text: &str, display: &Path) -> String {
 fn probe_here(display: &Path, path: &Path) -> Result<(), LoadError> {
     let mut input = String::new();
     let _ = std::io::stdin().read_to_string(&mut input);
-    let mut configs: BTreeMap<String, BTreeMap<String, String>> =
+    let mut configs: BTreeMap<String, super::PluginConfig> =
         serde_json::from_str(&input).unwrap_or_default();
     loader::check_elf(display, path)?;
     let candidate = Candidate::from_mapped(display, loader::map(display, path)?)?;

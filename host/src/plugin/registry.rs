@@ -305,12 +305,12 @@ impl Registry {
     }
 
     /// The `[plugin.NAME.config]` tables, by plugin name (what the probe creates plugins with).
-    fn config_tables(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+    fn config_tables(&self) -> BTreeMap<String, super::PluginConfig> {
         self.sections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .map(|(name, s)| (name.clone(), s.config.clone()))
+            .map(|(name, s)| (name.clone(), super::PluginConfig::of(s)))
             .collect()
     }
 
@@ -421,7 +421,7 @@ impl Registry {
                     let plugin = candidate.create(
                         *generation,
                         &self.hub,
-                        section.config,
+                        super::PluginConfig::of(&section),
                         limits,
                         route_limits,
                     )?;
@@ -594,7 +594,7 @@ impl Registry {
             private.clone(),
             threads,
             generation,
-            section.config.clone().into_iter().collect(),
+            super::PluginConfig::of(&section),
             section.memory_limit,
             Arc::clone(&self.hub),
         );
@@ -694,7 +694,7 @@ impl Registry {
             .create(
                 1,
                 &self.hub,
-                section.config,
+                super::PluginConfig::of(&section),
                 Default::default(),
                 BTreeMap::new(),
             )

@@ -99,6 +99,8 @@ pub(crate) struct Identity {
 pub(crate) struct Create {
     pub(crate) generation: u64,
     pub(crate) config: Vec<(String, String)>,
+    /// The same table with its types, as JSON.
+    pub(crate) config_json: String,
     /// The most verbose plugin log level the host shows (abi levels: 0 error … 4 trace).
     pub(crate) log_level: u8,
     /// A call running this long is logged (`--slow-callback`), in milliseconds.

@@ -448,7 +448,7 @@ impl Supervisor {
         private: PathBuf,
         threads: usize,
         generation: u64,
-        config: Vec<(String, String)>,
+        config: crate::plugin::PluginConfig,
         memory_limit: Option<u64>,
         hub: Arc<Hub>,
     ) -> Result<Arc<Self>, LoadError> {
@@ -459,7 +459,8 @@ impl Supervisor {
         })?;
         let create = proto::Create {
             generation,
-            config,
+            config: config.table.into_iter().collect(),
+            config_json: config.json,
             log_level: log_level(),
             slow_ms: super::super::retire::slow().as_millis() as u64,
         };

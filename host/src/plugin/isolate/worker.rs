@@ -118,6 +118,7 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
         out: Arc::clone(&out),
         calls: Arc::clone(&calls),
         config: create.config,
+        config_json: create.config_json,
         log_level: create.log_level,
         retired: AtomicBool::new(false),
     });
@@ -694,6 +695,7 @@ struct HostState {
     out: Arc<Outbox>,
     calls: Arc<Calls>,
     config: Vec<(String, String)>,
+    config_json: String,
     log_level: u8,
     /// `shutdown` has run: calls are refused.
     retired: AtomicBool,
@@ -712,6 +714,9 @@ impl HostFfi for WorkerHost {
     }
     fn config(&self) -> RVec<Tuple2<RString, RString>> {
         super::super::config_table(&self.0.config)
+    }
+    fn config_json(&self) -> RString {
+        RString::from(self.0.config_json.as_str())
     }
     fn publish_text(&self, channel: RStr<'_>, text: RStr<'_>) -> u64 {
         self.publish(false, channel.as_str(), text.as_str().as_bytes())

@@ -267,6 +267,8 @@ impl Handler for Kit {
                 conn.remote_addr(),
                 conn.buffered_amount()
             ),
+            "config-json" => self.host.config_value().to_string(),
+            "config-text" => format!("{:?}", self.host.config().get(arg)),
             "log" => {
                 self.host.warn(&format!("testkit says {arg}"));
                 "logged".to_owned()
