@@ -149,14 +149,17 @@ fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
     }
     let dir = base.join(format!("plugin-api-{version}"));
     std::fs::create_dir_all(dir.join("src")).unwrap();
-    for f in ["lib.rs", "abi.rs"] {
+    for f in ["lib.rs", "abi.rs", "testkit.rs"] {
         std::fs::copy(real.join("src").join(f), dir.join("src").join(f)).unwrap();
     }
+    // The real manifest's dependencies, spelled out (the copy is outside the workspace).
     std::fs::write(
         dir.join("Cargo.toml"),
         format!(
             "[package]\nname = \"plugin-api\"\nversion = \"{version}\"\nedition = \"2021\"\n\n\
-             [dependencies]\nabi_stable = \"0.11\"\nform_urlencoded = \"1\"\nthiserror = \"2\"\n"
+             [dependencies]\nabi_stable = \"0.11\"\nform_urlencoded = \"1\"\nthiserror = \"2\"\n\
+             serde = \"1\"\nserde_json = \"1\"\nserde_path_to_error = \"0.1\"\n\n\
+             [features]\ntestkit = []\n"
         ),
     )
     .unwrap();
