@@ -369,6 +369,12 @@ async fn websocket(
         .unwrap_or_default();
     let limits = answer.limits.over(route_limits).over(plugin.limits);
     let closing = plugin.closing().clone();
+    let facts = crate::plugin::ConnFacts {
+        local: local.to_string(),
+        secure: ctx.tls.is_some(),
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or("").to_owned(),
+    };
     let start = session::Start {
         id,
         peer,
@@ -376,6 +382,7 @@ async fn websocket(
         admission,
         plugin,
         handler,
+        facts,
         limits,
         hub: Arc::clone(ctx.registry.hub()),
         budget: Arc::clone(&ctx.send_budget),

@@ -140,6 +140,28 @@ pub trait ConnFfi: Clone + Send + Sync + 'static {
     fn set_paused(&self, paused: bool) {
         let _ = paused;
     }
+    /// The server's address the client connected to (since 1.2; empty from an older host).
+    fn local_addr(&self) -> RString {
+        RString::new()
+    }
+    /// Whether the connection is over TLS (since 1.2).
+    fn is_secure(&self) -> bool {
+        false
+    }
+    /// The upgrade request's path (since 1.2; empty from an older host).
+    fn path(&self) -> RString {
+        RString::new()
+    }
+    /// The upgrade request's query, without `?` (since 1.2).
+    fn query(&self) -> RString {
+        RString::new()
+    }
+    /// Changes the connection's idle timeout, in milliseconds (0: none); whether the host did
+    /// (since 1.2; an older host does not).
+    fn set_idle_timeout_ms(&self, ms: u64) -> bool {
+        let _ = ms;
+        false
+    }
 }
 
 /// The host's side of a deferred decision: the plugin completes it once, from any thread.

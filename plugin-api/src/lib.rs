@@ -287,6 +287,32 @@ impl Conn {
     pub fn resume(&self) {
         self.handle().set_paused(false);
     }
+
+    /// The server address the client connected to (`ip:port`); empty on a host older than 1.2.
+    pub fn local_addr(&self) -> String {
+        self.handle().local_addr().into_string()
+    }
+
+    /// Whether the connection is over TLS (`wss`).
+    pub fn is_secure(&self) -> bool {
+        self.handle().is_secure()
+    }
+
+    /// The upgrade request's path (as [`Request::path`] was).
+    pub fn path(&self) -> String {
+        self.handle().path().into_string()
+    }
+
+    /// The upgrade request's query string, without `?` (as [`Request::query`] was).
+    pub fn query(&self) -> String {
+        self.handle().query().into_string()
+    }
+
+    /// Changes this connection's idle timeout from now on (zero: none), e.g. longer once a
+    /// client has authenticated; `false` if the host cannot (older than 1.2).
+    pub fn set_idle_timeout(&self, timeout: Duration) -> bool {
+        self.handle().set_idle_timeout_ms(millis(timeout))
+    }
 }
 
 impl fmt::Debug for Conn {

@@ -246,11 +246,21 @@ struct ConnState {
     full: Mutex<bool>,
     paused: Mutex<bool>,
     channels: Mutex<Vec<String>>,
+    path: String,
+    query: String,
+    idle_timeout: Mutex<Option<std::time::Duration>>,
 }
 
 impl TestConn {
     /// An open connection with id `id` from `127.0.0.1:40000`.
     pub fn new(id: u64) -> Self {
+        Self::upgraded_from(id, "/")
+    }
+
+    /// An open connection whose upgrade was `uri` (a path with an optional `?query`), for
+    /// `Conn::path` and `Conn::query`.
+    pub fn upgraded_from(id: u64, uri: &str) -> Self {
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
         let state = Arc::new(ConnState {
             id,
             remote: "127.0.0.1:40000".into(),
@@ -259,6 +269,9 @@ impl TestConn {
             full: Mutex::default(),
             paused: Mutex::default(),
             channels: Mutex::default(),
+            path: path.to_owned(),
+            query: query.to_owned(),
+            idle_timeout: Mutex::default(),
         });
         let handle = ConnFfi_TO::from_ptr(RArc::new(TestConnFfi(Arc::clone(&state))), TD_Opaque);
         Self { state, handle }
@@ -304,6 +317,11 @@ impl TestConn {
     /// The channels it is subscribed to.
     pub fn channels(&self) -> Vec<String> {
         lock(&self.state.channels).clone()
+    }
+
+    /// The idle timeout the plugin last set (`Conn::set_idle_timeout`), if it did.
+    pub fn idle_timeout(&self) -> Option<std::time::Duration> {
+        *lock(&self.state.idle_timeout)
     }
 }
 
@@ -386,6 +404,19 @@ impl ConnFfi for TestConnFfi {
     }
     fn set_paused(&self, paused: bool) {
         *lock(&self.0.paused) = paused;
+    }
+    fn local_addr(&self) -> RString {
+        RString::from("127.0.0.1:8080")
+    }
+    fn path(&self) -> RString {
+        RString::from(self.0.path.as_str())
+    }
+    fn query(&self) -> RString {
+        RString::from(self.0.query.as_str())
+    }
+    fn set_idle_timeout_ms(&self, ms: u64) -> bool {
+        *lock(&self.0.idle_timeout) = Some(std::time::Duration::from_millis(ms));
+        true
     }
 }
 
@@ -770,6 +801,25 @@ mod tests {
         assert!(!err.contains("missing field"), "{err}");
         let missing = TestHost::new().host().config_as::<Settings>().unwrap_err();
         assert_eq!(missing.to_string(), "config: missing field `retries`");
+    }
+
+    #[test]
+    fn a_connection_knows_its_upgrade_and_its_idle_timeout() {
+        let conn = TestConn::upgraded_from(3, "/rooms/a?name=Ann");
+        let c = conn.conn();
+        assert_eq!(
+            (c.path(), c.query()),
+            ("/rooms/a".into(), "name=Ann".into())
+        );
+        assert_eq!(
+            (c.local_addr(), c.is_secure()),
+            ("127.0.0.1:8080".into(), false)
+        );
+        assert!(c.set_idle_timeout(std::time::Duration::from_secs(600)));
+        assert_eq!(
+            conn.idle_timeout(),
+            Some(std::time::Duration::from_secs(600))
+        );
     }
 
     #[test]

@@ -256,3 +256,28 @@ async fn typed_config_reaches_the_plugin_inline_and_in_a_worker() {
         assert_eq!(ask(&mut ws, "config-text:retries").await, r#"Some("3")"#);
     }
 }
+
+/// After the upgrade a connection still knows it (local address, TLS, path, query), and its
+/// idle timeout can be changed: inline and in a worker.
+#[tokio::test]
+async fn a_connection_knows_its_upgrade_and_its_idle_timeout_can_change() {
+    for args in [&[][..], &["--isolation", "process"][..]] {
+        let host = Host::builder().plugin("testkit").args(args).start();
+        let mut ws = connect(&host.url("/testkit/room?a=1&b=2")).await;
+        assert_eq!(
+            ask(&mut ws, "facts").await,
+            format!(
+                "local={} secure=false path=/testkit/room query=a=1&b=2",
+                host.addr
+            ),
+            "{args:?}"
+        );
+        // The default idle timeout is 300 s; 200 ms from now on.
+        assert_eq!(ask(&mut ws, "idle:200").await, "idle set true");
+        assert_eq!(
+            closed_with(&mut ws).await,
+            (1001, "idle timeout".into()),
+            "{args:?}"
+        );
+    }
+}

@@ -35,7 +35,7 @@ pub mod registry;
 pub(crate) mod retire;
 mod seam;
 
-pub(crate) use seam::{Callbacks, ConnOps, Handler, RequestMap, SessionConn};
+pub(crate) use seam::{Callbacks, ConnFacts, ConnOps, Handler, RequestMap, SessionConn};
 #[cfg(test)]
 pub(crate) use seam::{DynConn, FakeEvent, FakeHandler};
 pub mod watcher;

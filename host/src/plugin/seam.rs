@@ -37,6 +37,19 @@ pub(crate) trait ConnOps: Send + Sync + Sized + 'static {
     fn unsubscribe(&self, channel: &str) -> bool;
     /// Pauses or resumes reading.
     fn set_paused(&self, paused: bool);
+    /// What the connection's upgrade was: local address, TLS, path, query.
+    fn facts(&self) -> &ConnFacts;
+    /// Changes the idle timeout (zero: none).
+    fn set_idle_timeout(&self, timeout: std::time::Duration);
+}
+
+/// What a connection's upgrade was, for `Conn`'s accessors.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ConnFacts {
+    pub(crate) local: String,
+    pub(crate) secure: bool,
+    pub(crate) path: String,
+    pub(crate) query: String,
 }
 
 /// A [`ConnOps`] as the plugin's `Conn` handle calls it.
@@ -89,6 +102,23 @@ impl<C: ConnOps> ConnFfi for ConnAdapter<C> {
     }
     fn set_paused(&self, paused: bool) {
         self.0.set_paused(paused);
+    }
+    fn local_addr(&self) -> RString {
+        RString::from(self.0.facts().local.as_str())
+    }
+    fn is_secure(&self) -> bool {
+        self.0.facts().secure
+    }
+    fn path(&self) -> RString {
+        RString::from(self.0.facts().path.as_str())
+    }
+    fn query(&self) -> RString {
+        RString::from(self.0.facts().query.as_str())
+    }
+    fn set_idle_timeout_ms(&self, ms: u64) -> bool {
+        self.0
+            .set_idle_timeout(std::time::Duration::from_millis(ms));
+        true
     }
 }
 
@@ -165,6 +195,8 @@ pub(crate) trait DynConn: Send + Sync {
     fn set_paused(&self, paused: bool);
     fn fail(&self, crashed: bool);
     fn buffered(&self) -> u64;
+    fn facts(&self) -> &ConnFacts;
+    fn set_idle_timeout(&self, timeout: std::time::Duration);
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>);
     fn max_send_queue(&self) -> u64;
 }
@@ -198,6 +230,12 @@ impl<C: SessionConn> DynConn for Bound<C> {
     }
     fn buffered(&self) -> u64 {
         self.0.buffered_amount()
+    }
+    fn facts(&self) -> &ConnFacts {
+        self.0.facts()
+    }
+    fn set_idle_timeout(&self, timeout: std::time::Duration) {
+        self.0.set_idle_timeout(timeout);
     }
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>) {
         self.0.on_queue_empty(hook);

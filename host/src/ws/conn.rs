@@ -93,6 +93,11 @@ pub(crate) struct ConnShared {
     failed: AtomicU8,
     /// Runs whenever the send queue empties (a worker's credit).
     on_empty: std::sync::OnceLock<EmptyHook>,
+    /// What the upgrade was (local address, TLS, path, query).
+    facts: crate::plugin::ConnFacts,
+    /// An idle timeout the plugin set, in milliseconds (`u64::MAX`: none set since last
+    /// taken).
+    idle_change: AtomicU64,
 }
 
 /// What runs when a connection's send queue empties.
@@ -105,6 +110,10 @@ impl std::fmt::Debug for EmptyHook {
 }
 
 impl ConnShared {
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site; the connection's parts"
+    )]
     pub(crate) fn new(
         id: u64,
         remote: String,
@@ -113,6 +122,7 @@ impl ConnShared {
         budget: Arc<MemoryBudget>,
         metrics: Arc<crate::metrics::Metrics>,
         max_send_queue: u64,
+        facts: crate::plugin::ConnFacts,
     ) -> Arc<Self> {
         Arc::new(Self {
             id,
@@ -137,6 +147,8 @@ impl ConnShared {
             last_out_ms: AtomicU64::new(0),
             failed: AtomicU8::new(0),
             on_empty: std::sync::OnceLock::new(),
+            facts,
+            idle_change: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -185,6 +197,15 @@ impl ConnShared {
         self.drained.load(Ordering::Acquire)
             || self.closing.load(Ordering::Acquire)
             || self.failed.load(Ordering::Acquire) != 0
+            || self.idle_change.load(Ordering::Acquire) != u64::MAX
+    }
+
+    /// An idle timeout the plugin set since last asked.
+    pub(crate) fn take_idle_change(&self) -> Option<std::time::Duration> {
+        match self.idle_change.swap(u64::MAX, Ordering::AcqRel) {
+            u64::MAX => None,
+            ms => Some(std::time::Duration::from_millis(ms)),
+        }
     }
 
     /// Whether the plugin failed the connection since last asked, and if so whether its worker
@@ -418,6 +439,15 @@ impl crate::plugin::ConnOps for ConnShared {
     fn set_paused(&self, paused: bool) {
         ConnShared::set_paused(self, paused);
     }
+    fn facts(&self) -> &crate::plugin::ConnFacts {
+        &self.facts
+    }
+    fn set_idle_timeout(&self, timeout: std::time::Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX - 1);
+        self.idle_change
+            .store(ms.min(u64::MAX - 1), Ordering::Release);
+        self.waker.wake();
+    }
 }
 
 impl crate::plugin::SessionConn for ConnShared {
@@ -497,6 +527,7 @@ mod budget_tests {
             Arc::clone(budget),
             metrics,
             max_send_queue,
+            Default::default(),
         )
     }
 

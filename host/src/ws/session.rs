@@ -47,6 +47,8 @@ pub(crate) struct Start {
     pub(crate) admission: crate::context::Admission,
     pub(crate) plugin: Arc<LoadedPlugin>,
     pub(crate) handler: crate::plugin::Handler,
+    /// What the upgrade was, for `Conn`'s accessors.
+    pub(crate) facts: crate::plugin::ConnFacts,
     pub(crate) limits: ConnLimits,
     pub(crate) hub: Arc<Hub>,
     pub(crate) budget: Arc<crate::budget::MemoryBudget>,
@@ -92,6 +94,7 @@ async fn serve(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &C
         admission,
         plugin,
         handler,
+        facts,
         limits: own_limits,
         hub,
         budget,
@@ -122,6 +125,7 @@ async fn serve(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &C
         budget,
         Arc::clone(&metrics),
         max_send_queue,
+        facts,
     );
     let callbacks = crate::plugin::Callbacks::new(handler, Arc::clone(&conn));
     let mut ws = ws;
@@ -373,7 +377,7 @@ impl Session {
         out: &mut Writer,
         shutdown: &CancellationToken,
         restart: &std::sync::atomic::AtomicBool,
-        timing: Timing,
+        mut timing: Timing,
         partial: &Partial,
     ) -> (u16, String) {
         let mut peer_close: Option<(u16, String)> = None;
@@ -399,6 +403,21 @@ impl Session {
             // refused has drained; a close was queued (its handshake has a deadline).
             if conn.take_drained() {
                 self.call("on_drain", |cb| cb.on_drain());
+            }
+            if let Some(idle) = conn.take_idle_change() {
+                timing.idle_timeout =
+                    (!idle.is_zero()).then_some(idle.min(crate::config::MAX_DURATION));
+                wake = self.next_wake(
+                    &timing,
+                    next_ping,
+                    awaiting_pong,
+                    last_data_in.max(conn.last_data_out()),
+                    far,
+                );
+                if let Some(d) = close_deadline {
+                    wake = wake.min(d);
+                }
+                timer.as_mut().reset(wake);
             }
             if let Some(crashed) = conn.take_failed() {
                 if !self.failed {
@@ -976,6 +995,7 @@ mod in_process {
             admission,
             plugin: Arc::new(LoadedPlugin::fake("fake")),
             handler: Handler::Fake(handler),
+            facts: Default::default(),
             limits,
             hub,
             budget,

@@ -70,6 +70,8 @@ pub(crate) const SEND_CLOSE: u8 = 39;
 pub(crate) const WANT_DRAIN: u8 = 40;
 /// `conn.pause`/`resume`: u8.
 pub(crate) const PAUSE: u8 = 41;
+/// `conn.set_idle_timeout`: milliseconds (u64).
+pub(crate) const SET_IDLE: u8 = 49;
 /// `conn.subscribe` (id: the call): connection (u64), channel. Replied.
 pub(crate) const SUBSCRIBE: u8 = 42;
 /// `conn.unsubscribe` (id: the call): connection (u64), channel. Replied.
@@ -113,6 +115,7 @@ pub(crate) struct Open {
     pub(crate) token: u64,
     pub(crate) remote: String,
     pub(crate) max_send_queue: u64,
+    pub(crate) facts: crate::plugin::ConnFacts,
 }
 
 /// A plugin's decision, as it crosses.

@@ -912,6 +912,7 @@ impl WorkerLink {
             token,
             remote: conn.ops.remote_addr().to_owned(),
             max_send_queue: max,
+            facts: conn.ops.facts().clone(),
         };
         let (weak, out) = (Arc::downgrade(&conn), Arc::clone(&self.out));
         conn.ops.on_queue_empty(Box::new(move || {
@@ -1008,6 +1009,12 @@ impl WorkerLink {
                     if c.ops.buffered() == 0 {
                         c.credit(id, &self.out);
                     }
+                }
+            }
+            proto::SET_IDLE => {
+                if let Some(c) = self.conn(id) {
+                    let ms = proto::split_u64(&body).0;
+                    c.ops.set_idle_timeout(Duration::from_millis(ms));
                 }
             }
             proto::PAUSE => {

@@ -235,6 +235,7 @@ impl Shared {
                 let conn = Arc::new(WorkerConn {
                     id,
                     remote: open.remote,
+                    facts: open.facts,
                     max_send_queue: open.max_send_queue,
                     state: AtomicU8::new(OPEN),
                     sent: AtomicU64::new(0),
@@ -575,6 +576,7 @@ const CLOSED: u8 = 2;
 struct WorkerConn {
     id: u64,
     remote: String,
+    facts: crate::plugin::ConnFacts,
     max_send_queue: u64,
     state: AtomicU8,
     sent: AtomicU64,
@@ -683,6 +685,14 @@ impl ConnOps for WorkerConn {
     }
     fn set_paused(&self, paused: bool) {
         self.out.push(proto::PAUSE, self.id, &[&[u8::from(paused)]]);
+    }
+    fn facts(&self) -> &crate::plugin::ConnFacts {
+        &self.facts
+    }
+    fn set_idle_timeout(&self, timeout: Duration) {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.out
+            .push(proto::SET_IDLE, self.id, &[&ms.to_le_bytes()]);
     }
 }
 

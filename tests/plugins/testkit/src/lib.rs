@@ -268,6 +268,17 @@ impl Handler for Kit {
                 conn.buffered_amount()
             ),
             "config-json" => self.host.config_value().to_string(),
+            "facts" => format!(
+                "local={} secure={} path={} query={}",
+                conn.local_addr(),
+                conn.is_secure(),
+                conn.path(),
+                conn.query()
+            ),
+            "idle" => format!(
+                "idle set {}",
+                conn.set_idle_timeout(Duration::from_millis(arg.parse().unwrap_or(1000)))
+            ),
             "config-text" => format!("{:?}", self.host.config().get(arg)),
             "log" => {
                 self.host.warn(&format!("testkit says {arg}"));
