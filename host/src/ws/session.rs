@@ -66,27 +66,36 @@ pub(crate) fn run(
 ) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!("conn", conn_id = start.id, peer = %start.peer,
         plugin = %start.plugin.name, generation = start.plugin.generation);
-    session(on_upgrade, start, config).instrument(span)
+    serve(Socket::Upgrade(on_upgrade), start, config).instrument(span)
 }
 
-async fn session(on_upgrade: hyper::upgrade::OnUpgrade, start: Start, config: Arc<Config>) {
-    let upgraded = match on_upgrade.await {
-        Ok(upgraded) => upgraded,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
-            return;
-        }
-    };
+/// Where a session's socket comes from.
+enum Socket {
+    /// hyper's upgrade, once it completes.
+    Upgrade(hyper::upgrade::OnUpgrade),
+    /// A socket already past the handshake (in-process tests).
+    #[cfg(test)]
+    Ready(SessionIo),
+}
+
+/// Runs the session until the connection closes. One `async fn` for all of it (the upgrade
+/// included), not one that awaits another: the task's future is the connection's memory.
+async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
     // The socket moves to this runtime (the plugin's) with what hyper read past the handshake.
     // (The bytes are copied out, and hyper's read buffer, which they may share, freed now: the
     // session must not keep it for its lifetime.)
-    let (io, read_ahead) = SessionIo::take(upgraded);
-    serve(io, read_ahead, start, &config).await;
-}
-
-/// Runs the session on `io` (after the handshake; `read_ahead` is what was read past it) until
-/// the connection closes.
-async fn serve(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &Config) {
+    let (io, read_ahead) = match socket {
+        Socket::Upgrade(on_upgrade) => match on_upgrade.await {
+            Ok(upgraded) => SessionIo::take(upgraded),
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade did not complete");
+                return;
+            }
+        },
+        #[cfg(test)]
+        Socket::Ready(io) => (io, bytes::Bytes::new()),
+    };
+    let config = &*config;
     let Start {
         id,
         peer: _,
@@ -114,6 +123,9 @@ async fn serve(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &C
         .max_frame_size(Some(max_frame));
     let partial = Partial::new(Arc::clone(&budget));
     let io = Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead);
+    // Freed now, not at the end: it may share hyper's read buffer (measured: 4 KiB more an
+    // idle connection while it was kept).
+    drop(read_ahead);
     let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
     let max_send_queue = limits.max_send_queue.unwrap_or(u64::MAX);
     let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
@@ -1002,9 +1014,11 @@ mod in_process {
             metrics,
             shutdown: ctx.shutdown.clone(),
         };
-        let task = tokio::spawn(async move {
-            serve(SessionIo::Test(server), bytes::Bytes::new(), start, &config).await;
-        });
+        let task = tokio::spawn(serve(
+            Socket::Ready(SessionIo::Test(server)),
+            start,
+            Arc::new(config),
+        ));
         let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
         (client, events, task)
     }
