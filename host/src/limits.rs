@@ -60,11 +60,6 @@ impl ConnLimits {
             idle_timeout: self.idle_timeout.or(under.idle_timeout),
         }
     }
-
-    /// Whether no limit is set.
-    pub fn is_empty(&self) -> bool {
-        *self == Self::default()
-    }
 }
 
 #[cfg(test)]
@@ -87,6 +82,5 @@ mod tests {
         assert_eq!(merged.idle_timeout, Some(Duration::from_secs(1)));
         assert_eq!(merged.max_frame_size, Some(DEFAULT_MAX_FRAME_SIZE));
         assert_eq!(merged.ping_interval, Some(DEFAULT_PING_INTERVAL));
-        assert!(ConnLimits::default().is_empty());
     }
 }

@@ -536,15 +536,13 @@ impl TestRequest {
         match deferred {
             None => TestResponse::new(returned.into_ffi()),
             Some(slot) => {
-                let (answer, _) = slot
+                let (mut answer, _) = slot
                     .1
                     .wait_timeout_while(lock(&slot.0), std::time::Duration::from_secs(10), |a| {
                         a.is_none()
                     })
                     .unwrap_or_else(PoisonError::into_inner);
-                drop(answer);
-                let taken = lock(&slot.0).take();
-                match taken {
+                match answer.take() {
                     Some(answer) => TestResponse::new(answer),
                     None => panic!("the plugin deferred the decision and did not answer in 10 s"),
                 }

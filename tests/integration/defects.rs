@@ -41,15 +41,7 @@ async fn on_drain_comes_as_soon_as_the_writer_empties_the_queue() {
     let mut ws = connect(&host.url("/testkit")).await;
     // 32 MiB in 64 KiB messages, each batch sent when on_drain says the queue emptied.
     ws.send(Message::text("stream:33554432")).await.unwrap();
-    let mut received = 0usize;
-    loop {
-        match next(&mut ws).await {
-            Message::Binary(b) => received += b.len(),
-            Message::Text(t) if t.as_str() == "stream done" => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(received, 32 << 20);
+    assert_eq!(crate::harness::receive_stream(&mut ws).await, 32 << 20);
 }
 
 #[tokio::test]
@@ -229,11 +221,7 @@ async fn a_generation_shuts_down_off_the_io_threads_and_slow_shutdowns_are_logge
         .config_file("[plugin.testkit.config]\nshutdown_sleep_ms = \"200\"\n")
         .start();
     // A new build (a new inode) replaces generation 1, which has no connections: it retires.
-    install(
-        host.plugins_dir(),
-        "libtestkit.so",
-        &std::fs::read(plugin("testkit")).unwrap(),
-    );
+    crate::harness::redeploy(host.plugins_dir(), "testkit");
     let line = host.wait_for_log(&["testkit shutdown on thread"]);
     // The OS keeps 15 bytes of a thread's name.
     assert!(line.contains("thread wshost-retire-t"), "{line}");
@@ -247,11 +235,7 @@ async fn a_retired_generation_can_no_longer_publish() {
     let mut old = connect(&host.url("/testkit")).await;
     // Generation 1 leaks a thread that publishes to `ticks` forever.
     assert_eq!(ask(&mut old, "leak:ticks").await, "leaking");
-    install(
-        host.plugins_dir(),
-        "libtestkit.so",
-        &std::fs::read(plugin("testkit")).unwrap(),
-    );
+    crate::harness::redeploy(host.plugins_dir(), "testkit");
     host.wait_for_log(&["plugin reloaded", "plugin=testkit", "generation=2"]);
     old.close(None).await.unwrap();
     let _ = closed_with(&mut old).await;
@@ -338,7 +322,7 @@ async fn a_replaced_plugins_directory_is_watched_again() {
     host.wait_for_log(&["the plugins directory is gone"]);
     std::fs::create_dir(&dir).unwrap();
     host.wait_for_log(&["the plugins directory was replaced; watching it again"]);
-    install(&dir, "libecho.so", &std::fs::read(plugin("echo")).unwrap());
+    crate::harness::redeploy(&dir, "echo");
     host.wait_for_log(&["plugin loaded", "plugin=echo "]);
     let mut ws = connect(&host.url("/echo")).await;
     assert_eq!(ask(&mut ws, "back").await, "back");

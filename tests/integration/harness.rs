@@ -166,6 +166,16 @@ fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
     dir
 }
 
+/// Puts a fresh copy of workspace plugin `name` into `dir` as `lib{name}.so` (a new build
+/// deployed, as `install` does it).
+pub fn redeploy(dir: &Path, name: &str) {
+    install(
+        dir,
+        &format!("lib{name}.so"),
+        &std::fs::read(plugin(name)).unwrap(),
+    );
+}
+
 /// The plugin-api version of this workspace.
 pub fn plugin_api_version() -> String {
     let toml = std::fs::read_to_string(workspace_root().join("plugin-api/Cargo.toml")).unwrap();
@@ -556,6 +566,18 @@ pub async fn event(observer: &mut Ws, prefix: &str) -> String {
         let e = text(observer).await;
         if e.starts_with(prefix) {
             return e;
+        }
+    }
+}
+
+/// Reads a testkit `stream` (binary messages up to its `stream done`); returns the bytes.
+pub async fn receive_stream(ws: &mut Ws) -> usize {
+    let mut bytes = 0;
+    loop {
+        match next(ws).await {
+            Message::Binary(b) => bytes += b.len(),
+            Message::Text(t) if t.as_str() == "stream done" => return bytes,
+            other => panic!("unexpected {other:?}"),
         }
     }
 }

@@ -146,15 +146,7 @@ async fn a_queue_full_refusal_is_followed_by_on_drain() {
     ws.send(Message::text(format!("stream:{}", 4 << 20)))
         .await
         .unwrap();
-    let mut bytes = 0;
-    loop {
-        match crate::harness::next(&mut ws).await {
-            Message::Binary(b) => bytes += b.len(),
-            Message::Text(t) if t.as_str() == "stream done" => break,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-    assert_eq!(bytes, 4 << 20);
+    assert_eq!(crate::harness::receive_stream(&mut ws).await, 4 << 20);
 }
 
 #[tokio::test]
@@ -162,11 +154,7 @@ async fn a_reload_starts_a_new_worker_and_the_old_one_exits_after_its_last_conne
     let host = isolated();
     let mut old = connect(&host.url("/testkit")).await;
     let old_pid = pid_of(&mut old).await;
-    crate::harness::install(
-        host.plugins_dir(),
-        "libtestkit.so",
-        &std::fs::read(crate::harness::plugin("testkit")).unwrap(),
-    );
+    crate::harness::redeploy(host.plugins_dir(), "testkit");
     host.wait_for_log(&["plugin reloaded", "plugin=testkit", "generation=2"]);
     let mut new = connect(&host.url("/testkit")).await;
     let new_pid = pid_of(&mut new).await;

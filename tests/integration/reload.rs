@@ -310,14 +310,10 @@ async fn sighup_and_wshost_reload_rescan_when_watching_is_off() {
     let dir = host.plugins_dir().to_owned();
     let (ok, out) = host.admin_cmd(&["reload"]);
     assert!(ok && out.contains("no changes"), "{out}");
-    install(
-        &dir,
-        "libticker.so",
-        &std::fs::read(plugin("ticker")).unwrap(),
-    );
+    crate::harness::redeploy(&dir, "ticker");
     host.signal("HUP");
     wait_generation(&host, "ticker", 1);
-    install(&dir, "libchat.so", &std::fs::read(plugin("chat")).unwrap());
+    crate::harness::redeploy(&dir, "chat");
     let (ok, out) = host.admin_cmd(&["reload"]);
     assert!(ok && out.contains("loaded chat generation 1"), "{out}");
     std::fs::write(dir.join("broken.so"), "nope").unwrap();
@@ -345,11 +341,7 @@ async fn status_counts_connections_per_generation_and_mapped_libraries() {
     assert!(ok, "{out}");
     assert!(out.contains("\"open_connections\": 2"), "{out}");
     assert!(out.contains("\"mapped_libraries\": 1"), "{out}");
-    install(
-        host.plugins_dir(),
-        "libecho.so",
-        &std::fs::read(plugin("echo")).unwrap(),
-    );
+    crate::harness::redeploy(host.plugins_dir(), "echo");
     wait_generation(&host, "echo", 2);
     let (_, out) = host.admin_cmd(&["status"]);
     assert!(
@@ -388,11 +380,7 @@ async fn replaced_generation_hands_over(args: &[&str]) {
     let host = Host::builder().plugin("testkit").args(args).start();
     let mut old = crate::harness::connect(&host.url("/testkit")).await;
     assert_eq!(crate::harness::ask(&mut old, "log:before").await, "logged");
-    crate::harness::install(
-        host.plugins_dir(),
-        "libtestkit.so",
-        &std::fs::read(crate::harness::plugin("testkit")).unwrap(),
-    );
+    crate::harness::redeploy(host.plugins_dir(), "testkit");
     wait_generation(&host, "testkit", 2);
     host.wait_for_log(&["testkit replaced", "generation=1"]);
     let mut new = crate::harness::connect(&host.url("/testkit")).await;
@@ -419,11 +407,7 @@ async fn a_replaced_process_isolated_generation_is_told_and_hands_over_too() {
 async fn without_a_grace_the_old_generation_keeps_its_connections() {
     let host = Host::builder().plugin("testkit").start();
     let mut old = crate::harness::connect(&host.url("/testkit")).await;
-    crate::harness::install(
-        host.plugins_dir(),
-        "libtestkit.so",
-        &std::fs::read(crate::harness::plugin("testkit")).unwrap(),
-    );
+    crate::harness::redeploy(host.plugins_dir(), "testkit");
     wait_generation(&host, "testkit", 2);
     host.wait_for_log(&["testkit replaced", "generation=1"]);
     // Told, but not closed: it still answers (on generation 1).

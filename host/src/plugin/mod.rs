@@ -166,6 +166,13 @@ pub struct LoadedPlugin {
     pub(crate) limits: ConnLimits,
     /// Limits for connections on one of its routes, from the config file, over `limits`.
     pub(crate) route_limits: BTreeMap<String, ConnLimits>,
+    /// Its life since it loaded: connections, shutdown, closing.
+    life: Life,
+}
+
+/// A generation's life after it loaded, the same whatever runs its code.
+#[derive(Debug, Default)]
+struct Life {
     open_conns: AtomicU64,
     shut_down: AtomicBool,
     /// Cancelled when its connections must close: the host shuts down, or (with `restart`
@@ -347,10 +354,7 @@ impl Candidate {
             exec: None,
             limits,
             route_limits,
-            open_conns: AtomicU64::new(0),
-            shut_down: AtomicBool::new(false),
-            closing: Default::default(),
-            restart: AtomicBool::new(false),
+            life: Life::default(),
         })
     }
 }
@@ -406,10 +410,7 @@ impl LoadedPlugin {
             exec: None,
             limits,
             route_limits,
-            open_conns: AtomicU64::new(0),
-            shut_down: AtomicBool::new(false),
-            closing: Default::default(),
-            restart: AtomicBool::new(false),
+            life: Life::default(),
         }
     }
 
@@ -430,10 +431,7 @@ impl LoadedPlugin {
             exec: None,
             limits: ConnLimits::default(),
             route_limits: BTreeMap::new(),
-            open_conns: AtomicU64::new(0),
-            shut_down: AtomicBool::new(false),
-            closing: Default::default(),
-            restart: AtomicBool::new(false),
+            life: Life::default(),
         }
     }
 
@@ -546,7 +544,7 @@ impl LoadedPlugin {
     /// Tells the plugin it gets no more calls; runs once, on the calling thread. From then on
     /// the generation's host services are refused. `Err` carries its panic message.
     pub(crate) fn shutdown(&self) -> Result<(), String> {
-        if self.shut_down.swap(true, Ordering::AcqRel) {
+        if self.life.shut_down.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         if let Some(remote) = &self.remote {
@@ -568,7 +566,7 @@ impl LoadedPlugin {
     /// Runs this generation's `shutdown` on a retirement thread (not an I/O thread), and logs
     /// it. The host's stop waits for it ([`retire::wait_idle`]).
     pub(crate) fn retire(self: &Arc<Self>) {
-        if self.shut_down.load(Ordering::Acquire) {
+        if self.life.shut_down.load(Ordering::Acquire) {
             return;
         }
         let this = Arc::clone(self);
@@ -578,7 +576,7 @@ impl LoadedPlugin {
     }
 
     fn shutdown_logged(&self) {
-        if self.shut_down.load(Ordering::Acquire) {
+        if self.life.shut_down.load(Ordering::Acquire) {
             return;
         }
         if let Err(panic) = self.shutdown() {
@@ -592,17 +590,17 @@ impl LoadedPlugin {
     /// Fires when this generation's connections must close (shutdown, or the end of its grace
     /// after a replacement).
     pub(crate) fn closing(&self) -> &tokio_util::sync::CancellationToken {
-        &self.closing
+        &self.life.closing
     }
 
     /// Whether its connections close because it was replaced (1012), not for shutdown.
     pub(crate) fn restarting(&self) -> &AtomicBool {
-        &self.restart
+        &self.life.restart
     }
 
     /// Ties this generation's closing to `parent` (the registry's, cancelled at shutdown).
     pub(crate) fn with_closing(mut self, parent: &tokio_util::sync::CancellationToken) -> Self {
-        self.closing = parent.child_token();
+        self.life.closing = parent.child_token();
         self
     }
 
@@ -634,23 +632,23 @@ impl LoadedPlugin {
                         ?grace, "replaced generation's grace passed: closing its connections \
                         with 1012 so they reconnect to the new one");
                 }
-                old.restart.store(true, Ordering::Release);
-                old.closing.cancel();
+                old.life.restart.store(true, Ordering::Release);
+                old.life.closing.cancel();
             }
         });
     }
 
     /// Connections open on this instance.
     pub fn open_connections(&self) -> u64 {
-        self.open_conns.load(Ordering::Acquire)
+        self.life.open_conns.load(Ordering::Acquire)
     }
 
     pub(crate) fn connection_opened(&self) {
-        self.open_conns.fetch_add(1, Ordering::AcqRel);
+        self.life.open_conns.fetch_add(1, Ordering::AcqRel);
     }
 
     pub(crate) fn connection_closed(&self) {
-        self.open_conns.fetch_sub(1, Ordering::AcqRel);
+        self.life.open_conns.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Whether this plugin serves `path` through route `route`: whole segments only.
@@ -748,7 +746,7 @@ impl Drop for LoadedPlugin {
     /// they go to a retirement thread: this may be the I/O thread of its last connection.
     fn drop(&mut self) {
         if let Some(remote) = self.remote.take() {
-            if !self.shut_down.swap(true, Ordering::AcqRel) {
+            if !self.life.shut_down.swap(true, Ordering::AcqRel) {
                 retire::submit(&self.name, self.generation, "shutdown", move || {
                     remote.stop(std::time::Duration::from_secs(10));
                 });
@@ -758,7 +756,7 @@ impl Drop for LoadedPlugin {
         let Some(instance) = self.instance.take() else {
             return;
         };
-        let shut_down = self.shut_down.swap(true, Ordering::AcqRel);
+        let shut_down = self.life.shut_down.swap(true, Ordering::AcqRel);
         let (name, generation) = (self.name.clone(), self.generation);
         let Some(services) = self.services.clone() else {
             return;

@@ -386,13 +386,13 @@ impl Registry {
                 isolated
             } else {
                 Candidate::open(
-                &file,
-                self.private_dir.path(),
-                self.probe.as_ref(),
-                self.max_plugin_size,
-                &self.config_tables(),
-            )
-            .and_then(|mut candidate| {
+                    &file,
+                    self.private_dir.path(),
+                    self.probe.as_ref(),
+                    self.max_plugin_size,
+                    &self.config_tables(),
+                )
+                .and_then(|mut candidate| {
                     let section = self.section(&candidate.name);
                     if section.memory_limit.is_some() || section.callback_timeout.is_some() {
                         tracing::warn!(plugin = %candidate.name,
@@ -409,14 +409,7 @@ impl Registry {
                         .and_modify(|g| *g += 1)
                         .or_insert(1);
                     let limits = section.limits;
-                    let mut route_limits = BTreeMap::new();
-                    for (route, l) in &section.route_limits {
-                        if !candidate.routes.contains(route) {
-                            tracing::warn!(plugin = %candidate.name, %route, routes = ?candidate.routes,
-                                "the config file sets limits for a route this plugin does not serve");
-                        }
-                        route_limits.insert(route.clone(), l.limits);
-                    }
+                    let route_limits = route_limits(&section, &candidate.name, &candidate.routes);
                     let name = candidate.name.clone();
                     let plugin = candidate.create(
                         *generation,
@@ -429,13 +422,12 @@ impl Registry {
                         return Ok(plugin);
                     }
                     let workers = section.workers.unwrap_or(self.plugin_workers);
-                    let exec = super::exec::executor(&name, workers).map_err(|e| {
-                        LoadError::Create {
+                    let exec =
+                        super::exec::executor(&name, workers).map_err(|e| LoadError::Create {
                             name: name.clone(),
                             file: file.clone(),
                             reason: format!("cannot start its {workers} worker threads: {e}"),
-                        }
-                    })?;
+                        })?;
                     Ok(plugin.with_executor(exec))
                 })
             };
@@ -580,11 +572,7 @@ impl Registry {
         // Counted only once it loads: a refused file takes no generation number.
         let generation = state.generations.get(&name).copied().unwrap_or(0) + 1;
         let limits = section.limits;
-        let route_limits = section
-            .route_limits
-            .iter()
-            .map(|(r, l)| (r.clone(), l.limits))
-            .collect();
+        let route_limits = route_limits(&section, &name, &routes);
         let identity = started.identity.clone();
         let threads = section.workers.unwrap_or(threads).max(1);
         let supervisor = super::isolate::Supervisor::create(
@@ -767,6 +755,24 @@ impl Registry {
         }
         let _ = std::fs::remove_dir_all(self.private_dir.path());
     }
+}
+
+/// The limits a plugin's section sets for each of its routes; a route it does not serve is
+/// logged (the limits would never apply).
+fn route_limits(
+    section: &crate::config_file::PluginSection,
+    plugin: &str,
+    routes: &[String],
+) -> BTreeMap<String, crate::limits::ConnLimits> {
+    let mut out = BTreeMap::new();
+    for (route, l) in &section.route_limits {
+        if !routes.contains(route) {
+            tracing::warn!(plugin, %route, ?routes,
+                "the config file sets limits for a route this plugin does not serve");
+        }
+        out.insert(route.clone(), l.limits);
+    }
+    out
 }
 
 /// The plugin files of `dir`, sorted by name: `*.so`, not starting with `.`.

@@ -202,6 +202,10 @@ impl ConnShared {
 
     /// An idle timeout the plugin set since last asked.
     pub(crate) fn take_idle_change(&self) -> Option<std::time::Duration> {
+        // A load first, as in `take_failed`.
+        if self.idle_change.load(Ordering::Acquire) == u64::MAX {
+            return None;
+        }
         match self.idle_change.swap(u64::MAX, Ordering::AcqRel) {
             u64::MAX => None,
             ms => Some(std::time::Duration::from_millis(ms)),
@@ -211,6 +215,11 @@ impl ConnShared {
     /// Whether the plugin failed the connection since last asked, and if so whether its worker
     /// process died (`Some(true)`) or a callback panicked (`Some(false)`).
     pub(crate) fn take_failed(&self) -> Option<bool> {
+        // A load first: this runs on every pass of the session loop, and an atomic swap would
+        // take the cache line exclusively each time.
+        if self.failed.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         match self.failed.swap(0, Ordering::AcqRel) {
             0 => None,
             n => Some(n == 2),
