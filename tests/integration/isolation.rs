@@ -69,7 +69,12 @@ async fn every_fault_in_a_callback_ends_only_its_worker() {
         testkit.send(Message::text(*fault)).await.unwrap();
         let (code, _) = closed_with(&mut testkit).await;
         assert_eq!(code, 1011, "{fault}: the connection closes with 1011");
-        host.wait_for_log(&["plugin worker process", said, "plugin=testkit"]);
+        host.wait_for_log(&[
+            "plugin worker process",
+            said,
+            "plugin=testkit",
+            "connections_closed=1",
+        ]);
         // The other plugin's connection, opened before, goes on.
         assert_eq!(ask(&mut echo, fault).await, *fault);
         // The plugin serves new connections again within 5 s, in a new worker.

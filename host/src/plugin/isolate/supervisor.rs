@@ -624,6 +624,7 @@ impl Supervisor {
             next_id: AtomicU64::new(1),
             conns: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),
+            closed_at_death: Default::default(),
             hub: Arc::clone(&self.hub),
         });
         self.rt.spawn(writer(Arc::clone(&link.out), write));
@@ -837,6 +838,8 @@ pub(crate) struct WorkerLink {
     next_id: AtomicU64,
     conns: Mutex<HashMap<u64, Arc<RemoteConn>>>,
     alive: AtomicBool,
+    /// Connections closed because the worker died.
+    closed_at_death: std::sync::atomic::AtomicUsize,
     hub: Arc<Hub>,
 }
 
@@ -876,8 +879,9 @@ impl RemoteConn {
 }
 
 impl WorkerLink {
-    /// The worker is gone: decisions it owed fail, its connections close with 1011. Returns
-    /// how many connections it had.
+    /// The worker is gone: decisions it owed fail, its connections close with 1011. Called by
+    /// the socket's reader and by the supervisor, whichever sees it first; returns how many
+    /// connections the worker had, whoever closed them.
     fn die(&self) -> usize {
         self.alive.store(false, Ordering::Release);
         self.out.close();
@@ -894,7 +898,9 @@ impl WorkerLink {
         for (_, c) in &conns {
             c.ops.fail(true);
         }
-        conns.len()
+        self.closed_at_death
+            .fetch_add(conns.len(), Ordering::AcqRel)
+            + conns.len()
     }
 
     /// Binds the handler `token` to a connection.
