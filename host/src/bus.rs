@@ -67,6 +67,15 @@ impl RedisConfig {
     }
 }
 
+impl std::fmt::Display for BusConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Memory => f.write_str("memory"),
+            Self::Redis(r) => f.write_str(&r.url),
+        }
+    }
+}
+
 impl std::str::FromStr for BusConfig {
     type Err = String;
 

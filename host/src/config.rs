@@ -1,5 +1,6 @@
 //! `Config`: every limit and interval of the host, with the default and the reason for it.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crate::plugin::probe::Probe;
@@ -70,6 +71,9 @@ pub struct Config {
     /// The config file the `plugins` sections came from: read again on every reload (SIGHUP,
     /// `wshost reload`, a change in the plugins directory).
     pub config_file: Option<PathBuf>,
+    /// How `config_file`'s `[plugin.NAME]` sections are read again on a reload (the binary's
+    /// config file reader); without one a reload keeps `plugins`.
+    pub section_reader: Option<crate::plugin::registry::SectionReader>,
     /// Plugin files larger than this are refused without being read. Default 256 MiB.
     pub max_plugin_size: u64,
     /// Worker threads of each plugin's own runtime (a plugin's config file section may set its
@@ -88,7 +92,7 @@ pub struct Config {
     pub isolation: crate::plugin::isolate::IsolationConfig,
     /// Per-plugin route mounts, limits and configuration tables (the config file's
     /// `[plugin.NAME]` sections), by plugin name.
-    pub plugins: std::collections::BTreeMap<String, crate::config_file::PluginSection>,
+    pub plugins: std::collections::BTreeMap<String, PluginSection>,
     /// Serve https/wss with this certificate and key; `None` serves http/ws.
     pub tls: Option<crate::tls::TlsFiles>,
     /// How channels reach other hosts: in memory only (the default), or through Redis.
@@ -124,6 +128,7 @@ impl Default for Config {
             trusted_proxies: Vec::new(),
             plugins: Default::default(),
             config_file: None,
+            section_reader: None,
             max_plugin_size: crate::plugin::registry::DEFAULT_MAX_PLUGIN_SIZE,
             plugin_workers: crate::plugin::exec::default_workers(),
             decision_timeout: Duration::from_secs(10),
@@ -159,4 +164,30 @@ mod tests {
         let limit = open_file_limit().expect("Linux has /proc/self/limits");
         assert!((Config::default().max_connections as u64) < limit);
     }
+}
+
+/// Limits and routes for one plugin, from its `[plugin.NAME]` section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PluginSection {
+    /// Route prefixes that replace the plugin's own.
+    pub routes: Option<Vec<String>>,
+    /// Limits for its connections (over the host's, under its route's and its 101's).
+    pub limits: crate::limits::ConnLimits,
+    /// Worker threads of the plugin's own runtime: how many of its calls may run (or block)
+    /// at once.
+    pub workers: Option<usize>,
+    /// Whether it runs in a worker process (`Some(true)`, `isolation = "process"`) or in the
+    /// host (`Some(false)`, `"inline"`); `None`: the host's default.
+    pub process: Option<bool>,
+    /// In a worker process: its resident memory past which the worker is ended and restarted.
+    pub memory_limit: Option<u64>,
+    /// In a worker process: a call running longer ends the worker.
+    pub callback_timeout: Option<Duration>,
+    /// The free-form table handed to the plugin, every value as text (`Host::config`; lists
+    /// and tables as JSON text).
+    pub config: BTreeMap<String, String>,
+    /// The same table with its types, as JSON (`Host::config_value`, `Host::config_as`).
+    pub config_json: String,
+    /// Limits for one of its routes (`[plugin.NAME.route."/path"]`), over the section's own.
+    pub route_limits: BTreeMap<String, PluginSection>,
 }

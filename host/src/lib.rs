@@ -19,7 +19,8 @@
 //!   retirement of generations off the I/O threads.
 //! - [`admin`]: the admin endpoint (`/status`, `/reload`) and its client.
 //!
-//! The binary (`main.rs`) parses the command line, installs logging, binds, and calls
+//! The binary (`src/bin/wshost/`: the command line, the config file, the scaffold) parses
+//! its settings into a [`Config`], installs logging, binds, and calls
 //! [`Server::serve`]. `docs/architecture.md` shows the layers, the threads, and the path of a
 //! message and of a reload.
 
@@ -33,16 +34,13 @@ pub mod admin;
 mod budget;
 pub mod bus;
 pub mod channels;
-pub mod cli;
 pub mod config;
-pub mod config_file;
 mod context;
 mod http;
 pub mod limits;
 pub mod metrics;
 pub mod plugin;
 mod proxy;
-pub mod scaffold;
 mod server;
 pub mod tls;
 pub mod units;
@@ -121,10 +119,10 @@ impl Server {
             .map_err(Error::PrivateDir)?
             .with_plugin_sections(config.plugins.clone())
             .with_config_file(
-                config.config_file.clone(),
-                plugin::registry::SectionReader(Arc::new(|file| {
-                    cli::load_plugin_sections(file).map_err(|e| e.to_string())
-                })),
+                config
+                    .config_file
+                    .clone()
+                    .zip(config.section_reader.clone()),
             )
             .with_max_plugin_size(config.max_plugin_size)
             .with_plugin_workers(config.plugin_workers)

@@ -116,7 +116,7 @@ fn a_bad_config_fails_fast_naming_file_line_and_key() {
     let err = serve_refused(&[], Some("max_message_size = \"big\"\n"));
     // Values are checked with the file, line and key too, not the flag they stand for.
     assert!(
-        err.contains("wshost.toml:1: `max_message_size`: invalid value 'big'"),
+        err.contains("wshost.toml:1: `max_message_size`: `big`: unknown unit"),
         "{err}"
     );
     let err = serve_refused(&[], Some("this is not toml\n"));

@@ -692,7 +692,7 @@ pub(crate) struct PluginConfig {
 
 impl PluginConfig {
     /// The config of a config file section.
-    pub(crate) fn of(section: &crate::config_file::PluginSection) -> Self {
+    pub(crate) fn of(section: &crate::config::PluginSection) -> Self {
         Self {
             table: section.config.clone(),
             json: section.config_json.clone(),

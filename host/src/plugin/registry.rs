@@ -163,7 +163,7 @@ pub struct Registry {
     retired: Mutex<Vec<Weak<LoadedPlugin>>>,
     loads_ok: std::sync::atomic::AtomicU64,
     loads_refused: std::sync::atomic::AtomicU64,
-    sections: Mutex<BTreeMap<String, crate::config_file::PluginSection>>,
+    sections: Mutex<BTreeMap<String, crate::config::PluginSection>>,
     /// The config file the sections come from, read again on every reload, and its reader.
     config_file: Option<(PathBuf, SectionReader)>,
     max_plugin_size: u64,
@@ -180,7 +180,7 @@ pub struct Registry {
 }
 
 /// The plugin sections of a config file, by plugin name.
-pub type Sections = BTreeMap<String, crate::config_file::PluginSection>;
+pub type Sections = BTreeMap<String, crate::config::PluginSection>;
 
 /// Reads the `[plugin.NAME]` sections of a config file (the command line's reader: the
 /// registry does not parse config files itself).
@@ -246,16 +246,16 @@ impl Registry {
     /// Applies the config file's `[plugin.NAME]` sections to the plugins loaded from now on.
     pub fn with_plugin_sections(
         self,
-        sections: BTreeMap<String, crate::config_file::PluginSection>,
+        sections: BTreeMap<String, crate::config::PluginSection>,
     ) -> Self {
         *self.sections.lock().unwrap_or_else(PoisonError::into_inner) = sections;
         self
     }
 
-    /// Reads the plugin sections from `file` with `read` again on every
+    /// Reads the plugin sections from the file with its reader again on every
     /// [`Registry::reload_config`].
-    pub fn with_config_file(mut self, file: Option<PathBuf>, read: SectionReader) -> Self {
-        self.config_file = file.map(|f| (f, read));
+    pub fn with_config_file(mut self, file: Option<(PathBuf, SectionReader)>) -> Self {
+        self.config_file = file;
         self
     }
 
@@ -314,7 +314,7 @@ impl Registry {
             .collect()
     }
 
-    fn section(&self, name: &str) -> crate::config_file::PluginSection {
+    fn section(&self, name: &str) -> crate::config::PluginSection {
         self.sections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -760,7 +760,7 @@ impl Registry {
 /// The limits a plugin's section sets for each of its routes; a route it does not serve is
 /// logged (the limits would never apply).
 fn route_limits(
-    section: &crate::config_file::PluginSection,
+    section: &crate::config::PluginSection,
     plugin: &str,
     routes: &[String],
 ) -> BTreeMap<String, crate::limits::ConnLimits> {

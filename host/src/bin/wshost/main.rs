@@ -1,57 +1,29 @@
-//! The `wshost` binary: parses the command line, installs logging, binds, and runs the library.
+//! The `wshost` binary: parses the command line and the config file, installs logging, binds,
+//! and runs the library; also the admin client, the plugin checker and the scaffold.
+
+mod cli;
+mod config_file;
+mod scaffold;
+mod values;
 
 use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{CommandFactory as _, FromArgMatches as _};
+use cli::{AdminArgs, CheckArgs, Cli, Command, LogFormat, NewArgs, ServeArgs};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use wshost::cli::{AdminArgs, CheckArgs, Cli, Command, LogFormat, NewArgs, ServeArgs};
 use wshost::plugin::registry::{ReloadReport, Status};
 use wshost::{Registry, Server};
 
 fn main() -> ExitCode {
-    let version: &'static str = Box::leak(wshost::cli::version().into_boxed_str());
-    let command = Cli::command().version(version);
-    let parse = |args: Vec<std::ffi::OsString>| {
-        let matches = command.clone().try_get_matches_from(args)?;
-        Cli::from_arg_matches(&matches)
-    };
-    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let mut cli = parse(args.clone()).unwrap_or_else(|e| e.exit());
-    // With a config file, its settings go in front of the command line's, so that flags (and,
-    // skipped by the loader, environment variables) override it.
-    let mut plugin_sections = Default::default();
-    if let Command::Serve(serve) = &cli.command {
-        if let Some(file) = &serve.config {
-            let serve_cmd = command
-                .find_subcommand("serve")
-                .expect("serve is a subcommand");
-            let loaded = match wshost::config_file::load(file, serve_cmd) {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    eprintln!("wshost: config file: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let at = args
-                .iter()
-                .position(|a| a == "serve")
-                .map_or(args.len(), |i| i + 1);
-            let mut merged = args[..at].to_vec();
-            merged.extend(loaded.args);
-            merged.extend_from_slice(&args[at..]);
-            cli = match parse(merged) {
-                Ok(cli) => cli,
-                Err(e) => {
-                    eprintln!("wshost: in config file {}:", file.display());
-                    e.exit()
-                }
-            };
-            plugin_sections = loaded.plugins;
-        }
-    }
+    let version: &'static str = Box::leak(cli::version().into_boxed_str());
+    let command = Cli::command()
+        .version(version)
+        .mut_subcommand("serve", cli::with_default_help);
+    let matches = command.clone().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -63,13 +35,13 @@ fn main() -> ExitCode {
         LogFormat::Json => logs.json().with_current_span(true).init(),
     }
     let result = match cli.command {
-        Command::Serve(args) => serve(&args, plugin_sections),
+        Command::Serve(args) => serve(*args),
         Command::Config(_) => {
             let serve_cmd = Cli::command();
             let serve_cmd = serve_cmd
                 .find_subcommand("serve")
                 .expect("serve is a subcommand");
-            print!("{}", wshost::config_file::print_defaults(serve_cmd));
+            print!("{}", config_file::print_defaults(serve_cmd));
             Ok(ExitCode::SUCCESS)
         }
         Command::Check(args) => check(&args),
@@ -100,27 +72,38 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(
-    args: &ServeArgs,
-    plugins: std::collections::BTreeMap<String, wshost::config_file::PluginSection>,
-) -> anyhow::Result<ExitCode> {
+fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    // The command line and the environment over the config file over the defaults.
+    let (file_settings, plugins) = match &args.config {
+        Some(file) => {
+            let loaded = config_file::load(file).context("config file")?;
+            (loaded.settings, loaded.plugins)
+        }
+        None => Default::default(),
+    };
+    let settings = args.settings.overlay(file_settings).resolved();
+    let s = settings.get();
+    if s.tls_cert.is_some() != s.tls_key.is_some() {
+        anyhow::bail!("--tls-cert and --tls-key (or tls_cert and tls_key) go together");
+    }
+    let listen = settings.listen();
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     let served = runtime.block_on(async {
         let exe = std::env::current_exe().context("finding the wshost binary for the probe")?;
-        let mut config = args.config(Some(exe));
+        let mut config = settings.config(Some(exe), args.config.clone());
         config.plugins = plugins;
         let mut server = Server::new(config).context("starting wshost")?;
-        let listener = TcpListener::bind(args.listen)
+        let listener = TcpListener::bind(listen)
             .await
-            .with_context(|| format!("cannot listen on {}", args.listen))?;
+            .with_context(|| format!("cannot listen on {listen}"))?;
         let addr = listener.local_addr().context("reading the bound address")?;
         let mut out = std::io::stdout().lock();
         let mut runtime_addr = None;
-        if let Some((listener, addr)) = bind_admin(&args.admin_listen).await? {
-            let token = token(args.admin_token_file.as_deref(), "--admin-token-file")?;
+        if let Some((listener, addr)) = bind_admin(settings.admin_listen()).await? {
+            let token = token(s.admin_token_file.as_deref(), "--admin-token-file")?;
             let guard = wshost::admin::AdminGuard {
                 token,
-                header_read_timeout: args.header_read_timeout,
+                header_read_timeout: s.header_read_timeout.unwrap_or_default(),
             };
             writeln!(out, "admin on {addr}").context("writing to stdout")?;
             match wshost::admin::write_runtime_file(&addr) {
@@ -134,7 +117,7 @@ fn serve(
         }
         tracing::info!(%addr, "listening");
         // Tests and scripts read this line to learn the real address.
-        let scheme = if args.tls_cert.is_some() { "wss" } else { "ws" };
+        let scheme = if s.tls_cert.is_some() { "wss" } else { "ws" };
         writeln!(out, "listening on {scheme}://{addr}").context("writing to stdout")?;
         out.flush().context("writing to stdout")?;
         drop(out);
@@ -143,7 +126,7 @@ fn serve(
         if let Some(addr) = runtime_addr {
             wshost::admin::remove_runtime_file(&addr);
         }
-        if let wshost::cli::AdminListen::Unix(path) = &args.admin_listen {
+        if let cli::AdminListen::Unix(path) = settings.admin_listen() {
             let _ = std::fs::remove_file(path);
         }
         Ok(ExitCode::SUCCESS)
@@ -157,11 +140,11 @@ fn serve(
 /// Binds the admin endpoint as `--admin-listen` says: a TCP address, or a Unix socket that
 /// only this user may open.
 async fn bind_admin(
-    listen: &wshost::cli::AdminListen,
+    listen: &cli::AdminListen,
 ) -> anyhow::Result<Option<(wshost::admin::AdminListener, wshost::admin::AdminAddr)>> {
+    use cli::AdminListen;
     use std::os::unix::fs::PermissionsExt as _;
     use wshost::admin::{AdminAddr, AdminListener};
-    use wshost::cli::AdminListen;
     Ok(match listen {
         AdminListen::Off => None,
         AdminListen::Tcp(at) => {
@@ -203,7 +186,7 @@ fn admin_target(args: &AdminArgs) -> anyhow::Result<(wshost::admin::AdminAddr, O
 
 /// The token in the file `flag` named, if it named one.
 fn token(file: Option<&std::path::Path>, flag: &str) -> anyhow::Result<Option<String>> {
-    file.map(wshost::cli::read_token_file)
+    file.map(cli::read_token_file)
         .transpose()
         .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
 }
@@ -340,8 +323,8 @@ fn new_plugin(args: &NewArgs) -> anyhow::Result<ExitCode> {
     let api = args
         .api_path
         .clone()
-        .unwrap_or_else(wshost::scaffold::default_api_path);
-    let dir = wshost::scaffold::new_plugin(&args.name, &args.path, &api)
+        .unwrap_or_else(scaffold::default_api_path);
+    let dir = scaffold::new_plugin(&args.name, &args.path, &api)
         .with_context(|| format!("creating plugin `{}`", args.name))?;
     println!("created {}", dir.display());
     println!(
@@ -360,8 +343,7 @@ fn check(args: &CheckArgs) -> anyhow::Result<ExitCode> {
         timeout: std::time::Duration::from_secs(10),
     };
     let sections = match &args.config {
-        Some(file) => wshost::cli::load_plugin_sections(file)
-            .map_err(|e| anyhow::anyhow!("config file: {e}"))?,
+        Some(file) => config_file::load(file).context("config file")?.plugins,
         None => Default::default(),
     };
     let registry = Registry::new(Default::default(), Some(probe))

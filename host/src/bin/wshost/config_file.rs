@@ -1,6 +1,6 @@
-//! The TOML config file (`wshost serve --config FILE`): every `serve` flag by its name, and a
-//! `[plugin.NAME]` section per plugin. Flags given on the command line or in the environment
-//! override the file.
+//! The TOML config file (`wshost serve --config FILE`): every `serve` setting by its name
+//! (deserialized into [`Settings`], the type the command line fills too), and a `[plugin.NAME]`
+//! section per plugin. Flags given on the command line or in the environment override the file.
 //!
 //! ```toml
 //! listen = "0.0.0.0:8080"
@@ -20,9 +20,11 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+
+use wshost::config::PluginSection;
+
+use crate::cli::Settings;
 
 /// Why the config file was refused; every message names the file, the line and the key.
 #[derive(Debug, thiserror::Error)]
@@ -57,37 +59,11 @@ pub enum ConfigError {
     },
 }
 
-/// Limits and routes for one plugin, from its `[plugin.NAME]` section.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PluginSection {
-    /// Route prefixes that replace the plugin's own.
-    pub routes: Option<Vec<String>>,
-    /// Limits for its connections (over the host's, under its route's and its 101's).
-    pub limits: crate::limits::ConnLimits,
-    /// Worker threads of the plugin's own runtime: how many of its calls may run (or block)
-    /// at once.
-    pub workers: Option<usize>,
-    /// Whether it runs in a worker process (`Some(true)`, `isolation = "process"`) or in the
-    /// host (`Some(false)`, `"inline"`); `None`: the host's default.
-    pub process: Option<bool>,
-    /// In a worker process: its resident memory past which the worker is ended and restarted.
-    pub memory_limit: Option<u64>,
-    /// In a worker process: a call running longer ends the worker.
-    pub callback_timeout: Option<Duration>,
-    /// The free-form table handed to the plugin, every value as text (`Host::config`; lists
-    /// and tables as JSON text).
-    pub config: BTreeMap<String, String>,
-    /// The same table with its types, as JSON (`Host::config_value`, `Host::config_as`).
-    pub config_json: String,
-    /// Limits for one of its routes (`[plugin.NAME.route."/path"]`), over the section's own.
-    pub route_limits: BTreeMap<String, PluginSection>,
-}
-
 /// A parsed config file.
 #[derive(Debug, Default)]
 pub struct ConfigFile {
-    /// The `serve` arguments the top-level keys stand for (put before the command line's).
-    pub args: Vec<OsString>,
+    /// The top-level settings (under the command line's and the environment's).
+    pub settings: Settings,
     /// The per-plugin sections.
     pub plugins: BTreeMap<String, PluginSection>,
 }
@@ -113,18 +89,19 @@ fn line_of(text: &str, section: Option<&str>, key: &str) -> usize {
     0
 }
 
-/// Reads `file` against the arguments of the `serve` command.
-pub fn load(file: &Path, serve: &clap::Command) -> Result<ConfigFile, ConfigError> {
+/// Reads `file`: its top-level settings (deserialized into [`Settings`]) and its
+/// `[plugin.NAME]` sections.
+pub fn load(file: &Path) -> Result<ConfigFile, ConfigError> {
     let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
         file: file.to_owned(),
         source,
     })?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| ConfigError::Syntax {
-            file: file.to_owned(),
-            message: e.to_string(),
-        })?;
+    let mut table: toml::Table =
+        text.parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                file: file.to_owned(),
+                message: e.to_string(),
+            })?;
     let key_error = |section: Option<&str>, key: &str, problem: String| ConfigError::Key {
         file: file.to_owned(),
         line: line_of(&text, section, key),
@@ -135,98 +112,52 @@ pub fn load(file: &Path, serve: &clap::Command) -> Result<ConfigFile, ConfigErro
         problem,
     };
     let mut out = ConfigFile::default();
-    for (key, value) in &table {
-        if key == "plugin" {
-            let Some(plugins) = value.as_table() else {
-                return Err(key_error(
-                    None,
-                    key,
-                    "must be a table of [plugin.NAME]".into(),
-                ));
-            };
-            for (name, section) in plugins {
-                let s = format!("plugin.{name}");
-                let Some(section) = section.as_table() else {
-                    return Err(key_error(Some("plugin"), name, "must be a table".into()));
-                };
-                let parsed = plugin_section(section)
-                    .map_err(|(k, problem)| key_error(Some(&s), &k, problem))?;
-                out.plugins.insert(name.clone(), parsed);
-            }
-            continue;
-        }
-        let arg = serve
-            .get_arguments()
-            .find(|a| a.get_id() == key.as_str() && a.get_long().is_some() && key != "config")
-            .ok_or_else(|| {
-                key_error(
-                    None,
-                    key,
-                    "no such setting (see `wshost config --print-defaults`)".into(),
-                )
-            })?;
-        if arg
-            .get_env()
-            .is_some_and(|env| std::env::var_os(env).is_some())
-        {
-            continue; // the environment overrides the file
-        }
-        let flag = format!("--{}", arg.get_long().expect("checked above"));
-        let is_switch = matches!(arg.get_action(), clap::ArgAction::SetTrue);
-        let is_list = matches!(arg.get_action(), clap::ArgAction::Append);
-        // Each value is checked here with the flag's own parser, so that a bad value is
-        // reported with the file, line and key; it then goes on as `--flag=value` (a value
-        // like `-1` is never taken for a flag).
-        let mut push = |v: &toml::Value, what: &str| -> Result<(), ConfigError> {
-            let text = scalar(v).ok_or_else(|| key_error(None, key, what.to_owned()))?;
-            let arg_text = format!("{flag}={text}");
-            if let Err(e) = serve
-                .clone()
-                .try_get_matches_from(["serve", arg_text.as_str()])
-            {
-                return Err(key_error(None, key, value_problem(&e)));
-            }
-            out.args.push(arg_text.into());
-            Ok(())
+    if let Some(value) = table.remove("plugin") {
+        let Some(plugins) = value.as_table() else {
+            return Err(key_error(
+                None,
+                "plugin",
+                "must be a table of [plugin.NAME]".into(),
+            ));
         };
-        match value {
-            toml::Value::Boolean(b) if is_switch => {
-                if *b {
-                    out.args.push(flag.into());
-                }
-            }
-            toml::Value::Array(items) if is_list => {
-                for item in items {
-                    push(item, "list items must be strings or numbers")?;
-                }
-            }
-            toml::Value::Array(_) | toml::Value::Table(_) if !is_switch => {
-                return Err(key_error(
-                    None,
-                    key,
-                    "must be a single value, not a list or table".into(),
-                ))
-            }
-            v if !is_switch => push(v, "must be a string or a number")?,
-            _ => return Err(key_error(None, key, "must be true or false".into())),
+        for (name, section) in plugins {
+            let s = format!("plugin.{name}");
+            let Some(section) = section.as_table() else {
+                return Err(key_error(Some("plugin"), name, "must be a table".into()));
+            };
+            let parsed =
+                plugin_section(section).map_err(|(k, problem)| key_error(Some(&s), &k, problem))?;
+            out.plugins.insert(name.clone(), parsed);
         }
     }
+    out.settings = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(
+        |e: serde_path_to_error::Error<toml::de::Error>| {
+            let key = e.path().to_string();
+            let key = key.split(['.', '[']).next().unwrap_or("").to_owned();
+            let inner = e.into_inner();
+            let message = inner.message().trim().to_owned();
+            let problem = if message.starts_with("unknown field") {
+                "no such setting (see `wshost config --print-defaults`)".to_owned()
+            } else {
+                message
+            };
+            // An unknown key is named by the message, not the path.
+            let key = if key.is_empty() || key == "?" {
+                message_key(inner.message()).unwrap_or_default()
+            } else {
+                key
+            };
+            key_error(None, &key, problem)
+        },
+    )?;
     Ok(out)
 }
 
-/// clap's complaint about a value, without the flag's name (the file's key names it).
-fn value_problem(e: &clap::Error) -> String {
-    let text = e.to_string();
-    let first = text.lines().next().unwrap_or("").trim();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    // "invalid value 'X' for '--flag <FLAG>': why" → "invalid value 'X': why"
-    match first.find(" for '--") {
-        Some(at) => match first[at + 7..].find('\'') {
-            Some(end) => format!("{}{}", &first[..at], &first[at + 7 + end + 1..]),
-            None => first.to_owned(),
-        },
-        None => first.to_owned(),
-    }
+/// The key a serde message names in backquotes (`unknown field `x``).
+fn message_key(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let end = message[start..].find('`')? + start;
+    Some(message[start..end].to_owned())
 }
 
 fn scalar(v: &toml::Value) -> Option<String> {
@@ -255,7 +186,7 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
         )),
     };
     let time = |k: &str, v: &toml::Value| match v.as_str() {
-        Some(s) => crate::units::duration(s).map_err(|e| (k.to_owned(), e)),
+        Some(s) => wshost::units::duration(s).map_err(|e| (k.to_owned(), e)),
         None => Err((
             k.to_owned(),
             "must be a duration like \"30s\" or \"500ms\"".to_owned(),
@@ -299,7 +230,7 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
             },
             "memory_limit" if top => match v.as_str() {
                 Some(s) => {
-                    p.memory_limit = Some(crate::units::bytes(s).map_err(|e| (k.clone(), e))?)
+                    p.memory_limit = Some(wshost::units::bytes(s).map_err(|e| (k.clone(), e))?)
                 }
                 None => p.memory_limit = Some(size(k, v)?),
             },
@@ -340,12 +271,14 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
     Ok(p)
 }
 
-/// A commented config file with every `serve` setting at its default.
+/// A commented config file with every `serve` setting at its default, in the order and with
+/// the help of `serve --help`.
 pub fn print_defaults(serve: &clap::Command) -> String {
     let mut out = String::from(
         "# wshost config file: every setting at its default.\n\
          # Use it with `wshost serve --config FILE`; flags and WSHOST_* variables override it.\n\n",
     );
+    let defaults = default_values();
     for arg in serve.get_arguments() {
         let id = arg.get_id().as_str();
         if arg.get_long().is_none() || matches!(id, "config" | "help") {
@@ -356,17 +289,9 @@ pub fn print_defaults(serve: &clap::Command) -> String {
                 out.push_str(&format!("# {line}\n"));
             }
         }
-        let defaults: Vec<String> = arg
-            .get_default_values()
-            .iter()
-            .map(|v| v.to_string_lossy().into_owned())
-            .collect();
-        let line = match (arg.get_action(), defaults.first()) {
-            (clap::ArgAction::SetTrue, _) => format!("{id} = false"),
-            (clap::ArgAction::Append, _) => format!("{id} = []"),
-            (_, Some(d)) if d.parse::<i64>().is_ok() => format!("{id} = {d}"),
-            (_, Some(d)) => format!("{id} = {}", toml::Value::String(d.clone())),
-            (_, None) => format!("# {id} = \"\""),
+        let line = match defaults.get(id) {
+            Some(value) => format!("{id} = {value}"),
+            None => format!("# {id} = \"\""),
         };
         out.push_str(&line);
         out.push_str("\n\n");
@@ -390,9 +315,88 @@ pub fn print_defaults(serve: &clap::Command) -> String {
     out
 }
 
+/// Each setting's default as it is written in a config file, by key.
+pub fn default_values() -> toml::Table {
+    toml::Table::try_from(Settings::defaults()).expect("the defaults serialize")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn load_text(text: &str) -> Result<ConfigFile, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("wshost.toml");
+        std::fs::write(&file, text).unwrap();
+        load(&file)
+    }
+
+    fn key_error(text: &str) -> (usize, String, String) {
+        match load_text(text).unwrap_err() {
+            ConfigError::Key {
+                line, key, problem, ..
+            } => (line, key, problem),
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
+    fn settings_deserialize_with_units() {
+        let f = load_text(
+            "max_message_size = \"64KiB\"\nmax_send_queue = 100\nidle_timeout = \"10m\"\n\
+             no_watch = true\nisolation = \"process\"\ntrusted_proxies = [\"10.0.0.0/8\"]\n\
+             bus = \"memory\"\nadmin_listen = \"off\"\n[plugin.echo]\nroutes = [\"/e\"]\n",
+        )
+        .unwrap();
+        let s = f.settings;
+        assert_eq!(s.max_message_size, Some(64 << 10));
+        assert_eq!(s.max_send_queue, Some(100));
+        assert_eq!(s.idle_timeout, Some(Duration::from_secs(600)));
+        assert_eq!(s.no_watch, Some(true));
+        assert_eq!(s.isolation, Some(crate::cli::Isolation::Process));
+        assert_eq!(s.trusted_proxies.unwrap().len(), 1);
+        assert_eq!(s.admin_listen, Some(crate::cli::AdminListen::Off));
+        assert_eq!(s.listen, None);
+        assert_eq!(f.plugins["echo"].routes, Some(vec!["/e".to_owned()]));
+    }
+
+    #[test]
+    fn value_errors_name_line_and_key() {
+        let (line, key, problem) = key_error("listen = \"127.0.0.1:0\"\n\nidle_timeout = 5\n");
+        assert_eq!((line, key.as_str()), (3, "idle_timeout"));
+        assert!(problem.contains("needs a unit"), "{problem}");
+        let (line, key, _) = key_error("a = 1\nmax_mesage_size = 5\n");
+        assert_eq!((line, key.as_str()), (1, "a"));
+        let (line, key, problem) = key_error("\nmax_send_queue = 0\n");
+        assert_eq!((line, key.as_str()), (2, "max_send_queue"));
+        assert!(problem.contains("at least 1"), "{problem}");
+        let (line, key, _) = key_error("trusted_proxies = [\"nope\"]\n");
+        assert_eq!((line, key.as_str()), (1, "trusted_proxies"));
+    }
+
+    #[test]
+    fn printed_defaults_read_back_as_the_defaults() {
+        use clap::CommandFactory as _;
+        let cli = crate::cli::Cli::command();
+        let serve = cli.find_subcommand("serve").unwrap();
+        let printed = print_defaults(serve);
+        let read = load_text(&printed).unwrap().settings;
+        let config = |s: crate::cli::Settings| format!("{:?}", s.resolved().config(None, None));
+        assert_eq!(
+            config(read.clone()),
+            config(crate::cli::Settings::default())
+        );
+        // Every setting with a default is written out, not left to the reader's defaults.
+        let written = toml::Table::try_from(&read).unwrap();
+        assert_eq!(written, default_values());
+        for arg in serve.get_arguments() {
+            let id = arg.get_id().as_str();
+            if arg.get_long().is_some() && !matches!(id, "config" | "help") {
+                assert!(printed.contains(&format!("{id} = ")), "{id} missing");
+            }
+        }
+    }
 
     #[test]
     fn lines_are_found_in_their_section() {
