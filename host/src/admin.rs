@@ -183,7 +183,7 @@ async fn answer(
         return Ok(json(status, &why));
     }
     Ok(match (req.method(), req.uri().path()) {
-        (&Method::GET, "/status") => json(StatusCode::OK, &registry.status()),
+        (&Method::GET, "/status") => json(StatusCode::OK, &Status::of(&registry)),
         (&Method::POST, "/reload") => match reloader.reload().await {
             Some(report) => json(StatusCode::OK, &report),
             None => json(StatusCode::SERVICE_UNAVAILABLE, &"shutting down"),
@@ -410,6 +410,87 @@ async fn exchange<T: serde::de::DeserializeOwned>(
         ));
     }
     Ok(serde_json::from_slice(&body)?)
+}
+
+/// One generation of a plugin, as `wshost status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GenerationStatus {
+    /// The generation number.
+    pub generation: u64,
+    /// The plugin's version in this generation.
+    pub version: String,
+    /// Whether new connections go to it.
+    pub current: bool,
+    /// Connections open on it.
+    pub open_connections: u64,
+}
+
+/// A plugin, as `wshost status` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PluginStatus {
+    /// The plugin's name.
+    pub name: String,
+    /// The current generation's version.
+    pub version: String,
+    /// The file it was loaded from.
+    pub file: String,
+    /// Its routes.
+    pub routes: Vec<String>,
+    /// The plugin-api version it was built against.
+    pub plugin_api: String,
+    /// Generations with open connections, and the current one.
+    pub generations: Vec<GenerationStatus>,
+}
+
+/// The host's plugins, as `/status` answers and `wshost status` shows them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    /// The host's version.
+    pub host_version: String,
+    /// The plugin interface version the host speaks.
+    pub plugin_api: String,
+    /// The plugins being served.
+    pub plugins: Vec<PluginStatus>,
+    /// Libraries mapped into the process (never unmapped), including replaced generations.
+    pub mapped_libraries: u64,
+    /// Replaced generations still serving connections.
+    pub old_generations_serving: u64,
+}
+
+impl Status {
+    /// The registry's plugins now: each plugin being served with its generations (replaced
+    /// ones still alive included).
+    pub fn of(registry: &Registry) -> Self {
+        let all = registry.generations();
+        let plugins = all
+            .iter()
+            .filter(|g| g.current)
+            .map(|p| PluginStatus {
+                name: p.name.clone(),
+                version: p.version.clone(),
+                file: p.file.display().to_string(),
+                routes: p.routes.clone(),
+                plugin_api: p.api_version.clone(),
+                generations: all
+                    .iter()
+                    .filter(|g| g.name == p.name)
+                    .map(|g| GenerationStatus {
+                        generation: g.generation,
+                        version: g.version.clone(),
+                        current: g.current,
+                        open_connections: g.open_connections,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Status {
+            host_version: env!("CARGO_PKG_VERSION").to_owned(),
+            plugin_api: plugin_api::API_VERSION.to_owned(),
+            plugins,
+            mapped_libraries: crate::plugin::mapped_libraries(),
+            old_generations_serving: all.iter().filter(|g| !g.current).count() as u64,
+        }
+    }
 }
 
 #[cfg(test)]

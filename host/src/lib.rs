@@ -244,7 +244,7 @@ mod tests {
                 .to_string_lossy()
                 .into_owned();
             let top = rel.split(['/', '.']).next().unwrap().to_owned();
-            if matches!(top.as_str(), "lib" | "main") {
+            if matches!(top.as_str(), "lib" | "bin") {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap();

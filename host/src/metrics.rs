@@ -247,7 +247,7 @@ struct PluginCollector {
 
 impl Collector for PluginCollector {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let status = self.registry.status();
+        let generations = self.registry.generations();
         {
             let mut family = encoder.encode_descriptor(
                 "connections_open",
@@ -255,25 +255,23 @@ impl Collector for PluginCollector {
                 None,
                 MetricType::Gauge,
             )?;
-            for p in &status.plugins {
-                for g in &p.generations {
-                    let labels = vec![
-                        ("plugin", p.name.clone()),
-                        ("generation", g.generation.to_string()),
-                    ];
-                    let gauge = ConstGauge::new(g.open_connections as i64);
-                    gauge.encode(family.encode_family(&labels)?)?;
-                }
+            for g in &generations {
+                let labels = vec![
+                    ("plugin", g.name.clone()),
+                    ("generation", g.generation.to_string()),
+                ];
+                let gauge = ConstGauge::new(g.open_connections as i64);
+                gauge.encode(family.encode_family(&labels)?)?;
             }
         }
-        let gauge = ConstGauge::new(status.plugins.len() as i64);
+        let gauge = ConstGauge::new(generations.iter().filter(|g| g.current).count() as i64);
         gauge.encode(encoder.encode_descriptor(
             "plugins",
             "Plugins being served",
             None,
             MetricType::Gauge,
         )?)?;
-        let gauge = ConstGauge::new(status.mapped_libraries as i64);
+        let gauge = ConstGauge::new(crate::plugin::mapped_libraries() as i64);
         gauge.encode(encoder.encode_descriptor(
             "mapped_libraries",
             "Plugin libraries mapped (never unmapped), replaced generations included",

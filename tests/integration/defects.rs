@@ -11,8 +11,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{
-    ask, closed_with, connect, get, http, id_of, install, next, plugin, serve_refused, text,
-    variant, Host, PATIENCE,
+    ask, closed_with, connect, eventually_async, get, http, id_of, install, next, plugin,
+    serve_refused, text, variant, Host, PATIENCE,
 };
 
 fn wshost(args: &[&str], env: &[(&str, &Path)]) -> (bool, String) {
@@ -127,11 +127,10 @@ async fn a_closing_connection_gives_its_queued_bytes_back_once() {
         }
     });
     // The close is counted last, after the final write and the budget's accounting.
-    let deadline = Instant::now() + PATIENCE;
-    while host.metric("wshost_closes_total{code=\"1006\"}").is_none() {
-        assert!(Instant::now() < deadline, "the slow connection did not end");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async("the slow connection ends", || {
+        host.metric("wshost_closes_total{code=\"1006\"}").is_some()
+    })
+    .await;
     assert_eq!(host.metric("wshost_buffered_bytes"), Some(baseline));
     reader.abort();
     drop(half);
@@ -200,11 +199,7 @@ async fn status_metrics_and_connections_are_served_while_a_plugin_loads_slowly()
     );
     // The constructor (in the probe) is now blocked until `release` exists.
     let started = gate.path().join("release.started");
-    let deadline = Instant::now() + PATIENCE;
-    while !started.exists() {
-        assert!(Instant::now() < deadline, "the slow constructor never ran");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_async("the slow constructor runs", || started.exists()).await;
     assert_eq!(get(host.admin, "/status").0, 200);
     assert!(host.metrics().contains("wshost_plugins 1"));
     assert_eq!(ask(&mut ws, "during the load").await, "during the load");
@@ -612,7 +607,7 @@ async fn durations_and_sizes_are_checked_at_start() {
         ("max_frame_size = 0\n", "wshost.toml:1: `max_frame_size`:"),
         (
             "max_message_size = [1, 2]\n",
-            "wshost.toml:1: `max_message_size`: must be a single",
+            "wshost.toml:1: `max_message_size`: must be a number",
         ),
         (
             "[plugin.echo]\nidle_timeout = \"500000000000years\"\n",

@@ -5,12 +5,12 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, connect, get, text, Host, PATIENCE};
+use crate::harness::{ask, connect, eventually_async, get, text, Host, PATIENCE};
 
 fn gate() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -24,15 +24,10 @@ fn open(gate: &Path) {
 
 /// Waits until `/metrics` has `line` (a metric line with its value).
 async fn wait_metric(host: &Host, line: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let scrape = host.metrics();
-        if scrape.lines().any(|l| l == line) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no `{line}` in:\n{scrape}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually_async(&format!("`{line}` in /metrics"), || {
+        host.metrics().lines().any(|l| l == line)
+    })
+    .await;
 }
 
 /// A host with the echo plugin and testkit, each with two workers.

@@ -11,19 +11,10 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
-/// How long a test waits for something it expects before failing: a guard against hangs, not a
-/// performance assertion.
-pub const PATIENCE: Duration = Duration::from_secs(30);
+pub use test_support::{eventually, eventually_async, workspace_root, PATIENCE};
 
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("host/ is inside the workspace")
-        .to_owned()
-}
 
 /// Where the harness builds plugins: its own target dir, since a nested cargo on the outer
 /// build's target dir would wait for the outer cargo's lock.
@@ -32,7 +23,7 @@ pub fn plugin_target_dir() -> PathBuf {
 }
 
 fn cargo() -> Command {
-    let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
+    let mut cmd = test_support::cargo();
     cmd.env_remove("CARGO_TARGET_DIR");
     cmd
 }
@@ -136,9 +127,7 @@ pub fn c_library(name: &str, source: &str) -> PathBuf {
 
 /// Puts `bytes` into `dir/name` the safe way: a temporary name, then a rename.
 pub fn install(dir: &Path, name: &str, bytes: &[u8]) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, bytes).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
+    test_support::install(dir, name, bytes).unwrap();
 }
 
 /// plugin-api as a standalone crate at `version` (the real one for the current version).
@@ -283,23 +272,15 @@ impl HostBuilder {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
             let mut admin = None;
-            for line in lines.by_ref() {
-                let Ok(line) = line else { break };
+            let addr = test_support::listening(stdout, |line| {
                 if let Some(a) = line.strip_prefix("admin on http://") {
                     admin = Some(a.parse::<SocketAddr>().expect("a socket address"));
                 }
-                let listening = line
-                    .strip_prefix("listening on ws://")
-                    .or_else(|| line.strip_prefix("listening on wss://"));
-                if let Some(addr) = listening {
-                    let addr = addr.parse::<SocketAddr>().expect("a socket address");
-                    let _ = tx.send((addr, admin.expect("the admin line comes first")));
-                    break;
-                }
+            });
+            if let Some(addr) = addr {
+                let _ = tx.send((addr, admin.expect("the admin line comes first")));
             }
-            for _ in lines {}
         });
         let (addr, admin) = match rx.recv_timeout(PATIENCE) {
             Ok(addrs) => addrs,
@@ -460,14 +441,12 @@ impl Host {
 
     /// Waits for the process to exit.
     pub fn wait_exit(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "wshost did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut status = None;
+        eventually("wshost exits", || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.expect("it exited")
     }
 
     /// Sends SIGTERM and waits for the process to exit.
@@ -477,17 +456,7 @@ impl Host {
             .status()
             .unwrap();
         assert!(status.success());
-        let deadline = Instant::now() + PATIENCE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "wshost did not exit after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_exit()
     }
 
     /// Whether the process is still running.

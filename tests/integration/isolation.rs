@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, closed_with, connect, variant, Host, Ws, PATIENCE};
+use crate::harness::{ask, closed_with, connect, eventually_async, variant, Host, Ws};
 
 /// Echo and testkit, each in a worker; testkit with a memory limit and a callback timeout.
 fn isolated() -> Host {
@@ -168,14 +168,11 @@ async fn a_reload_starts_a_new_worker_and_the_old_one_exits_after_its_last_conne
     assert_eq!(pid_of(&mut old).await, old_pid);
     assert!(std::path::Path::new(&format!("/proc/{old_pid}")).exists());
     old.close(None).await.unwrap();
-    let deadline = Instant::now() + PATIENCE;
-    while std::path::Path::new(&format!("/proc/{old_pid}")).exists() {
-        assert!(
-            Instant::now() < deadline,
-            "the old worker {old_pid} did not exit"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let proc_dir = format!("/proc/{old_pid}");
+    eventually_async(&format!("the old worker {old_pid} exits"), || {
+        !std::path::Path::new(&proc_dir).exists()
+    })
+    .await;
     host.wait_for_log(&["generation shut down", "generation=1"]);
     assert_eq!(host.metric("wshost_mapped_libraries"), Some(0.0));
     assert_eq!(pid_of(&mut new).await, new_pid);

@@ -32,6 +32,8 @@ pub mod isolate;
 mod loader;
 pub mod probe;
 pub mod registry;
+mod section;
+pub use section::PluginSection;
 pub(crate) mod retire;
 mod seam;
 
@@ -692,7 +694,7 @@ pub(crate) struct PluginConfig {
 
 impl PluginConfig {
     /// The config of a config file section.
-    pub(crate) fn of(section: &crate::config::PluginSection) -> Self {
+    pub(crate) fn of(section: &crate::plugin::PluginSection) -> Self {
         Self {
             table: section.config.clone(),
             json: section.config_json.clone(),

@@ -106,9 +106,12 @@ pub struct ReloadReport {
     pub config_error: Option<String>,
 }
 
-/// One generation of a plugin, as `wshost status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GenerationStatus {
+/// One generation of a plugin being served (the current one, or a replaced one with open
+/// connections): what `/status` and `/metrics` report.
+#[derive(Debug, Clone)]
+pub struct GenerationInfo {
+    /// The plugin's name.
+    pub name: String,
     /// The generation number.
     pub generation: u64,
     /// The plugin's version in this generation.
@@ -117,38 +120,12 @@ pub struct GenerationStatus {
     pub current: bool,
     /// Connections open on it.
     pub open_connections: u64,
-}
-
-/// A plugin, as `wshost status` shows it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PluginStatus {
-    /// The plugin's name.
-    pub name: String,
-    /// The current generation's version.
-    pub version: String,
     /// The file it was loaded from.
-    pub file: String,
+    pub file: PathBuf,
     /// Its routes.
     pub routes: Vec<String>,
     /// The plugin-api version it was built against.
-    pub plugin_api: String,
-    /// Generations with open connections, and the current one.
-    pub generations: Vec<GenerationStatus>,
-}
-
-/// The host's plugins, as `wshost status` shows them.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Status {
-    /// The host's version.
-    pub host_version: String,
-    /// The plugin interface version the host speaks.
-    pub plugin_api: String,
-    /// The plugins being served.
-    pub plugins: Vec<PluginStatus>,
-    /// Libraries mapped into the process (never unmapped), including replaced generations.
-    pub mapped_libraries: u64,
-    /// Replaced generations still serving connections.
-    pub old_generations_serving: u64,
+    pub api_version: String,
 }
 
 /// The loaded plugins of a host, and where their private copies live.
@@ -163,7 +140,7 @@ pub struct Registry {
     retired: Mutex<Vec<Weak<LoadedPlugin>>>,
     loads_ok: std::sync::atomic::AtomicU64,
     loads_refused: std::sync::atomic::AtomicU64,
-    sections: Mutex<BTreeMap<String, crate::config::PluginSection>>,
+    sections: Mutex<BTreeMap<String, crate::plugin::PluginSection>>,
     /// The config file the sections come from, read again on every reload, and its reader.
     config_file: Option<(PathBuf, SectionReader)>,
     max_plugin_size: u64,
@@ -180,7 +157,7 @@ pub struct Registry {
 }
 
 /// The plugin sections of a config file, by plugin name.
-pub type Sections = BTreeMap<String, crate::config::PluginSection>;
+pub type Sections = BTreeMap<String, crate::plugin::PluginSection>;
 
 /// Reads the `[plugin.NAME]` sections of a config file (the command line's reader: the
 /// registry does not parse config files itself).
@@ -246,7 +223,7 @@ impl Registry {
     /// Applies the config file's `[plugin.NAME]` sections to the plugins loaded from now on.
     pub fn with_plugin_sections(
         self,
-        sections: BTreeMap<String, crate::config::PluginSection>,
+        sections: BTreeMap<String, crate::plugin::PluginSection>,
     ) -> Self {
         *self.sections.lock().unwrap_or_else(PoisonError::into_inner) = sections;
         self
@@ -314,7 +291,7 @@ impl Registry {
             .collect()
     }
 
-    fn section(&self, name: &str) -> crate::config::PluginSection {
+    fn section(&self, name: &str) -> crate::plugin::PluginSection {
         self.sections
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -689,47 +666,28 @@ impl Registry {
             .map(Arc::new)
     }
 
-    /// The plugins, their generations and connections.
-    pub fn status(&self) -> Status {
+    /// Every generation being served: the current one of each plugin, and replaced ones
+    /// still alive (by plugin name, then generation).
+    pub fn generations(&self) -> Vec<GenerationInfo> {
         let table = self.table();
         let old = self.retired_alive();
-        let plugins = table
+        let info = |p: &LoadedPlugin, current: bool| GenerationInfo {
+            name: p.name.clone(),
+            generation: p.generation,
+            version: p.version.clone(),
+            current,
+            open_connections: p.open_connections(),
+            file: p.file.clone(),
+            routes: p.routes.clone(),
+            api_version: p.api_version.clone(),
+        };
+        let mut all: Vec<GenerationInfo> = table
             .plugins()
-            .map(|p| {
-                let mut generations: Vec<GenerationStatus> = old
-                    .iter()
-                    .filter(|o| o.name == p.name)
-                    .map(|o| GenerationStatus {
-                        generation: o.generation,
-                        version: o.version.clone(),
-                        current: false,
-                        open_connections: o.open_connections(),
-                    })
-                    .collect();
-                generations.push(GenerationStatus {
-                    generation: p.generation,
-                    version: p.version.clone(),
-                    current: true,
-                    open_connections: p.open_connections(),
-                });
-                generations.sort_by_key(|g| g.generation);
-                PluginStatus {
-                    name: p.name.clone(),
-                    version: p.version.clone(),
-                    file: p.file.display().to_string(),
-                    routes: p.routes.clone(),
-                    plugin_api: p.api_version.clone(),
-                    generations,
-                }
-            })
+            .map(|p| info(p, true))
+            .chain(old.iter().map(|o| info(o, false)))
             .collect();
-        Status {
-            host_version: env!("CARGO_PKG_VERSION").to_owned(),
-            plugin_api: plugin_api::API_VERSION.to_owned(),
-            plugins,
-            mapped_libraries: super::mapped_libraries(),
-            old_generations_serving: old.len() as u64,
-        }
+        all.sort_by(|a, b| (&a.name, a.generation).cmp(&(&b.name, b.generation)));
+        all
     }
 
     /// Replaced generations still alive (serving connections, or held by a plugin thread).
@@ -760,7 +718,7 @@ impl Registry {
 /// The limits a plugin's section sets for each of its routes; a route it does not serve is
 /// logged (the limits would never apply).
 fn route_limits(
-    section: &crate::config::PluginSection,
+    section: &crate::plugin::PluginSection,
     plugin: &str,
     routes: &[String],
 ) -> BTreeMap<String, crate::limits::ConnLimits> {

@@ -1,12 +1,11 @@
 //! What every benchmark shares: server processes, /proc readings, client connections, payloads
 //! that carry their send time, latency summaries.
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use hdrhistogram::Histogram;
@@ -15,17 +14,8 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 pub type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
-pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .ancestors()
-        .nth(2)
-        .expect("tests/loadgen is two levels down")
-        .to_owned()
-}
-
-pub fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-}
+pub use test_support::pace::{now_ns, precise_timers, wait_until};
+pub use test_support::{cargo, workspace_root};
 
 /// `cargo build [--release] -p …` in the workspace.
 pub fn build(release: bool, packages: &[&str]) -> anyhow::Result<PathBuf> {
@@ -69,16 +59,8 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting {name}"))?;
         let stdout = child.stdout.take().expect("piped");
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .with_context(|| format!("{name} exited before listening"))??;
-            if let Some(a) = line.strip_prefix("listening on ws://") {
-                break a.trim().parse()?;
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let addr = test_support::listening(stdout, |_| {})
+            .with_context(|| format!("{name} exited before listening"))?;
         Ok(Self {
             name: name.to_owned(),
             child,
@@ -238,30 +220,6 @@ pub async fn connect(url: &str, source: Ipv4Addr) -> anyhow::Result<Ws> {
     Ok(ws)
 }
 
-/// The benchmark's clock: nanoseconds since the process started.
-pub fn now_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
-
-/// Waits until the benchmark's clock reads `t`, in a plain thread with `nanosleep` (tokio's
-/// timers tick in milliseconds, far too coarse for pacing). It does not spin: on two CPUs the
-/// pacer shares its CPU with the client's runtime, and a spinning pacer would delay the very
-/// answers it measures. The kernel's timer slack (50 µs) makes a send up to that late, and the
-/// lateness counts in the latency (it is measured from `t`).
-pub fn wait_until(t: u64) {
-    let now = now_ns();
-    if now < t {
-        std::thread::sleep(Duration::from_nanos(t - now));
-    }
-}
-
-/// Makes this thread's sleeps end within ~1 µs of their time instead of the kernel's default
-/// 50 µs timer slack (the pacer's lateness counts in the latency it measures).
-pub fn precise_timers() {
-    let _ = nix::sys::prctl::set_timerslack(1);
-}
-
 /// Message payloads of a fixed size whose first bytes carry a timestamp: 16 hex digits for
 /// text, 8 little-endian bytes for binary.
 #[derive(Debug, Clone)]
@@ -313,71 +271,5 @@ pub fn median(v: &[f64]) -> f64 {
         v[n / 2]
     } else {
         (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-/// A `redis-server` on a free loopback port; killed when dropped.
-pub struct Redis {
-    child: Child,
-    pub port: u16,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Redis {
-    /// Starts one (under `prefix`, e.g. `taskset -c 1`), or `None` if redis-server is missing.
-    pub fn start(prefix: &[&str]) -> anyhow::Result<Option<Self>> {
-        if Command::new("redis-server")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
-            return Ok(None);
-        }
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let (program, args) = match prefix.split_first() {
-            Some((p, rest)) => (
-                *p,
-                rest.iter()
-                    .map(|s| s.to_string())
-                    .chain(["redis-server".into()])
-                    .collect::<Vec<_>>(),
-            ),
-            None => ("redis-server", Vec::new()),
-        };
-        let child = Command::new(program)
-            .args(args)
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("redis-server did not start");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Some(Self { child, port }))
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
     }
 }

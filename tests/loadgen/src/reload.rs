@@ -44,10 +44,7 @@ fn build() -> anyhow::Result<(PathBuf, Vec<u8>, Vec<u8>)> {
 }
 
 fn install(dir: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = dir.join(".libbench.so.tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, dir.join("libbench.so"))?;
-    Ok(())
+    Ok(test_support::install(dir, "libbench.so", bytes)?)
 }
 
 /// Which build answers a new connection right now, if any.

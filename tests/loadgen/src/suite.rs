@@ -455,7 +455,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         Vec::new()
     };
     let prefix: Vec<&str> = pinned.iter().map(String::as_str).collect();
-    match common::Redis::start(&prefix)? {
+    match test_support::Redis::available().then(|| test_support::Redis::start_under(&prefix)) {
         None => writeln!(
             report,
             "\n(redis-server not installed: no fan-out across hosts)"

@@ -22,7 +22,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use wshost::config::PluginSection;
+use wshost::plugin::PluginSection;
 
 use crate::cli::Settings;
 

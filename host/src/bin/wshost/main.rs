@@ -14,7 +14,8 @@ use clap::{CommandFactory as _, FromArgMatches as _};
 use cli::{AdminArgs, CheckArgs, Cli, Command, LogFormat, NewArgs, ServeArgs};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
-use wshost::plugin::registry::{ReloadReport, Status};
+use wshost::admin::Status;
+use wshost::plugin::registry::ReloadReport;
 use wshost::{Registry, Server};
 
 fn main() -> ExitCode {
