@@ -1,0 +1,242 @@
+//! The session in process, with a handler written in the test and an in-memory socket: the
+//! timer logic (idle, ping and pong, close handshake deadlines, rate) with paused time, which
+//! the runtime advances whenever everything waits.
+use std::sync::Mutex;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::io::DuplexStream;
+
+use super::*;
+use crate::limits::ConnLimits;
+use crate::plugin::{DynConn, FakeEvent, FakeHandler, Handler};
+
+type Client = WebSocketStream<DuplexStream>;
+type Events = Arc<Mutex<Vec<String>>>;
+
+/// A virtual hour (time is paused: the runtime jumps to each timer): a session that never
+/// does what a test waits for fails it instead of hanging it.
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Starts a session with `config`, `limits` from the plugin's 101, and a handler that
+/// records every event and then calls `reply`; returns the client's end, the events and
+/// the session's task.
+async fn session_with(
+    config: Config,
+    limits: ConnLimits,
+    reply: fn(FakeEvent<'_>, &dyn DynConn),
+) -> (Client, Events, tokio::task::JoinHandle<()>) {
+    let (client, server) = tokio::io::duplex(256 << 10);
+    let hub = Arc::new(Hub::default());
+    let registry = Arc::new(
+        crate::plugin::registry::Registry::new(Arc::clone(&hub), None).expect("a temp dir"),
+    );
+    let budget = Arc::new(crate::budget::MemoryBudget::new(config.max_buffered_total));
+    let metrics = Arc::new(Metrics::new(
+        Arc::clone(&registry),
+        Arc::clone(&budget),
+        None,
+    ));
+    let ctx = Arc::new(crate::context::Ctx::new(
+        config.clone(),
+        registry,
+        None,
+        Arc::clone(&metrics),
+        Arc::clone(&budget),
+    ));
+    let admission = ctx.admit("127.0.0.1".parse().unwrap()).unwrap();
+    let events: Events = Arc::default();
+    let seen = Arc::clone(&events);
+    let handler = FakeHandler(Box::new(move |event, conn| {
+        seen.lock().unwrap().push(match event {
+            FakeEvent::Connect => "connect".to_owned(),
+            FakeEvent::Text(t) => format!("text {t}"),
+            FakeEvent::Binary(b) => format!("binary {}", b.len()),
+            FakeEvent::Ping(p) => format!("ping {}", p.len()),
+            FakeEvent::Pong(p) => format!("pong {}", p.len()),
+            FakeEvent::Error(e) => format!("error {e}"),
+            FakeEvent::Drain => "drain".to_owned(),
+            FakeEvent::Close(code, reason) => format!("close {code} {reason}"),
+        });
+        reply(event, conn);
+        Ok(())
+    }));
+    let start = Start {
+        id: 1,
+        peer: "127.0.0.1:1".parse().unwrap(),
+        remote: "127.0.0.1:1".into(),
+        admission,
+        plugin: Arc::new(LoadedPlugin::fake("fake")),
+        handler: Handler::Fake(handler),
+        facts: Default::default(),
+        limits,
+        hub,
+        budget,
+        metrics,
+        shutdown: ctx.shutdown.clone(),
+    };
+    let task = tokio::spawn(serve(
+        Socket::Ready(SessionIo::Test(server)),
+        start,
+        Arc::new(config),
+    ));
+    let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+    (client, events, task)
+}
+
+/// The defaults, without the host's pings.
+fn quiet() -> Config {
+    Config {
+        limits: ConnLimits {
+            ping_interval: Some(Duration::ZERO),
+            ..ConnLimits::host_defaults()
+        },
+        ..Config::default()
+    }
+}
+
+fn none(_: FakeEvent<'_>, _: &dyn DynConn) {}
+
+fn echo(event: FakeEvent<'_>, conn: &dyn DynConn) {
+    if let FakeEvent::Text(t) = event {
+        conn.send_from_worker(Message::text(t));
+    }
+}
+
+/// The next close frame the client gets, skipping anything else.
+async fn close_of(client: &mut Client) -> (u16, String) {
+    let wait = async {
+        while let Some(msg) = client.next().await {
+            if let Ok(Message::Close(Some(f))) = msg {
+                return (u16::from(f.code), f.reason.as_str().to_owned());
+            }
+        }
+        panic!("the connection ended without a close frame");
+    };
+    tokio::time::timeout(HOUR, wait)
+        .await
+        .expect("no close frame within a virtual hour")
+}
+
+/// Reads on after the server's close frame: the client answers it, and the stream ends.
+async fn finish(mut client: Client) {
+    while let Some(Ok(_)) = client.next().await {}
+}
+
+/// Waits for the session to end.
+async fn ended(task: tokio::task::JoinHandle<()>) {
+    tokio::time::timeout(HOUR, task)
+        .await
+        .expect("the session did not end within a virtual hour")
+        .unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn echoes_and_tells_the_handler_every_event_in_order() {
+    let (mut client, events, task) = session_with(quiet(), ConnLimits::default(), echo).await;
+    client.send(Message::text("hi")).await.unwrap();
+    assert_eq!(client.next().await.unwrap().unwrap(), Message::text("hi"));
+    client.close(None).await.unwrap();
+    ended(task).await;
+    assert_eq!(
+        *events.lock().unwrap(),
+        ["connect", "text hi", "close 1005 "]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_connection_closes_with_1001_at_its_idle_timeout() {
+    let limits = ConnLimits {
+        idle_timeout: Some(Duration::from_secs(10)),
+        ..ConnLimits::default()
+    };
+    let started = Instant::now();
+    let (mut client, events, task) = session_with(quiet(), limits, none).await;
+    assert_eq!(close_of(&mut client).await, (1001, "idle timeout".into()));
+    let idle_for = started.elapsed();
+    assert!(idle_for >= Duration::from_secs(10), "{idle_for:?}");
+    finish(client).await;
+    ended(task).await;
+    assert_eq!(
+        events.lock().unwrap().last().unwrap(),
+        "close 1001 idle timeout"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn data_keeps_a_connection_from_idling_out() {
+    let limits = ConnLimits {
+        idle_timeout: Some(Duration::from_secs(10)),
+        ..ConnLimits::default()
+    };
+    let started = Instant::now();
+    let (mut client, _events, task) = session_with(quiet(), limits, echo).await;
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        client.send(Message::text(format!("{i}"))).await.unwrap();
+        assert_eq!(
+            client.next().await.unwrap().unwrap(),
+            Message::text(format!("{i}"))
+        );
+    }
+    // 30 s in, never 10 s quiet: still open; now quiet, it closes 10 s after the last echo.
+    assert_eq!(close_of(&mut client).await.0, 1001);
+    assert!(started.elapsed() >= Duration::from_secs(40));
+    finish(client).await;
+    ended(task).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_peer_that_never_answers_pings_is_dropped_after_the_pong_timeout() {
+    let limits = ConnLimits {
+        ping_interval: Some(Duration::from_secs(1)),
+        pong_timeout: Some(Duration::from_secs(2)),
+        ..ConnLimits::default()
+    };
+    let started = Instant::now();
+    // The client is never read, so it never answers the ping.
+    let (_client, events, task) = session_with(Config::default(), limits, none).await;
+    ended(task).await;
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    assert_eq!(events.lock().unwrap().last().unwrap(), "close 1006 ");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_close_the_peer_never_answers_ends_at_the_close_timeout() {
+    fn close_at_once(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        if matches!(event, FakeEvent::Connect) {
+            conn.close(4000, "bye").unwrap();
+        }
+    }
+    let config = Config {
+        close_timeout: Duration::from_secs(5),
+        ..quiet()
+    };
+    let started = Instant::now();
+    let (_client, events, task) = session_with(config, ConnLimits::default(), close_at_once).await;
+    ended(task).await;
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    // The peer sent no close frame: 1006.
+    assert_eq!(events.lock().unwrap().last().unwrap(), "close 1006 ");
+}
+
+#[tokio::test(start_paused = true)]
+async fn past_the_message_rate_the_connection_closes_with_1008() {
+    let config = Config {
+        max_message_rate: 5,
+        ..quiet()
+    };
+    let (mut client, events, task) = session_with(config, ConnLimits::default(), none).await;
+    for i in 0..10 {
+        client.send(Message::text(format!("{i}"))).await.unwrap();
+    }
+    assert_eq!(close_of(&mut client).await.0, 1008);
+    finish(client).await;
+    ended(task).await;
+    let events = events.lock().unwrap();
+    // The burst of 5 was delivered; nothing after the limit was.
+    assert_eq!(events.iter().filter(|e| e.starts_with("text")).count(), 5);
+    assert_eq!(
+        events.last().unwrap(),
+        "close 1008 message rate limit exceeded"
+    );
+}
