@@ -374,6 +374,18 @@ async fn websocket(
         secure: ctx.tls.is_some(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().unwrap_or("").to_owned(),
+        headers: answer
+            .kept_headers
+            .iter()
+            .flat_map(|name| {
+                parts
+                    .headers
+                    .get_all(name.as_str())
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(move |v| (name.clone(), v.to_owned()))
+            })
+            .collect(),
     };
     let start = session::Start {
         id,

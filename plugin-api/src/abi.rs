@@ -162,6 +162,30 @@ pub trait ConnFfi: Clone + Send + Sync + 'static {
         let _ = ms;
         false
     }
+    /// Arms (or re-arms) the connection's timer `tag` to fire `on_timer` after `after_ms`
+    /// milliseconds, in the connection's event order; a send error code (since 1.3; an older
+    /// host refuses with `Other(100)`).
+    fn set_timer(&self, tag: u64, after_ms: u64) -> u32 {
+        let _ = (tag, after_ms);
+        100
+    }
+    /// Disarms the connection's timer `tag`; whether it was armed (since 1.3).
+    fn cancel_timer(&self, tag: u64) -> bool {
+        let _ = tag;
+        false
+    }
+    /// A request header the plugin kept at the upgrade ([`ResponseFfi::kept_headers`]), by
+    /// name, lowercase (since 1.3).
+    fn header(&self, name: RStr<'_>) -> ROption<RString> {
+        let _ = name;
+        ROption::RNone
+    }
+    /// Sets the send queue's low-water mark: `on_drain` runs whenever the queue falls to it
+    /// from above (0: only after a refusal, as before 1.3); whether the host did (since 1.3).
+    fn set_low_water(&self, bytes: u64) -> bool {
+        let _ = bytes;
+        false
+    }
 }
 
 /// The host's side of a deferred decision: the plugin completes it once, from any thread.
@@ -231,6 +255,10 @@ pub trait ResponseFfi: Send + 'static {
     /// A per-connection setting (see [`setting`]), if the plugin set it.
     #[sabi(last_prefix_field)]
     fn setting(&self, key: RStr<'_>) -> ROption<u64>;
+    /// Request headers (lowercase names) the connection keeps for `Conn::header` (since 1.3).
+    fn kept_headers(&self) -> RVec<RString> {
+        RVec::new()
+    }
 }
 
 /// A connection's callbacks. Implemented by the plugin. An `RErr` means the callback panicked.
@@ -253,6 +281,11 @@ pub trait HandlerFfi: Send + 'static {
     /// The connection closed, with the peer's code and reason (1005/1006 where none).
     #[sabi(last_prefix_field)]
     fn on_close(&mut self, conn: &ConnHandle, code: u16, reason: RStr<'_>) -> RResult<(), RString>;
+    /// The connection's timer `tag` fired (since 1.3).
+    fn on_timer(&mut self, conn: &ConnHandle, tag: u64) -> RResult<(), RString> {
+        let _ = (conn, tag);
+        RResult::ROk(())
+    }
 }
 
 /// A plugin instance. Implemented by the plugin. An `RErr` means the call panicked.
@@ -497,6 +530,11 @@ impl<H: crate::Handler> HandlerFfi for HandlerShell<H> {
                 .on_error(Conn::from_ref(conn), error.as_str())
         })
     }
+    fn on_timer(&mut self, conn: &ConnHandle, tag: u64) -> RResult<(), RString> {
+        guard("on_timer", || {
+            self.0.get_mut().on_timer(Conn::from_ref(conn), tag)
+        })
+    }
     fn on_close(&mut self, conn: &ConnHandle, code: u16, reason: RStr<'_>) -> RResult<(), RString> {
         guard("on_close", || {
             self.0
@@ -510,8 +548,10 @@ pub(crate) struct ResponseShell {
     pub(crate) status: u16,
     pub(crate) headers: RVec<HeaderPair>,
     pub(crate) body: RVec<u8>,
-    pub(crate) handler: Option<HandlerBox>,
+    /// Kept as the plugin's own type until the host takes it, so that middleware can wrap it.
+    pub(crate) handler: Option<Box<dyn crate::Handler>>,
     pub(crate) settings: Vec<(&'static str, u64)>,
+    pub(crate) kept_headers: Vec<String>,
 }
 
 impl ResponseFfi for ResponseShell {
@@ -525,7 +565,7 @@ impl ResponseFfi for ResponseShell {
         std::mem::take(&mut self.body)
     }
     fn take_handler(&mut self) -> ROption<HandlerBox> {
-        self.handler.take().into()
+        self.handler.take().map(handler_box).into()
     }
     fn setting(&self, key: RStr<'_>) -> ROption<u64> {
         self.settings
@@ -533,6 +573,12 @@ impl ResponseFfi for ResponseShell {
             .find(|(k, _)| *k == key.as_str())
             .map(|(_, v)| *v)
             .into()
+    }
+    fn kept_headers(&self) -> RVec<RString> {
+        self.kept_headers
+            .iter()
+            .map(|h| RString::from(h.as_str()))
+            .collect()
     }
 }
 

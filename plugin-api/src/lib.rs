@@ -94,6 +94,8 @@ pub mod abi;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 
+pub mod middleware;
+
 /// The JSON crate of [`Host::config_value`]'s values (and of the test kit's typed config).
 pub use serde_json;
 
@@ -168,6 +170,9 @@ pub enum SendError {
     /// The message is larger than the connection's whole send queue: it can never be sent.
     #[error("message too large")]
     MessageTooLarge,
+    /// A per-connection limit was reached (more than [`MAX_TIMERS`] timers).
+    #[error("per-connection limit reached")]
+    Limit,
     /// An error this version of plugin-api does not know (from a newer host).
     #[error("send error {0}")]
     Other(u32),
@@ -183,6 +188,7 @@ impl SendError {
             SendError::ReasonTooLong => 4,
             SendError::PayloadTooLong => 5,
             SendError::MessageTooLarge => 6,
+            SendError::Limit => 7,
             SendError::Other(c) => c,
         }
     }
@@ -197,6 +203,7 @@ impl SendError {
             4 => Err(SendError::ReasonTooLong),
             5 => Err(SendError::PayloadTooLong),
             6 => Err(SendError::MessageTooLarge),
+            7 => Err(SendError::Limit),
             c => Err(SendError::Other(c)),
         }
     }
@@ -313,7 +320,43 @@ impl Conn {
     pub fn set_idle_timeout(&self, timeout: Duration) -> bool {
         self.handle().set_idle_timeout_ms(millis(timeout))
     }
+
+    /// Arms this connection's timer `tag`: [`Handler::on_timer`] runs with `tag` once `after`
+    /// has passed, in the connection's event order (never at the same time as another of its
+    /// callbacks). Arming a tag that is already armed moves it (a debounce); re-arm in
+    /// `on_timer` for a periodic timer. Timers end with the connection. At most
+    /// [`MAX_TIMERS`] per connection ([`SendError::Limit`] past it); [`SendError::Closed`] once
+    /// the connection is closing.
+    pub fn set_timer(&self, after: Duration, tag: u64) -> Result<(), SendError> {
+        SendError::from_code(self.handle().set_timer(tag, millis(after)))
+    }
+
+    /// Disarms timer `tag`; whether it was armed.
+    pub fn cancel_timer(&self, tag: u64) -> bool {
+        self.handle().cancel_timer(tag)
+    }
+
+    /// A request header of the upgrade that the plugin kept with [`Response::keep_header`]
+    /// (names are case-insensitive); `None` for any other.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.handle()
+            .header(RStr::from_str(&name.to_ascii_lowercase()))
+            .into_option()
+            .map(RString::into_string)
+    }
+
+    /// Sets the send queue's low-water mark: from now on [`Handler::on_drain`] also runs
+    /// whenever the queued bytes fall to `bytes` or below from above it, whether or not a send
+    /// was refused — the usual high-water/low-water pacing (stop at your own mark, resume on
+    /// `on_drain`). Zero (the default) keeps the plain behaviour: `on_drain` only after a
+    /// refusal. `false` if the host cannot (older than 1.3).
+    pub fn set_low_water(&self, bytes: usize) -> bool {
+        self.handle().set_low_water(bytes as u64)
+    }
 }
+
+/// The most timers one connection may have armed at once.
+pub const MAX_TIMERS: usize = 64;
 
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -740,7 +783,7 @@ impl Response {
     /// Accepts the upgrade (status 101); `handler` receives the connection's events.
     pub fn accept(handler: impl Handler) -> Self {
         let mut r = Self::status(101);
-        r.shell.handler = Some(abi::handler_box(handler));
+        r.shell.handler = Some(Box::new(handler));
         r
     }
 
@@ -753,6 +796,7 @@ impl Response {
                 body: RVec::new(),
                 handler: None,
                 settings: Vec::new(),
+                kept_headers: Vec::new(),
             },
         }
     }
@@ -776,6 +820,87 @@ impl Response {
     /// The status (101 for an accepted upgrade).
     pub fn status_code(&self) -> u16 {
         self.shell.status
+    }
+
+    /// Whether this accepts an upgrade (101 with a handler).
+    pub fn is_accept(&self) -> bool {
+        self.shell.status == 101 && self.shell.handler.is_some()
+    }
+
+    /// Changes the status. Changing a 101 to anything else refuses the upgrade (its handler is
+    /// dropped); a status changed to 101 without a handler is answered 500 by the host.
+    pub fn set_status(&mut self, status: u16) {
+        self.shell.status = status;
+        if status != 101 {
+            self.shell.handler = None;
+        }
+    }
+
+    /// The headers, in order.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.shell
+            .headers
+            .iter()
+            .map(|Tuple2(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// The first value of header `name` (case-insensitive).
+    pub fn header_value(&self, name: &str) -> Option<&str> {
+        self.headers()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Sets header `name` to `value`, replacing every value it had.
+    pub fn set_header(&mut self, name: &str, value: &str) {
+        self.remove_header(name);
+        self.shell
+            .headers
+            .push(Tuple2(RString::from(name), RString::from(value)));
+    }
+
+    /// Removes every value of header `name`; whether it had one.
+    pub fn remove_header(&mut self, name: &str) -> bool {
+        let before = self.shell.headers.len();
+        self.shell
+            .headers
+            .retain(|Tuple2(k, _)| !k.as_str().eq_ignore_ascii_case(name));
+        self.shell.headers.len() != before
+    }
+
+    /// The body.
+    pub fn body_bytes(&self) -> &[u8] {
+        &self.shell.body
+    }
+
+    /// Replaces the body.
+    pub fn set_body(&mut self, body: &[u8]) {
+        self.shell.body = RVec::from_slice(body);
+    }
+
+    /// Replaces the handler of an accepted upgrade with what `wrap` makes of it (nothing
+    /// happens to a response that does not accept): the way middleware gets inside an accept.
+    pub fn map_handler(mut self, wrap: impl FnOnce(Box<dyn Handler>) -> Box<dyn Handler>) -> Self {
+        if let Some(h) = self.shell.handler.take() {
+            self.shell.handler = Some(wrap(h));
+        }
+        self
+    }
+
+    /// Puts `layer` around the handler of an accepted upgrade (see [`Layer`]).
+    pub fn layer(self, layer: impl Layer) -> Self {
+        self.map_handler(|inner| Box::new(Layered::new(layer, inner)))
+    }
+
+    /// Keeps the upgrade request's header `name` with the connection, for [`Conn::header`]
+    /// (e.g. a user id an auth proxy added). Only the headers named are kept, so that an idle
+    /// connection stays small.
+    pub fn keep_header(mut self, name: &str) -> Self {
+        let name = name.to_ascii_lowercase();
+        if !self.shell.kept_headers.contains(&name) {
+            self.shell.kept_headers.push(name);
+        }
+        self
     }
 
     /// 404 Not Found.
@@ -939,9 +1064,14 @@ pub trait Handler: Send + 'static {
         let _ = (conn, payload);
     }
     /// The send queue emptied after a send was refused with [`SendError::QueueFull`]: runs as
-    /// soon as the host has written the queue out.
+    /// soon as the host has written the queue out. With a low-water mark
+    /// ([`Conn::set_low_water`]) it also runs whenever the queue falls to the mark from above.
     fn on_drain(&mut self, conn: &Conn) {
         let _ = conn;
+    }
+    /// Timer `tag` ([`Conn::set_timer`]) fired.
+    fn on_timer(&mut self, conn: &Conn, tag: u64) {
+        let _ = (conn, tag);
     }
     /// A protocol or I/O error; the connection is closing and `on_close` follows.
     fn on_error(&mut self, conn: &Conn, error: &str) {
@@ -953,6 +1083,169 @@ pub trait Handler: Send + 'static {
     /// connection ended without a close frame).
     fn on_close(&mut self, conn: &Conn, code: u16, reason: &str) {
         let _ = (conn, code, reason);
+    }
+}
+
+impl Handler for Box<dyn Handler> {
+    fn on_connect(&mut self, conn: &Conn) {
+        (**self).on_connect(conn)
+    }
+    fn on_text(&mut self, conn: &Conn, text: &str) {
+        (**self).on_text(conn, text)
+    }
+    fn on_binary(&mut self, conn: &Conn, data: &[u8]) {
+        (**self).on_binary(conn, data)
+    }
+    fn on_ping(&mut self, conn: &Conn, payload: &[u8]) {
+        (**self).on_ping(conn, payload)
+    }
+    fn on_pong(&mut self, conn: &Conn, payload: &[u8]) {
+        (**self).on_pong(conn, payload)
+    }
+    fn on_drain(&mut self, conn: &Conn) {
+        (**self).on_drain(conn)
+    }
+    fn on_timer(&mut self, conn: &Conn, tag: u64) {
+        (**self).on_timer(conn, tag)
+    }
+    fn on_error(&mut self, conn: &Conn, error: &str) {
+        (**self).on_error(conn, error)
+    }
+    fn on_close(&mut self, conn: &Conn, code: u16, reason: &str) {
+        (**self).on_close(conn, code, reason)
+    }
+}
+
+/// One of a connection's events, as a [`Layer`] sees it: every [`Handler`] callback is one
+/// variant. New callbacks of later 1.x versions become new variants, which a layer that
+/// forwards what it does not handle (`_ => event.deliver(inner, conn)`) passes on unchanged.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Event<'a> {
+    /// [`Handler::on_connect`].
+    Connect,
+    /// [`Handler::on_text`].
+    Text(&'a str),
+    /// [`Handler::on_binary`].
+    Binary(&'a [u8]),
+    /// [`Handler::on_ping`].
+    Ping(&'a [u8]),
+    /// [`Handler::on_pong`].
+    Pong(&'a [u8]),
+    /// [`Handler::on_drain`].
+    Drain,
+    /// [`Handler::on_timer`].
+    Timer(u64),
+    /// [`Handler::on_error`].
+    Error(&'a str),
+    /// [`Handler::on_close`].
+    Close {
+        /// The close code.
+        code: u16,
+        /// The close reason.
+        reason: &'a str,
+    },
+}
+
+impl Event<'_> {
+    /// Calls the callback of `to` this event stands for.
+    pub fn deliver(self, to: &mut dyn Handler, conn: &Conn) {
+        match self {
+            Event::Connect => to.on_connect(conn),
+            Event::Text(t) => to.on_text(conn, t),
+            Event::Binary(d) => to.on_binary(conn, d),
+            Event::Ping(p) => to.on_ping(conn, p),
+            Event::Pong(p) => to.on_pong(conn, p),
+            Event::Drain => to.on_drain(conn),
+            Event::Timer(tag) => to.on_timer(conn, tag),
+            Event::Error(e) => to.on_error(conn, e),
+            Event::Close { code, reason } => to.on_close(conn, code, reason),
+        }
+    }
+}
+
+/// Middleware around a connection's handler: sees every event first and decides whether (and
+/// how) the handler inside gets it. The default forwards everything, so a layer overrides
+/// [`Layer::on_event`] for the events it cares about and forwards the rest — including
+/// callbacks added to [`Handler`] after the layer was written.
+///
+/// ```
+/// use plugin_api::{Conn, Event, Handler, Layer};
+///
+/// /// Drops text messages longer than 10 bytes; everything else goes through.
+/// struct ShortTexts;
+///
+/// impl Layer for ShortTexts {
+///     fn on_event(&mut self, inner: &mut dyn Handler, conn: &Conn, event: Event<'_>) {
+///         match event {
+///             Event::Text(t) if t.len() > 10 => {}
+///             other => other.deliver(inner, conn),
+///         }
+///     }
+/// }
+/// ```
+///
+/// Put a layer around the handler of an accepted upgrade with [`Response::layer`].
+pub trait Layer: Send + 'static {
+    /// One event for the handler `inner`.
+    fn on_event(&mut self, inner: &mut dyn Handler, conn: &Conn, event: Event<'_>) {
+        event.deliver(inner, conn);
+    }
+}
+
+/// A [`Handler`] inside a [`Layer`]: every callback goes to the layer as an [`Event`].
+pub struct Layered<L: Layer, H: Handler> {
+    layer: L,
+    inner: H,
+}
+
+impl<L: Layer, H: Handler> Layered<L, H> {
+    /// `inner`, with `layer` around it.
+    pub fn new(layer: L, inner: H) -> Self {
+        Self { layer, inner }
+    }
+}
+
+impl<L: Layer, H: Handler> fmt::Debug for Layered<L, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Layered").finish_non_exhaustive()
+    }
+}
+
+impl<L: Layer, H: Handler> Handler for Layered<L, H> {
+    fn on_connect(&mut self, conn: &Conn) {
+        self.layer.on_event(&mut self.inner, conn, Event::Connect)
+    }
+    fn on_text(&mut self, conn: &Conn, text: &str) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Text(text))
+    }
+    fn on_binary(&mut self, conn: &Conn, data: &[u8]) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Binary(data))
+    }
+    fn on_ping(&mut self, conn: &Conn, payload: &[u8]) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Ping(payload))
+    }
+    fn on_pong(&mut self, conn: &Conn, payload: &[u8]) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Pong(payload))
+    }
+    fn on_drain(&mut self, conn: &Conn) {
+        self.layer.on_event(&mut self.inner, conn, Event::Drain)
+    }
+    fn on_timer(&mut self, conn: &Conn, tag: u64) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Timer(tag))
+    }
+    fn on_error(&mut self, conn: &Conn, error: &str) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Error(error))
+    }
+    fn on_close(&mut self, conn: &Conn, code: u16, reason: &str) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Close { code, reason })
     }
 }
 
@@ -1002,6 +1295,7 @@ mod tests {
             SendError::ReasonTooLong,
             SendError::PayloadTooLong,
             SendError::MessageTooLarge,
+            SendError::Limit,
             SendError::Other(77),
         ] {
             assert_eq!(SendError::from_code(e.code()), Err(e));

@@ -249,6 +249,10 @@ struct ConnState {
     path: String,
     query: String,
     idle_timeout: Mutex<Option<std::time::Duration>>,
+    /// Armed timers: tag and delay, in the order they were (re-)armed.
+    timers: Mutex<Vec<(u64, std::time::Duration)>>,
+    headers: Mutex<BTreeMap<String, String>>,
+    low_water: Mutex<Option<u64>>,
 }
 
 impl TestConn {
@@ -272,6 +276,9 @@ impl TestConn {
             path: path.to_owned(),
             query: query.to_owned(),
             idle_timeout: Mutex::default(),
+            timers: Mutex::default(),
+            headers: Mutex::default(),
+            low_water: Mutex::default(),
         });
         let handle = ConnFfi_TO::from_ptr(RArc::new(TestConnFfi(Arc::clone(&state))), TD_Opaque);
         Self { state, handle }
@@ -322,6 +329,24 @@ impl TestConn {
     /// The idle timeout the plugin last set (`Conn::set_idle_timeout`), if it did.
     pub fn idle_timeout(&self) -> Option<std::time::Duration> {
         *lock(&self.state.idle_timeout)
+    }
+
+    /// The timers armed now (`Conn::set_timer`): tag and delay, oldest first. Fire one with
+    /// [`TestHandler::fire_timer`], as the host would once its delay passed.
+    pub fn timers(&self) -> Vec<(u64, std::time::Duration)> {
+        lock(&self.state.timers).clone()
+    }
+
+    /// Gives the connection a kept request header (`Conn::header`), as
+    /// `Response::keep_header` would have at the upgrade.
+    pub fn with_header(self, name: &str, value: &str) -> Self {
+        lock(&self.state.headers).insert(name.to_ascii_lowercase(), value.to_owned());
+        self
+    }
+
+    /// The low-water mark the plugin set (`Conn::set_low_water`), if it did.
+    pub fn low_water(&self) -> Option<u64> {
+        *lock(&self.state.low_water)
     }
 }
 
@@ -416,6 +441,34 @@ impl ConnFfi for TestConnFfi {
     }
     fn set_idle_timeout_ms(&self, ms: u64) -> bool {
         *lock(&self.0.idle_timeout) = Some(std::time::Duration::from_millis(ms));
+        true
+    }
+    fn set_timer(&self, tag: u64, after_ms: u64) -> u32 {
+        if lock(&self.0.closed).is_some() {
+            return SendError::Closed.code();
+        }
+        let mut timers = lock(&self.0.timers);
+        timers.retain(|(t, _)| *t != tag);
+        if timers.len() >= crate::MAX_TIMERS {
+            return SendError::Limit.code();
+        }
+        timers.push((tag, std::time::Duration::from_millis(after_ms)));
+        0
+    }
+    fn cancel_timer(&self, tag: u64) -> bool {
+        let mut timers = lock(&self.0.timers);
+        let before = timers.len();
+        timers.retain(|(t, _)| *t != tag);
+        timers.len() != before
+    }
+    fn header(&self, name: RStr<'_>) -> ROption<RString> {
+        lock(&self.0.headers)
+            .get(name.as_str())
+            .map(|v| RString::from(v.as_str()))
+            .into()
+    }
+    fn set_low_water(&self, bytes: u64) -> bool {
+        *lock(&self.0.low_water) = Some(bytes);
         true
     }
 }
@@ -639,6 +692,7 @@ pub struct TestResponse {
     body: Vec<u8>,
     handler: Option<HandlerBox>,
     settings: BTreeMap<&'static str, u64>,
+    kept_headers: Vec<String>,
 }
 
 impl std::fmt::Debug for TestResponse {
@@ -666,7 +720,13 @@ impl TestResponse {
                 settings.insert(key, v);
             }
         }
+        let kept_headers = r
+            .kept_headers()
+            .into_iter()
+            .map(RString::into_string)
+            .collect();
         Self {
+            kept_headers,
             status: r.status(),
             headers: r
                 .take_headers()
@@ -712,6 +772,11 @@ impl TestResponse {
         self.settings.get(key).copied()
     }
 
+    /// The request headers it keeps with the connection (`Response::keep_header`), lowercase.
+    pub fn kept_headers(&self) -> &[String] {
+        &self.kept_headers
+    }
+
     /// The handler it accepted the upgrade with, to drive with a [`TestConn`].
     pub fn handler(self) -> Option<TestHandler> {
         self.handler.map(TestHandler)
@@ -748,6 +813,14 @@ impl TestHandler {
     /// `on_drain` (after [`TestConn::set_queue_full`] with `false`).
     pub fn on_drain(&mut self, conn: &TestConn) -> Result<(), String> {
         done(self.0.on_drain(&conn.handle))
+    }
+    /// Fires timer `tag` if it is armed on `conn` (disarming it first, as the host does) and
+    /// runs `on_timer`; `Ok(false)` if it was not armed.
+    pub fn fire_timer(&mut self, conn: &TestConn, tag: u64) -> Result<bool, String> {
+        if !conn.handle.cancel_timer(tag) {
+            return Ok(false);
+        }
+        done(self.0.on_timer(&conn.handle, tag)).map(|()| true)
     }
     /// `on_error`.
     pub fn on_error(&mut self, conn: &TestConn, error: &str) -> Result<(), String> {

@@ -138,7 +138,7 @@ fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
     }
     let dir = base.join(format!("plugin-api-{version}"));
     std::fs::create_dir_all(dir.join("src")).unwrap();
-    for f in ["lib.rs", "abi.rs", "testkit.rs"] {
+    for f in ["lib.rs", "abi.rs", "testkit.rs", "middleware.rs"] {
         std::fs::copy(real.join("src").join(f), dir.join("src").join(f)).unwrap();
     }
     // The real manifest's dependencies, spelled out (the copy is outside the workspace).

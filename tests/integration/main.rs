@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod authoring;
 mod browser;
 mod bus;
 mod callbacks;

@@ -224,6 +224,8 @@ pub(crate) struct Answer {
     pub(crate) body: Vec<u8>,
     pub(crate) handler: Option<Handler>,
     pub(crate) limits: ConnLimits,
+    /// Request headers (lowercase names) the connection keeps (`Response::keep_header`).
+    pub(crate) kept_headers: Vec<String>,
 }
 
 /// A plugin library, mapped and checked, whose instance is not created yet.
@@ -739,6 +741,11 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
         body: resp.take_body().into_vec(),
         handler: resp.take_handler().into_option().map(Handler::Inline),
         limits: settings,
+        kept_headers: resp
+            .kept_headers()
+            .into_iter()
+            .map(|h| h.into_string().to_ascii_lowercase())
+            .collect(),
     })
 }
 

@@ -41,6 +41,12 @@ pub(crate) trait ConnOps: Send + Sync + Sized + 'static {
     fn facts(&self) -> &ConnFacts;
     /// Changes the idle timeout (zero: none).
     fn set_idle_timeout(&self, timeout: std::time::Duration);
+    /// Arms (or moves) timer `tag`: the session runs `on_timer(tag)` after `after`.
+    fn set_timer(&self, tag: u64, after: std::time::Duration) -> Result<(), SendError>;
+    /// Disarms timer `tag`; whether it was armed.
+    fn cancel_timer(&self, tag: u64) -> bool;
+    /// Sets the send queue's low-water mark (0: none): `on_drain` when the queue falls to it.
+    fn set_low_water(&self, bytes: u64);
 }
 
 /// What a connection's upgrade was, for `Conn`'s accessors.
@@ -50,6 +56,9 @@ pub(crate) struct ConnFacts {
     pub(crate) secure: bool,
     pub(crate) path: String,
     pub(crate) query: String,
+    /// The request headers the plugin kept (`Response::keep_header`), lowercase names.
+    #[serde(default)]
+    pub(crate) headers: Vec<(String, String)>,
 }
 
 /// A [`ConnOps`] as the plugin's `Conn` handle calls it.
@@ -120,6 +129,28 @@ impl<C: ConnOps> ConnFfi for ConnAdapter<C> {
             .set_idle_timeout(std::time::Duration::from_millis(ms));
         true
     }
+    fn set_timer(&self, tag: u64, after_ms: u64) -> u32 {
+        code(
+            self.0
+                .set_timer(tag, std::time::Duration::from_millis(after_ms)),
+        )
+    }
+    fn cancel_timer(&self, tag: u64) -> bool {
+        self.0.cancel_timer(tag)
+    }
+    fn header(&self, name: RStr<'_>) -> abi_stable::std_types::ROption<RString> {
+        self.0
+            .facts()
+            .headers
+            .iter()
+            .find(|(k, _)| k == name.as_str())
+            .map(|(_, v)| RString::from(v.as_str()))
+            .into()
+    }
+    fn set_low_water(&self, bytes: u64) -> bool {
+        self.0.set_low_water(bytes);
+        true
+    }
 }
 
 /// A connection's callbacks as a plugin's 101 answer carries them (opaque outside this layer):
@@ -144,6 +175,7 @@ pub(crate) enum FakeEvent<'a> {
     Ping(&'a [u8]),
     Pong(&'a [u8]),
     Drain,
+    Timer(u64),
     Error(&'a str),
     Close(u16, &'a str),
 }
@@ -197,6 +229,9 @@ pub(crate) trait DynConn: Send + Sync {
     fn buffered(&self) -> u64;
     fn facts(&self) -> &ConnFacts;
     fn set_idle_timeout(&self, timeout: std::time::Duration);
+    fn set_timer(&self, tag: u64, after: std::time::Duration) -> Result<(), SendError>;
+    fn cancel_timer(&self, tag: u64) -> bool;
+    fn set_low_water(&self, bytes: u64);
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>);
     fn max_send_queue(&self) -> u64;
 }
@@ -236,6 +271,15 @@ impl<C: SessionConn> DynConn for Bound<C> {
     }
     fn set_idle_timeout(&self, timeout: std::time::Duration) {
         self.0.set_idle_timeout(timeout);
+    }
+    fn set_timer(&self, tag: u64, after: std::time::Duration) -> Result<(), SendError> {
+        self.0.set_timer(tag, after)
+    }
+    fn cancel_timer(&self, tag: u64) -> bool {
+        self.0.cancel_timer(tag)
+    }
+    fn set_low_water(&self, bytes: u64) {
+        self.0.set_low_water(bytes);
     }
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>) {
         self.0.on_queue_empty(hook);
@@ -328,13 +372,25 @@ impl Callbacks {
             Self::Fake(..) => self.fake(FakeEvent::Pong(payload)),
         }
     }
-    /// In a worker, `on_drain` follows the worker's own refusals (its credit), not this.
+    /// In a worker, `on_drain` after a refusal follows the worker's own credit; this (the
+    /// host's queue fell to the low-water mark) hands the worker its credit with the event.
     pub(crate) fn on_drain(&mut self) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_drain(),
-            Self::Remote(_) => Ok(()),
+            Self::Remote(r) => {
+                r.drain();
+                Ok(())
+            }
             #[cfg(test)]
             Self::Fake(..) => self.fake(FakeEvent::Drain),
+        }
+    }
+    pub(crate) fn on_timer(&mut self, tag: u64) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_timer(tag),
+            Self::Remote(r) => r.event(proto::TIMER, &[&tag.to_le_bytes()]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Timer(tag)),
         }
     }
     pub(crate) fn on_error(&mut self, error: &str) -> Result<(), String> {
@@ -403,6 +459,9 @@ impl InlineCallbacks {
     }
     pub(crate) fn on_drain(&mut self) -> Result<(), String> {
         done(self.handler.on_drain(&self.conn))
+    }
+    pub(crate) fn on_timer(&mut self, tag: u64) -> Result<(), String> {
+        done(self.handler.on_timer(&self.conn, tag))
     }
     pub(crate) fn on_error(&mut self, error: &str) -> Result<(), String> {
         done(self.handler.on_error(&self.conn, RStr::from_str(error)))

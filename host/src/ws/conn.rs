@@ -98,6 +98,15 @@ pub(crate) struct ConnShared {
     /// An idle timeout the plugin set, in milliseconds (`u64::MAX`: none set since last
     /// taken).
     idle_change: AtomicU64,
+    /// The plugin's armed timers (`Conn::set_timer`): tag and when it is due. Allocates
+    /// nothing until the first timer.
+    timers: Mutex<Vec<(u64, tokio::time::Instant)>>,
+    /// A timer was armed since the session last looked: its wake-up may be earlier.
+    timers_changed: AtomicBool,
+    /// The send queue's low-water mark (`Conn::set_low_water`; 0: none).
+    low_water: AtomicU64,
+    /// The queue is above the low-water mark: `on_drain` runs when it falls to it.
+    above_low: AtomicBool,
 }
 
 /// What runs when a connection's send queue empties.
@@ -149,6 +158,10 @@ impl ConnShared {
             on_empty: std::sync::OnceLock::new(),
             facts,
             idle_change: AtomicU64::new(u64::MAX),
+            timers: Mutex::new(Vec::new()),
+            timers_changed: AtomicBool::new(false),
+            low_water: AtomicU64::new(0),
+            above_low: AtomicBool::new(false),
         })
     }
 
@@ -198,6 +211,47 @@ impl ConnShared {
             || self.closing.load(Ordering::Acquire)
             || self.failed.load(Ordering::Acquire) != 0
             || self.idle_change.load(Ordering::Acquire) != u64::MAX
+            || self.timers_changed.load(Ordering::Acquire)
+    }
+
+    /// Whether a timer was armed since the last call (the session's wake-up may move).
+    pub(crate) fn take_timers_changed(&self) -> bool {
+        self.timers_changed.load(Ordering::Acquire)
+            && self.timers_changed.swap(false, Ordering::AcqRel)
+    }
+
+    /// When the next timer is due, if one is armed.
+    pub(crate) fn next_timer(&self) -> Option<tokio::time::Instant> {
+        let timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+        timers.iter().map(|(_, at)| *at).min()
+    }
+
+    /// Disarms and returns the timers due at `now`, earliest first.
+    pub(crate) fn take_due_timers(&self, now: tokio::time::Instant) -> Vec<u64> {
+        let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+        if !timers.iter().any(|(_, at)| *at <= now) {
+            return Vec::new();
+        }
+        let mut due: Vec<(u64, tokio::time::Instant)> = timers
+            .iter()
+            .copied()
+            .filter(|(_, at)| *at <= now)
+            .collect();
+        timers.retain(|(_, at)| *at > now);
+        if timers.is_empty() {
+            *timers = Vec::new();
+        }
+        due.sort_by_key(|(_, at)| *at);
+        due.into_iter().map(|(tag, _)| tag).collect()
+    }
+
+    /// Notes that `queued` bytes are in the queue now: above the low-water mark, `on_drain`
+    /// will run once it falls back to it.
+    fn note_level(&self, queued: u64) {
+        let low = self.low_water.load(Ordering::Relaxed);
+        if low != 0 && queued > low && !self.above_low.load(Ordering::Relaxed) {
+            self.above_low.store(true, Ordering::Release);
+        }
     }
 
     /// An idle timeout the plugin set since last asked.
@@ -279,6 +333,7 @@ impl ConnShared {
             self.metrics.send_queue_overflows.inc();
             return Err(SendError::QueueFull);
         }
+        self.note_level(before + n);
         self.push((msg, n));
         Ok(())
     }
@@ -302,6 +357,13 @@ impl ConnShared {
     }
 
     fn drained_if_empty(&self, left: u64) {
+        if self.above_low.load(Ordering::Acquire)
+            && left <= self.low_water.load(Ordering::Acquire)
+            && self.above_low.swap(false, Ordering::AcqRel)
+        {
+            self.drained.store(true, Ordering::Release);
+            self.waker.wake();
+        }
         if left == 0 {
             if let Some(hook) = self.on_empty.get() {
                 (hook.0)();
@@ -457,6 +519,35 @@ impl crate::plugin::ConnOps for ConnShared {
             .store(ms.min(u64::MAX - 1), Ordering::Release);
         self.waker.wake();
     }
+    fn set_timer(&self, tag: u64, after: std::time::Duration) -> Result<(), SendError> {
+        if !self.is_open() {
+            return Err(SendError::Closed);
+        }
+        let at = tokio::time::Instant::now() + after.min(crate::config::MAX_DURATION);
+        {
+            let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+            timers.retain(|(t, _)| *t != tag);
+            if timers.len() >= plugin_api::MAX_TIMERS {
+                return Err(SendError::Limit);
+            }
+            timers.push((tag, at));
+        }
+        self.timers_changed.store(true, Ordering::SeqCst);
+        if !self.in_callback.load(Ordering::SeqCst) {
+            self.waker.wake();
+        }
+        Ok(())
+    }
+    fn cancel_timer(&self, tag: u64) -> bool {
+        let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = timers.len();
+        timers.retain(|(t, _)| *t != tag);
+        timers.len() != before
+    }
+    fn set_low_water(&self, bytes: u64) {
+        self.low_water.store(bytes, Ordering::Release);
+        self.note_level(self.buffered());
+    }
 }
 
 impl crate::plugin::SessionConn for ConnShared {
@@ -474,7 +565,8 @@ impl crate::plugin::SessionConn for ConnShared {
             let _ = self.close_unchecked(1013, "server memory budget exhausted");
             return;
         }
-        self.buffered.fetch_add(n, Ordering::AcqRel);
+        let before = self.buffered.fetch_add(n, Ordering::AcqRel);
+        self.note_level(before + n);
         self.push((msg, n));
     }
     fn fail(&self, crashed: bool) {

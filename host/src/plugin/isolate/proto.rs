@@ -48,6 +48,8 @@ pub(crate) const REPLY: u8 = 13;
 pub(crate) const SHUTDOWN: u8 = 14;
 /// A newer generation took over: run the instance's `replaced`.
 pub(crate) const REPLACED: u8 = 15;
+/// `on_timer`: the tag (u64).
+pub(crate) const TIMER: u8 = 16;
 
 // Worker → host.
 /// The library's identity: JSON [`Identity`].
@@ -72,6 +74,12 @@ pub(crate) const WANT_DRAIN: u8 = 40;
 pub(crate) const PAUSE: u8 = 41;
 /// `conn.set_idle_timeout`: milliseconds (u64).
 pub(crate) const SET_IDLE: u8 = 49;
+/// `conn.set_timer`: tag (u64), milliseconds (u64).
+pub(crate) const SET_TIMER: u8 = 50;
+/// `conn.cancel_timer`: tag (u64).
+pub(crate) const CANCEL_TIMER: u8 = 51;
+/// `conn.set_low_water`: bytes (u64).
+pub(crate) const SET_LOW_WATER: u8 = 52;
 /// `conn.subscribe` (id: the call): connection (u64), channel. Replied.
 pub(crate) const SUBSCRIBE: u8 = 42;
 /// `conn.unsubscribe` (id: the call): connection (u64), channel. Replied.
@@ -130,6 +138,8 @@ pub(crate) struct AnswerMsg {
     /// The handler's token if the plugin accepted with callbacks.
     pub(crate) handler: Option<u64>,
     pub(crate) limits: ConnLimits,
+    #[serde(default)]
+    pub(crate) kept_headers: Vec<String>,
 }
 
 /// A callback that panicked.

@@ -747,6 +747,7 @@ impl Supervisor {
                         })
                     }),
                     limits: msg.limits,
+                    kept_headers: msg.kept_headers,
                 })
             }
             Ok(Err(_)) => {
@@ -1023,6 +1024,25 @@ impl WorkerLink {
                     c.ops.set_idle_timeout(Duration::from_millis(ms));
                 }
             }
+            proto::SET_TIMER => {
+                if let Some(c) = self.conn(id) {
+                    let (tag, rest) = proto::split_u64(&body);
+                    let ms = proto::split_u64(rest).0;
+                    // The worker checked the limit and the state; a refusal here (the
+                    // connection closed meanwhile) means the timer could never fire anyway.
+                    let _ = c.ops.set_timer(tag, Duration::from_millis(ms));
+                }
+            }
+            proto::CANCEL_TIMER => {
+                if let Some(c) = self.conn(id) {
+                    c.ops.cancel_timer(proto::split_u64(&body).0);
+                }
+            }
+            proto::SET_LOW_WATER => {
+                if let Some(c) = self.conn(id) {
+                    c.ops.set_low_water(proto::split_u64(&body).0);
+                }
+            }
             proto::PAUSE => {
                 if let Some(c) = self.conn(id) {
                     c.ops.set_paused(body.first() == Some(&1));
@@ -1253,6 +1273,29 @@ impl RemoteCallbacks {
     pub(crate) fn event(&self, kind: u8, parts: &[&[u8]]) -> Result<(), String> {
         self.link.out.push(kind, self.id, parts);
         Ok(())
+    }
+
+    /// The host's queue fell to the connection's low-water mark: the worker gets its credit
+    /// back with an `on_drain`.
+    pub(crate) fn drain(&self) {
+        let conn = self
+            .link
+            .conns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&self.id)
+            .cloned();
+        if let Some(c) = conn {
+            // What the host has written of the worker's sends: taken, less still queued.
+            let written = c
+                .total
+                .load(Ordering::Acquire)
+                .saturating_sub(c.ops.buffered());
+            c.reported.fetch_max(written, Ordering::AcqRel);
+            self.link
+                .out
+                .push(proto::CREDIT, self.id, &[&written.to_le_bytes(), &[1]]);
+        }
     }
 }
 

@@ -243,6 +243,7 @@ impl Shared {
                     drain_asked: AtomicBool::new(false),
                     out: Arc::clone(&self.out),
                     calls: Arc::clone(&self.calls),
+                    timers: Mutex::default(),
                 });
                 let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
                 let callbacks = InlineCallbacks::new(handler, Arc::clone(&conn));
@@ -321,6 +322,7 @@ impl Shared {
                     proto::PING => Event::Ping(body),
                     proto::PONG => Event::Pong(body),
                     proto::ERROR => Event::Error(String::from_utf8_lossy(&body).into_owned()),
+                    proto::TIMER => Event::Timer(proto::split_u64(&body).0),
                     proto::CLOSE => {
                         let (code, reason) = proto::read_close(&body);
                         Event::Close(code, reason)
@@ -384,6 +386,7 @@ enum Event {
     Pong(bytes::Bytes),
     Error(String),
     Drain,
+    Timer(u64),
     Close(u16, String),
 }
 
@@ -483,6 +486,7 @@ impl Shared {
                     body: std::mem::take(&mut answer.body),
                     handler,
                     limits: answer.limits,
+                    kept_headers: std::mem::take(&mut answer.kept_headers),
                 }
             }
         };
@@ -523,6 +527,7 @@ async fn connection(
                 Event::Pong(_) => "on_pong",
                 Event::Error(_) => "on_error",
                 Event::Drain => "on_drain",
+                Event::Timer(_) => "on_timer",
                 Event::Close(..) => "on_close",
             };
             let _call = shared.watch.enter(name, conn.id);
@@ -537,6 +542,14 @@ async fn connection(
                 Event::Pong(p) => callbacks.on_pong(p),
                 Event::Error(e) => callbacks.on_error(e),
                 Event::Drain => callbacks.on_drain(),
+                Event::Timer(tag) => {
+                    // Fired: no longer armed (unless the plugin arms it again in the callback).
+                    conn.timers
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(tag);
+                    callbacks.on_timer(*tag)
+                }
                 Event::Close(code, reason) => callbacks.on_close(*code, reason),
             };
             (name, result)
@@ -584,6 +597,8 @@ struct WorkerConn {
     drain_asked: AtomicBool,
     out: Arc<Outbox>,
     calls: Arc<Calls>,
+    /// The tags of the timers armed (the host keeps their deadlines).
+    timers: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl WorkerConn {
@@ -693,6 +708,42 @@ impl ConnOps for WorkerConn {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         self.out
             .push(proto::SET_IDLE, self.id, &[&ms.to_le_bytes()]);
+    }
+    fn set_timer(&self, tag: u64, after: Duration) -> Result<(), SendError> {
+        if !self.is_open() {
+            return Err(SendError::Closed);
+        }
+        {
+            // The armed tags are kept here too, so that the limit answers at once.
+            let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+            if !timers.contains(&tag) && timers.len() >= plugin_api::MAX_TIMERS {
+                return Err(SendError::Limit);
+            }
+            timers.insert(tag);
+        }
+        let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.out.push(
+            proto::SET_TIMER,
+            self.id,
+            &[&tag.to_le_bytes(), &ms.to_le_bytes()],
+        );
+        Ok(())
+    }
+    fn cancel_timer(&self, tag: u64) -> bool {
+        let armed = self
+            .timers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&tag);
+        if armed {
+            self.out
+                .push(proto::CANCEL_TIMER, self.id, &[&tag.to_le_bytes()]);
+        }
+        armed
+    }
+    fn set_low_water(&self, bytes: u64) {
+        self.out
+            .push(proto::SET_LOW_WATER, self.id, &[&bytes.to_le_bytes()]);
     }
 }
 

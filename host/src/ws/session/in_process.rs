@@ -55,6 +55,7 @@ async fn session_with(
             FakeEvent::Pong(p) => format!("pong {}", p.len()),
             FakeEvent::Error(e) => format!("error {e}"),
             FakeEvent::Drain => "drain".to_owned(),
+            FakeEvent::Timer(tag) => format!("timer {tag}"),
             FakeEvent::Close(code, reason) => format!("close {code} {reason}"),
         });
         reply(event, conn);
@@ -239,4 +240,101 @@ async fn past_the_message_rate_the_connection_closes_with_1008() {
         events.last().unwrap(),
         "close 1008 message rate limit exceeded"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn timers_fire_in_due_order_move_when_rearmed_and_end_with_the_connection() {
+    fn timers(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        match event {
+            FakeEvent::Connect => {
+                let s = Duration::from_secs;
+                conn.set_timer(1, s(5)).unwrap();
+                conn.set_timer(2, s(3)).unwrap();
+                conn.set_timer(1, s(8)).unwrap(); // moved, not added
+                conn.set_timer(3, s(1)).unwrap();
+                assert!(conn.cancel_timer(3));
+                assert!(!conn.cancel_timer(3));
+                for tag in 100..162 {
+                    conn.set_timer(tag, HOUR).unwrap();
+                }
+                assert_eq!(
+                    conn.set_timer(999, s(1)),
+                    Err(plugin_api::SendError::Limit),
+                    "64 armed at most"
+                );
+                // Re-arming an armed tag is no new timer.
+                conn.set_timer(100, HOUR).unwrap();
+                for tag in 100..162 {
+                    conn.cancel_timer(tag);
+                }
+            }
+            FakeEvent::Timer(tag) => {
+                conn.send_from_worker(Message::text(format!("timer {tag}")));
+                if tag == 1 {
+                    conn.set_timer(7, Duration::from_secs(1)).unwrap();
+                    conn.close(1000, "done").unwrap();
+                }
+            }
+            _ => {}
+        }
+    }
+    let started = Instant::now();
+    let (mut client, events, task) = session_with(quiet(), ConnLimits::default(), timers).await;
+    let at = |m: &str, elapsed: Duration| format!("{m} at {}s", elapsed.as_secs());
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let msg = client.next().await.unwrap().unwrap();
+        seen.push(at(msg.to_text().unwrap(), started.elapsed()));
+    }
+    assert_eq!(seen, ["timer 2 at 3s", "timer 1 at 8s"]);
+    assert_eq!(close_of(&mut client).await, (1000, "done".into()));
+    finish(client).await;
+    ended(task).await;
+    // Timer 7, armed while closing, never fired: timers end with the connection.
+    let events = events.lock().unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("timer"))
+            .collect::<Vec<_>>(),
+        ["timer 2", "timer 1"]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_a_low_water_mark_on_drain_runs_when_the_queue_falls_to_it() {
+    fn fill(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        match event {
+            FakeEvent::Connect => conn.set_low_water(1000),
+            FakeEvent::Text("fill") => {
+                for _ in 0..10 {
+                    conn.send_from_worker(Message::binary(vec![0u8; 500]));
+                }
+            }
+            FakeEvent::Text("small") => conn.send_from_worker(Message::binary(vec![0u8; 10])),
+            _ => {}
+        }
+    }
+    let (mut client, events, task) = session_with(quiet(), ConnLimits::default(), fill).await;
+    // Under the mark: no on_drain.
+    client.send(Message::text("small")).await.unwrap();
+    client.next().await.unwrap().unwrap();
+    // Above it (5,000 bytes queued): on_drain once the writer brings it down to the mark.
+    client.send(Message::text("fill")).await.unwrap();
+    for _ in 0..10 {
+        client.next().await.unwrap().unwrap();
+    }
+    client.close(None).await.unwrap();
+    finish(client).await;
+    ended(task).await;
+    let events = events.lock().unwrap();
+    let drains: Vec<usize> = events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| *e == "drain")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(drains.len(), 1, "{events:?}");
+    let fill_at = events.iter().position(|e| e == "text fill").unwrap();
+    assert!(drains[0] > fill_at, "{events:?}");
 }

@@ -297,9 +297,13 @@ impl Session {
             if conn.take_drained() {
                 self.call("on_drain", |cb| cb.on_drain());
             }
-            if let Some(idle) = conn.take_idle_change() {
+            let idle_change = conn.take_idle_change();
+            if let Some(idle) = idle_change {
                 timing.idle_timeout =
                     (!idle.is_zero()).then_some(idle.min(crate::config::MAX_DURATION));
+            }
+            // A timer the plugin armed may be due before the session's next wake-up.
+            if idle_change.is_some() | conn.take_timers_changed() {
                 wake = self.next_wake(
                     &timing,
                     next_ping,
@@ -431,6 +435,12 @@ impl Session {
                             self.close_by_host(CloseReason::IdleTimeout);
                         }
                     }
+                    // The plugin's timers, in the connection's event order; they end with it.
+                    for tag in conn.take_due_timers(now) {
+                        if conn.is_open() {
+                            self.call("on_timer", |cb| cb.on_timer(tag));
+                        }
+                    }
                     wake = self.next_wake(&timing, next_ping, awaiting_pong,
                         last_data_in.max(conn.last_data_out()), far);
                     if let Some(d) = close_deadline {
@@ -466,6 +476,9 @@ impl Session {
             if self.conn.is_open() {
                 wake = wake.min(last_data + idle);
             }
+        }
+        if let Some(at) = self.conn.next_timer() {
+            wake = wake.min(at);
         }
         if let Some(limit) = timing.message_timeout {
             // Look at least this often, so a message that starts arriving between two looks is

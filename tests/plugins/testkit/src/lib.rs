@@ -161,6 +161,9 @@ impl Testkit {
         if let Some(n) = req.query_param("max_queue").and_then(|n| n.parse().ok()) {
             response = response.max_send_queue(n);
         }
+        if let Some(h) = req.query_param("keep") {
+            response = response.keep_header(&h);
+        }
         response
     }
 }
@@ -310,6 +313,20 @@ impl Handler for Kit {
                 return;
             }
             "closes" => format!("closes {}", self.closes.load(Ordering::SeqCst)),
+            "timer" => {
+                // Arm timer TAG to fire after MS milliseconds (`on_timer` says `timer TAG`).
+                let (tag, ms) = arg.split_once(':').unwrap_or((arg, "0"));
+                format!(
+                    "{:?}",
+                    conn.set_timer(
+                        Duration::from_millis(ms.parse().unwrap_or(0)),
+                        tag.parse().unwrap_or(0)
+                    )
+                )
+            }
+            "cancel" => format!("{}", conn.cancel_timer(arg.parse().unwrap_or(0))),
+            "header" => format!("{:?}", conn.header(arg)),
+            "lowwater" => format!("{}", conn.set_low_water(arg.parse().unwrap_or(0))),
             "leak" => {
                 // A thread that publishes to ARG forever: `shutdown` does not stop it.
                 let (host, channel) = (self.host.clone(), arg.to_owned());
@@ -407,6 +424,10 @@ impl Handler for Kit {
         if !payload.is_empty() {
             let _ = conn.send_text(&format!("pong {}", String::from_utf8_lossy(payload)));
         }
+    }
+
+    fn on_timer(&mut self, conn: &Conn, tag: u64) {
+        let _ = conn.send_text(&format!("timer {tag}"));
     }
 
     fn on_drain(&mut self, conn: &Conn) {
