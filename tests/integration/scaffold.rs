@@ -3,14 +3,19 @@
 
 use std::process::Command;
 
-use crate::harness::{ask, connect, get, install, plugin_target_dir, workspace_root, Host};
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
 
-#[tokio::test]
-async fn a_scaffolded_plugin_builds_and_serves_when_dropped_in() {
-    let outside = tempfile::tempdir().unwrap();
+use crate::harness::{
+    ask, connect, get, install, next, plugin_target_dir, text, workspace_root, Host,
+};
+
+/// Writes plugin `name` from `template` outside the repository, builds it and runs its own
+/// tests there, and returns the built library.
+fn scaffold(outside: &std::path::Path, name: &str, template: &str) -> std::path::PathBuf {
     let out = Command::new(env!("CARGO_BIN_EXE_wshost"))
-        .args(["new", "scaffolded", "--path"])
-        .arg(outside.path())
+        .args(["new", name, "--template", template, "--path"])
+        .arg(outside)
         .output()
         .unwrap();
     assert!(
@@ -18,7 +23,10 @@ async fn a_scaffolded_plugin_builds_and_serves_when_dropped_in() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let crate_dir = outside.path().join("scaffolded");
+    let lib = name.replace('-', "_");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("lib{lib}.so")), "{said}");
+    let crate_dir = outside.join(name);
     // Same dependency versions as the workspace, so the build reuses the harness's artifacts.
     std::fs::copy(
         workspace_root().join("Cargo.lock"),
@@ -36,18 +44,30 @@ async fn a_scaffolded_plugin_builds_and_serves_when_dropped_in() {
             .unwrap();
         assert!(
             status.success(),
-            "cargo {step} of the scaffolded plugin failed"
+            "cargo {step} of the scaffolded {template} plugin failed"
         );
     }
-    let built = plugin_target_dir().join("debug/libscaffolded.so");
+    plugin_target_dir().join(format!("debug/lib{lib}.so"))
+}
 
+#[tokio::test]
+async fn scaffolded_plugins_build_and_serve_when_dropped_in() {
+    let outside = tempfile::tempdir().unwrap();
     let host = Host::builder().plugin("echo").start();
-    install(
-        host.plugins_dir(),
-        "libscaffolded.so",
-        &std::fs::read(built).unwrap(),
-    );
-    host.wait_for_log(&["loaded plugin=scaffolded "]);
+    for (name, template) in [
+        ("scaffolded", "echo"),
+        ("new-chat", "chat"),
+        ("new-stream", "stream"),
+    ] {
+        let built = scaffold(outside.path(), name, template);
+        install(
+            host.plugins_dir(),
+            &format!("lib{}.so", name.replace('-', "_")),
+            &std::fs::read(built).unwrap(),
+        );
+        host.wait_for_log(&[&format!("loaded plugin={name} ")]);
+    }
+
     let mut ws = connect(&host.url("/scaffolded")).await;
     assert_eq!(
         ask(&mut ws, "hi from a new plugin").await,
@@ -56,6 +76,29 @@ async fn a_scaffolded_plugin_builds_and_serves_when_dropped_in() {
     let (status, _, body) = get(host.addr, "/scaffolded");
     assert_eq!(status, 200);
     assert!(String::from_utf8_lossy(&body).contains("scaffolded plugin"));
+
+    // The chat template: two members of a room hear each other.
+    let mut ann = connect(&host.url("/new-chat/lobby?name=ann")).await;
+    assert_eq!(text(&mut ann).await, "* ann joined");
+    let mut bob = connect(&host.url("/new-chat/lobby?name=bob")).await;
+    assert_eq!(text(&mut bob).await, "* bob joined");
+    assert_eq!(text(&mut ann).await, "* bob joined");
+    ann.send(Message::text("hello")).await.unwrap();
+    assert_eq!(text(&mut bob).await, "ann: hello");
+    assert_eq!(get(host.addr, "/new-chat/lobby").0, 404, "WebSocket only");
+
+    // The stream template: 1 MiB, paced, then `done`.
+    let mut s = connect(&host.url("/new-stream")).await;
+    s.send(Message::text("1048576")).await.unwrap();
+    let mut bytes = 0;
+    loop {
+        match next(&mut s).await {
+            Message::Binary(b) => bytes += b.len(),
+            Message::Text(t) if t.as_str() == "done" => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(bytes, 1 << 20);
 }
 
 #[test]

@@ -111,6 +111,10 @@ pub struct NewArgs {
     /// built from.
     #[arg(long)]
     pub api_path: Option<PathBuf>,
+    /// What the plugin starts as: `echo`, `chat` (rooms on the host's channels, behind
+    /// middleware) or `stream` (a stream paced by the client's reading).
+    #[arg(long, value_enum, default_value = "echo")]
+    pub template: crate::scaffold::Template,
 }
 
 /// `wshost worker` (started by the host for a process-isolated plugin).

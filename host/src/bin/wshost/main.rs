@@ -325,7 +325,7 @@ fn new_plugin(args: &NewArgs) -> anyhow::Result<ExitCode> {
         .api_path
         .clone()
         .unwrap_or_else(scaffold::default_api_path);
-    let dir = scaffold::new_plugin(&args.name, &args.path, &api)
+    let dir = scaffold::new_plugin(&args.name, args.template, &args.path, &api)
         .with_context(|| format!("creating plugin `{}`", args.name))?;
     println!("created {}", dir.display());
     println!(

@@ -43,8 +43,14 @@ fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-/// Writes crate `name` into `parent/name`, depending on plugin-api at `api`. Returns its folder.
-pub fn new_plugin(name: &str, parent: &Path, api: &Path) -> Result<PathBuf, ScaffoldError> {
+/// Writes crate `name` from `template` into `parent/name`, depending on plugin-api at `api`.
+/// Returns its folder.
+pub fn new_plugin(
+    name: &str,
+    template: Template,
+    parent: &Path,
+    api: &Path,
+) -> Result<PathBuf, ScaffoldError> {
     if !valid_name(name) {
         return Err(ScaffoldError::BadName(name.to_owned()));
     }
@@ -87,7 +93,11 @@ pub fn new_plugin(name: &str, parent: &Path, api: &Path) -> Result<PathBuf, Scaf
     )?;
     write(
         "src/lib.rs",
-        LIB_RS.replace("{name}", name).replace("{Type}", &type_name),
+        template
+            .source()
+            .replace("{name}", name)
+            .replace("{lib}", &ident)
+            .replace("{Type}", &type_name),
     )?;
     write(".gitignore", "/target\n".to_owned())?;
     Ok(dir)
@@ -124,97 +134,27 @@ plugin-api = { path = "{api}", features = ["testkit"] }
 [workspace]
 "#;
 
-const LIB_RS: &str = r#"//! The `{name}` wshost plugin: echoes every message on `/{name}`.
-//!
-//! Build with `cargo build --release`, then put `target/release/lib{name}.so` (renamed as you
-//! like, ending in `.so`) into the host's plugins directory: it loads without a restart.
-
-use plugin_api::{export_plugin, Conn, Handler, Host, Plugin, PluginError, Request, Response};
-
-/// The plugin: one instance per loaded build, shared by all its connections.
-pub struct {Type} {
-    host: Host,
+/// What a new plugin starts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Template {
+    /// Echoes every message (the smallest plugin).
+    #[default]
+    Echo,
+    /// Chat rooms at `/NAME/ROOM?name=MEMBER` on the host's channels, behind middleware.
+    Chat,
+    /// A stream paced by the client's reading (high and low water, `on_drain`, a timer).
+    Stream,
 }
 
-impl Plugin for {Type} {
-    const NAME: &'static str = "{name}";
-    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const ROUTES: &'static [&'static str] = &["/{name}"];
-
-    fn new(host: Host) -> Result<Self, PluginError> {
-        host.info("started");
-        Ok({Type} { host })
-    }
-
-    fn upgrade(&self, _req: &Request<'_>) -> Response {
-        // Any other status refuses the upgrade: Response::reject(403, "no").
-        Response::accept(Connection)
-    }
-
-    fn request(&self, _req: &Request<'_>) -> Response {
-        Response::text("this is the {name} plugin; open a WebSocket to talk to it\n")
-    }
-
-    fn shutdown(&self) {
-        self.host.info("stopped");
+impl Template {
+    fn source(self) -> &'static str {
+        match self {
+            Template::Echo => include_str!("templates/echo.rs"),
+            Template::Chat => include_str!("templates/chat.rs"),
+            Template::Stream => include_str!("templates/stream.rs"),
+        }
     }
 }
-
-/// One WebSocket connection's callbacks. They run one at a time, in order, on this plugin's own
-/// workers: one that blocks holds a worker meanwhile (long waits belong on your own threads;
-/// see `Request::defer` and `Conn::pause`).
-struct Connection;
-
-impl Handler for Connection {
-    fn on_text(&mut self, conn: &Conn, text: &str) {
-        // A send fails only if the connection is closing, its queue is full, or the message is
-        // larger than the whole queue.
-        let _ = conn.send_text(&reply(text));
-    }
-
-    fn on_binary(&mut self, conn: &Conn, data: &[u8]) {
-        let _ = conn.send_binary(data);
-    }
-}
-
-/// What the plugin answers to a text message.
-fn reply(text: &str) -> String {
-    text.to_owned()
-}
-
-export_plugin!({Type});
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use plugin_api::testkit::{Sent, TestConn, TestHost, TestRequest};
-
-    #[test]
-    fn accepts_and_echoes() {
-        let host = TestHost::new();
-        let plugin = {Type}::new(host.host()).unwrap();
-        assert!(host.logged("started"));
-        let answer = TestRequest::upgrade("/{name}").decide(|r| plugin.upgrade(r));
-        assert_eq!(answer.status(), 101);
-        let mut handler = answer.handler().unwrap();
-        let conn = TestConn::new(1);
-        handler.on_text(&conn, "hello").unwrap();
-        handler.on_binary(&conn, b"bytes").unwrap();
-        assert_eq!(
-            conn.sent(),
-            [Sent::Text("hello".into()), Sent::Binary(b"bytes".to_vec())]
-        );
-    }
-
-    #[test]
-    fn answers_plain_requests() {
-        let plugin = {Type}::new(TestHost::new().host()).unwrap();
-        let answer = TestRequest::plain("GET", "/{name}").decide(|r| plugin.request(r));
-        assert_eq!(answer.status(), 200);
-        assert!(answer.text().contains("{name}"));
-    }
-}
-"#;
 
 #[cfg(test)]
 mod tests {
@@ -231,12 +171,33 @@ mod tests {
     }
 
     #[test]
+    fn templates_name_the_real_library_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, t) in [Template::Echo, Template::Chat, Template::Stream]
+            .into_iter()
+            .enumerate()
+        {
+            let name = format!("my-plugin-{i}");
+            let made = new_plugin(&name, t, dir.path(), &default_api_path()).unwrap();
+            let lib = std::fs::read_to_string(made.join("src/lib.rs")).unwrap();
+            assert!(
+                lib.contains(&format!("target/release/libmy_plugin_{i}.so")),
+                "{t:?}"
+            );
+            for placeholder in ["{name}", "{lib}", "{Type}"] {
+                assert!(!lib.contains(placeholder), "{t:?}: {placeholder} left");
+            }
+            assert!(lib.contains(&format!("\"/{name}\"")), "{t:?}");
+        }
+    }
+
+    #[test]
     fn refuses_to_overwrite() {
         let dir = tempfile::tempdir().unwrap();
         let api = default_api_path();
-        new_plugin("twice", dir.path(), &api).unwrap();
+        new_plugin("twice", Template::Echo, dir.path(), &api).unwrap();
         assert!(matches!(
-            new_plugin("twice", dir.path(), &api),
+            new_plugin("twice", Template::Echo, dir.path(), &api),
             Err(ScaffoldError::Exists(_))
         ));
     }
