@@ -27,9 +27,37 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
 pub(crate) trait Subscriber: Send + Sync + std::fmt::Debug {
     /// Queues `msg`; false if it was not taken (closed, queue full, too large).
     fn deliver(&self, msg: Message) -> bool;
+    /// The connection as a member list shows it.
+    fn member(&self) -> Member;
+}
+
+/// A channel's member: a subscribed connection of this host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Member {
+    pub(crate) id: u64,
+    pub(crate) remote_addr: String,
+    pub(crate) label: String,
+}
+
+/// What a watched channel tells its watcher.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WatchEvent<'a> {
+    /// A connection subscribed.
+    Joined(&'a Member),
+    /// A connection unsubscribed or closed.
+    Left(&'a Member),
+    /// A message was published (here, or on another host through the bus).
+    Message(&'a Message),
+}
+
+/// A plugin generation watching channels (`Host::watch`). Called under the channel's lock, in
+/// the channel's order: it must not block (it queues).
+pub(crate) trait Watcher: Send + Sync + std::fmt::Debug {
+    fn event(&self, channel: &str, event: WatchEvent<'_>);
 }
 
 type Subscribers = HashMap<u64, Arc<dyn Subscriber>>;
+type Watchers = Vec<(u64, Arc<dyn Watcher>)>;
 
 /// One channel. Its lock is held for the whole of a publish, so every subscriber sees the
 /// channel's messages in the same order (a reply published after a message is never delivered
@@ -37,11 +65,30 @@ type Subscribers = HashMap<u64, Arc<dyn Subscriber>>;
 #[derive(Debug, Default)]
 struct Channel {
     subs: Mutex<Subscribers>,
+    /// Plugin generations watching it, by key (their generation). Taken under `subs`' lock.
+    watchers: Mutex<Watchers>,
 }
 
 impl Channel {
     fn subs(&self) -> std::sync::MutexGuard<'_, Subscribers> {
         self.subs.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn watchers(&self) -> std::sync::MutexGuard<'_, Watchers> {
+        self.watchers.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tells every watcher `event` (call with `subs` locked, so watchers see the channel's
+    /// order).
+    fn tell(&self, channel: &str, event: WatchEvent<'_>) {
+        for (_, w) in self.watchers().iter() {
+            w.event(channel, event);
+        }
+    }
+
+    /// Neither subscribers nor watchers: the channel can go.
+    fn unused(subs: &Subscribers, ch: &Channel) -> bool {
+        subs.is_empty() && ch.watchers().is_empty()
     }
 }
 
@@ -89,7 +136,12 @@ impl Hub {
                 channels.entry(channel.to_owned()).or_default()
             }
         };
-        let added = ch.subs().insert(id, conn).is_none();
+        let mut subs = ch.subs();
+        let member = conn.member();
+        let added = subs.insert(id, conn).is_none();
+        if added {
+            ch.tell(channel, WatchEvent::Joined(&member));
+        }
         added
     }
 
@@ -103,8 +155,12 @@ impl Hub {
             return false;
         };
         let mut subs = ch.subs();
-        let was = subs.remove(&id).is_some();
-        let empty = subs.is_empty();
+        let removed = subs.remove(&id);
+        if let Some(conn) = &removed {
+            ch.tell(channel, WatchEvent::Left(&conn.member()));
+        }
+        let was = removed.is_some();
+        let empty = Channel::unused(&subs, ch);
         drop(subs);
         if empty {
             channels.remove(channel);
@@ -129,6 +185,7 @@ impl Hub {
             .values()
             .filter(|conn| conn.deliver(msg.clone()))
             .count() as u64;
+        ch.tell(channel, WatchEvent::Message(msg));
         // Still under the channel's lock: other hosts get this host's publishes in the order
         // its own subscribers do.
         if let Some(bus) = &self.bus {
@@ -143,9 +200,97 @@ impl Hub {
             return 0;
         };
         let subs = ch.subs();
-        subs.values()
+        let n = subs
+            .values()
             .filter(|conn| conn.deliver(msg.clone()))
-            .count() as u64
+            .count() as u64;
+        ch.tell(channel, WatchEvent::Message(msg));
+        n
+    }
+
+    /// This host's members of `channel` of `plugin`, by connection id.
+    pub(crate) fn members(&self, plugin: &str, channel: &str) -> Vec<Member> {
+        let Some(ch) = self.channel(plugin, channel) else {
+            return Vec::new();
+        };
+        let mut members: Vec<Member> = ch.subs().values().map(|c| c.member()).collect();
+        members.sort_by_key(|m| m.id);
+        members
+    }
+
+    /// `watcher` (key `key`: its generation) watches `channel` of `plugin`: its joins, leaves
+    /// and messages. With a bus, the channel is wanted from Redis as if it had a subscriber.
+    /// Returns false if that key watched it already.
+    pub(crate) fn watch(
+        &self,
+        plugin: &str,
+        channel: &str,
+        key: u64,
+        watcher: Arc<dyn Watcher>,
+    ) -> bool {
+        let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
+        let channels = plugins.entry(plugin.to_owned()).or_default();
+        let ch = match channels.get(channel) {
+            Some(ch) => ch,
+            None => {
+                if let Some(bus) = &self.bus {
+                    bus.want(plugin, channel);
+                }
+                channels.entry(channel.to_owned()).or_default()
+            }
+        };
+        let _subs = ch.subs();
+        let mut watchers = ch.watchers();
+        if watchers.iter().any(|(k, _)| *k == key) {
+            return false;
+        }
+        watchers.push((key, watcher));
+        true
+    }
+
+    /// Stops `key`'s watch of `channel` of `plugin`; whether it watched it.
+    pub(crate) fn unwatch(&self, plugin: &str, channel: &str, key: u64) -> bool {
+        let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(channels) = plugins.get_mut(plugin) else {
+            return false;
+        };
+        let Some(ch) = channels.get(channel) else {
+            return false;
+        };
+        let subs = ch.subs();
+        let was = {
+            let mut watchers = ch.watchers();
+            let before = watchers.len();
+            watchers.retain(|(k, _)| *k != key);
+            watchers.len() != before
+        };
+        let empty = Channel::unused(&subs, ch);
+        drop(subs);
+        if empty {
+            channels.remove(channel);
+            if let Some(bus) = &self.bus {
+                bus.unwant(plugin, channel);
+            }
+        }
+        was
+    }
+
+    /// Stops every watch of `key` (a generation that ended, a worker that died).
+    pub(crate) fn unwatch_all(&self, plugin: &str, key: u64) {
+        let watched: Vec<String> = {
+            let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
+            let Some(channels) = plugins.get(plugin) else {
+                return;
+            };
+            channels
+                .iter()
+                .filter(|(_, ch)| ch.watchers().iter().any(|(k, _)| *k == key))
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        for channel in watched {
+            self.unwatch(plugin, &channel, key);
+        }
     }
 
     /// How many connections of this host are subscribed to `channel` of `plugin`.

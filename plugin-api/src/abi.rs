@@ -107,6 +107,46 @@ pub trait HostFfi: Clone + Send + Sync + 'static {
     fn config_json(&self) -> RString {
         RString::new()
     }
+    /// Arms (or moves) the plugin's timer `tag`: `on_timer` runs after `after_ms`
+    /// milliseconds; whether the host did (since 1.3).
+    fn set_timer(&self, tag: u64, after_ms: u64) -> bool {
+        let _ = (tag, after_ms);
+        false
+    }
+    /// Disarms the plugin's timer `tag`; whether it was armed (since 1.3).
+    fn cancel_timer(&self, tag: u64) -> bool {
+        let _ = tag;
+        false
+    }
+    /// The local members of the plugin's `channel`, as a JSON array of
+    /// `{"id":…,"remote_addr":…,"label":…}` (since 1.3).
+    fn members_json(&self, channel: RStr<'_>) -> RString {
+        let _ = channel;
+        RString::from("[]")
+    }
+    /// Starts delivering `channel`'s joins, leaves and messages to `on_channel`; whether the
+    /// host did (since 1.3).
+    fn watch(&self, channel: RStr<'_>) -> bool {
+        let _ = channel;
+        false
+    }
+    /// Stops `watch`; whether the channel was watched (since 1.3).
+    fn unwatch(&self, channel: RStr<'_>) -> bool {
+        let _ = channel;
+        false
+    }
+}
+
+/// What an `on_channel` call carries (`PluginFfi::on_channel`'s `kind`).
+pub mod channel_event {
+    /// A connection subscribed; the data is the member as JSON.
+    pub const JOINED: u8 = 0;
+    /// A connection left (unsubscribed or closed); the member as JSON.
+    pub const LEFT: u8 = 1;
+    /// A text message was published.
+    pub const TEXT: u8 = 2;
+    /// A binary message was published.
+    pub const BINARY: u8 = 3;
 }
 
 /// A WebSocket connection as the plugin sees it. Implemented by the host.
@@ -184,6 +224,11 @@ pub trait ConnFfi: Clone + Send + Sync + 'static {
     /// from above (0: only after a refusal, as before 1.3); whether the host did (since 1.3).
     fn set_low_water(&self, bytes: u64) -> bool {
         let _ = bytes;
+        false
+    }
+    /// Sets the label channel members lists show for this connection (since 1.3).
+    fn set_label(&self, label: RStr<'_>) -> bool {
+        let _ = label;
         false
     }
 }
@@ -301,6 +346,21 @@ pub trait PluginFfi: Send + Sync + 'static {
     /// A newer generation took over this instance's routes (since 1.2; a plugin built against
     /// an older 1.x is not told).
     fn replaced(&self) -> RResult<(), RString> {
+        RResult::ROk(())
+    }
+    /// The plugin's timer `tag` fired (since 1.3).
+    fn on_timer(&self, tag: u64) -> RResult<(), RString> {
+        let _ = tag;
+        RResult::ROk(())
+    }
+    /// An event of a watched channel (see [`channel_event`]) (since 1.3).
+    fn on_channel(
+        &self,
+        channel: RStr<'_>,
+        kind: u8,
+        data: RSlice<'_, u8>,
+    ) -> RResult<(), RString> {
+        let _ = (channel, kind, data);
         RResult::ROk(())
     }
 }
@@ -479,6 +539,33 @@ impl<P: crate::Plugin> PluginFfi for PluginShell<P> {
 
     fn replaced(&self) -> RResult<(), RString> {
         guard("replaced", || self.0.get().replaced())
+    }
+
+    fn on_timer(&self, tag: u64) -> RResult<(), RString> {
+        guard("on_timer", || self.0.get().on_timer(tag))
+    }
+
+    fn on_channel(
+        &self,
+        channel: RStr<'_>,
+        kind: u8,
+        data: RSlice<'_, u8>,
+    ) -> RResult<(), RString> {
+        guard("on_channel", || {
+            let member = || serde_json::from_slice::<crate::Member>(data.as_slice()).ok();
+            let event = match kind {
+                channel_event::JOINED => member().map(crate::ChannelEvent::Joined),
+                channel_event::LEFT => member().map(crate::ChannelEvent::Left),
+                channel_event::TEXT => std::str::from_utf8(data.as_slice())
+                    .ok()
+                    .map(crate::ChannelEvent::Text),
+                channel_event::BINARY => Some(crate::ChannelEvent::Binary(data.as_slice())),
+                _ => None,
+            };
+            if let Some(event) = event {
+                self.0.get().on_channel(channel.as_str(), event);
+            }
+        })
     }
 }
 

@@ -345,6 +345,13 @@ impl Conn {
             .map(RString::into_string)
     }
 
+    /// Sets the label this connection shows as a channel member ([`Host::members`],
+    /// [`ChannelEvent::Joined`]), e.g. the user's name; `false` if the host cannot (older than
+    /// 1.3). Set it before subscribing for the join to carry it.
+    pub fn set_label(&self, label: &str) -> bool {
+        self.handle().set_label(RStr::from_str(label))
+    }
+
     /// Sets the send queue's low-water mark: from now on [`Handler::on_drain`] also runs
     /// whenever the queued bytes fall to `bytes` or below from above it, whether or not a send
     /// was refused — the usual high-water/low-water pacing (stop at your own mark, resume on
@@ -513,6 +520,68 @@ impl Host {
     pub fn host_version(&self) -> String {
         self.handle.host_version().into_string()
     }
+
+    /// Arms the plugin's timer `tag`: [`Plugin::on_timer`] runs with it once `after` has passed,
+    /// on the plugin's own workers, one plugin-level call (timer or channel event) at a time.
+    /// Arming an armed tag moves it; re-arm in `on_timer` for a periodic timer. Timers end
+    /// with the generation (a replaced build's stop). `false` if the host cannot (older than
+    /// 1.3) or [`MAX_PLUGIN_TIMERS`] are armed.
+    pub fn set_timer(&self, after: Duration, tag: u64) -> bool {
+        self.handle.set_timer(tag, millis(after))
+    }
+
+    /// Disarms the plugin's timer `tag`; whether it was armed.
+    pub fn cancel_timer(&self, tag: u64) -> bool {
+        self.handle.cancel_timer(tag)
+    }
+
+    /// This host's members of `channel`: each subscribed connection's id, client address and
+    /// label ([`Conn::set_label`]). With a Redis bus, other hosts' members are theirs.
+    pub fn members(&self, channel: &str) -> Vec<Member> {
+        let json = self.handle.members_json(RStr::from_str(channel));
+        serde_json::from_str(json.as_str()).unwrap_or_default()
+    }
+
+    /// Watches `channel`: [`Plugin::on_channel`] gets its joins and leaves (connections of
+    /// this host subscribing, unsubscribing or closing) and every message published to it —
+    /// the plugin's own server-side subscription, to bridge, log or track presence. Watching
+    /// ends with the generation. `false` if the host cannot (older than 1.3).
+    pub fn watch(&self, channel: &str) -> bool {
+        self.handle.watch(RStr::from_str(channel))
+    }
+
+    /// Stops watching `channel`; whether it was watched.
+    pub fn unwatch(&self, channel: &str) -> bool {
+        self.handle.unwatch(RStr::from_str(channel))
+    }
+}
+
+/// The most plugin-level timers ([`Host::set_timer`]) one generation may have armed.
+pub const MAX_PLUGIN_TIMERS: usize = 1024;
+
+/// A connection subscribed to a channel, as [`Host::members`] and [`ChannelEvent`] show it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// The connection's id ([`Conn::id`]).
+    pub id: u64,
+    /// The client's address.
+    pub remote_addr: String,
+    /// The label the plugin gave the connection ([`Conn::set_label`]); empty if none.
+    pub label: String,
+}
+
+/// What a watched channel ([`Host::watch`]) tells [`Plugin::on_channel`].
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum ChannelEvent<'a> {
+    /// A connection of this host subscribed.
+    Joined(Member),
+    /// A connection of this host left: unsubscribed, or closed.
+    Left(Member),
+    /// A text message was published (by any plugin connection or host on the channel).
+    Text(&'a str),
+    /// A binary message was published.
+    Binary(&'a [u8]),
 }
 
 impl fmt::Debug for Host {
@@ -1037,6 +1106,16 @@ pub trait Plugin: Send + Sync + Sized + 'static {
     /// of the host's own; `shutdown` still follows once the last connection is gone. (Since
     /// plugin-api 1.2.)
     fn replaced(&self) {}
+
+    /// The plugin's timer `tag` ([`Host::set_timer`]) fired.
+    fn on_timer(&self, tag: u64) {
+        let _ = tag;
+    }
+
+    /// An event of a channel the plugin watches ([`Host::watch`]).
+    fn on_channel(&self, channel: &str, event: ChannelEvent<'_>) {
+        let _ = (channel, event);
+    }
 }
 
 /// A connection's callbacks; every one is optional (the default does nothing).

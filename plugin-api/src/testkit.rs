@@ -79,6 +79,9 @@ struct HostState {
     log: Mutex<Vec<(Level, String)>>,
     published: Mutex<Vec<Published>>,
     subscribers: Mutex<HashMap<String, u64>>,
+    members: Mutex<HashMap<String, Vec<crate::Member>>>,
+    watched: Mutex<Vec<String>>,
+    timers: Mutex<Vec<(u64, std::time::Duration)>>,
 }
 
 /// One publish of the plugin's.
@@ -121,6 +124,31 @@ impl TestHost {
     /// Makes `Host::subscribers(channel)` (and what a publish to it returns) `n`.
     pub fn set_subscribers(&self, channel: &str, n: u64) {
         lock(&self.state.subscribers).insert(channel.to_owned(), n);
+    }
+
+    /// Makes `Host::members(channel)` `members` (and `Host::subscribers` their count).
+    pub fn set_members(&self, channel: &str, members: Vec<crate::Member>) {
+        self.set_subscribers(channel, members.len() as u64);
+        lock(&self.state.members).insert(channel.to_owned(), members);
+    }
+
+    /// The channels the plugin watches (`Host::watch`), in the order it began.
+    pub fn watched(&self) -> Vec<String> {
+        lock(&self.state.watched).clone()
+    }
+
+    /// The plugin's armed timers (`Host::set_timer`): tag and delay. Fire one by calling your
+    /// plugin's `on_timer` after [`TestHost::take_timer`].
+    pub fn timers(&self) -> Vec<(u64, std::time::Duration)> {
+        lock(&self.state.timers).clone()
+    }
+
+    /// Disarms timer `tag` as the host does when it fires; whether it was armed.
+    pub fn take_timer(&self, tag: u64) -> bool {
+        let mut timers = lock(&self.state.timers);
+        let before = timers.len();
+        timers.retain(|(t, _)| *t != tag);
+        timers.len() != before
     }
 
     /// The `Host` to hand to the plugin.
@@ -193,6 +221,41 @@ impl HostFfi for TestHostFfi {
     fn config_json(&self) -> RString {
         RString::from(serde_json::Value::Object(lock(&self.0.typed).clone()).to_string())
     }
+    fn set_timer(&self, tag: u64, after_ms: u64) -> bool {
+        let mut timers = lock(&self.0.timers);
+        timers.retain(|(t, _)| *t != tag);
+        if timers.len() >= crate::MAX_PLUGIN_TIMERS {
+            return false;
+        }
+        timers.push((tag, std::time::Duration::from_millis(after_ms)));
+        true
+    }
+    fn cancel_timer(&self, tag: u64) -> bool {
+        let mut timers = lock(&self.0.timers);
+        let before = timers.len();
+        timers.retain(|(t, _)| *t != tag);
+        timers.len() != before
+    }
+    fn members_json(&self, channel: RStr<'_>) -> RString {
+        let members = lock(&self.0.members)
+            .get(channel.as_str())
+            .cloned()
+            .unwrap_or_default();
+        RString::from(serde_json::to_string(&members).unwrap_or_default())
+    }
+    fn watch(&self, channel: RStr<'_>) -> bool {
+        let mut watched = lock(&self.0.watched);
+        if !watched.iter().any(|c| c == channel.as_str()) {
+            watched.push(channel.as_str().to_owned());
+        }
+        true
+    }
+    fn unwatch(&self, channel: RStr<'_>) -> bool {
+        let mut watched = lock(&self.0.watched);
+        let before = watched.len();
+        watched.retain(|c| c != channel.as_str());
+        watched.len() != before
+    }
 }
 
 impl TestHostFfi {
@@ -253,6 +316,7 @@ struct ConnState {
     timers: Mutex<Vec<(u64, std::time::Duration)>>,
     headers: Mutex<BTreeMap<String, String>>,
     low_water: Mutex<Option<u64>>,
+    label: Mutex<String>,
 }
 
 impl TestConn {
@@ -279,6 +343,7 @@ impl TestConn {
             timers: Mutex::default(),
             headers: Mutex::default(),
             low_water: Mutex::default(),
+            label: Mutex::default(),
         });
         let handle = ConnFfi_TO::from_ptr(RArc::new(TestConnFfi(Arc::clone(&state))), TD_Opaque);
         Self { state, handle }
@@ -342,6 +407,20 @@ impl TestConn {
     pub fn with_header(self, name: &str, value: &str) -> Self {
         lock(&self.state.headers).insert(name.to_ascii_lowercase(), value.to_owned());
         self
+    }
+
+    /// The label the plugin gave the connection (`Conn::set_label`); empty if none.
+    pub fn label(&self) -> String {
+        lock(&self.state.label).clone()
+    }
+
+    /// This connection as a channel member (`Host::members`, `ChannelEvent::Joined`).
+    pub fn member(&self) -> crate::Member {
+        crate::Member {
+            id: self.state.id,
+            remote_addr: self.state.remote.clone(),
+            label: self.label(),
+        }
     }
 
     /// The low-water mark the plugin set (`Conn::set_low_water`), if it did.
@@ -469,6 +548,10 @@ impl ConnFfi for TestConnFfi {
     }
     fn set_low_water(&self, bytes: u64) -> bool {
         *lock(&self.0.low_water) = Some(bytes);
+        true
+    }
+    fn set_label(&self, label: RStr<'_>) -> bool {
+        *lock(&self.0.label) = label.as_str().to_owned();
         true
     }
 }

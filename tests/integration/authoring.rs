@@ -90,3 +90,49 @@ async fn with_a_low_water_mark_on_drain_runs_without_a_refusal() {
         ws.close(None).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_plugin_sees_a_channel_s_members_joins_leaves_and_messages() {
+    for (mode, host) in hosts() {
+        let mut events = observer(&host).await;
+        let mut ctl = connect_with(&host.url("/testkit"), &[]).await;
+        assert_eq!(ask(&mut ctl, "watch:room").await, "true", "{mode}");
+        let mut ann = connect_with(&host.url("/testkit"), &[]).await;
+        assert_eq!(ask(&mut ann, "label:ann").await, "true", "{mode}");
+        assert_eq!(ask(&mut ann, "sub:room").await, "Ok(())", "{mode}");
+        event(&mut events, "watch room joined ann").await;
+        let mut bob = connect_with(&host.url("/testkit"), &[]).await;
+        assert_eq!(ask(&mut bob, "label:bob").await, "true");
+        assert_eq!(ask(&mut bob, "sub:room").await, "Ok(())");
+        event(&mut events, "watch room joined bob").await;
+        let members = ask(&mut ctl, "members:room").await;
+        assert!(
+            members.starts_with("members ") && members.contains("=ann") && members.contains("=bob"),
+            "{mode}: {members}"
+        );
+        // Messages published to the channel reach the plugin too.
+        ann.send(Message::text("pub:room:hello")).await.unwrap();
+        event(&mut events, "watch room text hello").await;
+        // A closing member leaves.
+        bob.close(None).await.unwrap();
+        event(&mut events, "watch room left bob").await;
+        assert_eq!(ask(&mut ctl, "unwatch:room").await, "true", "{mode}");
+        assert_eq!(ask(&mut ctl, "unwatch:room").await, "false", "{mode}");
+        ann.close(None).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn plugin_timers_fire_without_a_connection() {
+    for (mode, host) in hosts() {
+        let mut events = observer(&host).await;
+        let mut ctl = connect_with(&host.url("/testkit"), &[]).await;
+        assert_eq!(ask(&mut ctl, "ptimer:5:600000").await, "true", "{mode}");
+        // Moved: fires soon; a second fires first.
+        assert_eq!(ask(&mut ctl, "ptimer:5:200").await, "true", "{mode}");
+        assert_eq!(ask(&mut ctl, "ptimer:6:50").await, "true", "{mode}");
+        ctl.close(None).await.unwrap();
+        assert_eq!(event(&mut events, "ptimer").await, "ptimer 6", "{mode}");
+        assert_eq!(event(&mut events, "ptimer").await, "ptimer 5", "{mode}");
+    }
+}

@@ -30,6 +30,8 @@ pub(crate) const CALLS: &[&str] = &[
     "create",
     "shutdown",
     "replaced",
+    "on_timer",
+    "on_channel",
 ];
 
 /// The index of `call` in [`CALLS`] (0 if unknown).
@@ -49,6 +51,8 @@ pub(crate) fn call_index(call: &str) -> u8 {
         "create" => 12,
         "shutdown" => 13,
         "replaced" => 14,
+        "on_timer" => 15,
+        "on_channel" => 16,
         _ => 0,
     }
 }

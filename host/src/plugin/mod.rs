@@ -23,6 +23,7 @@ use crate::channels::Hub;
 use crate::limits::ConnLimits;
 
 mod elf;
+pub(crate) mod events;
 pub mod exec;
 pub mod isolate;
 #[allow(
@@ -336,6 +337,7 @@ impl Candidate {
         let inner = Arc::new(HostInner {
             plugin: self.name.clone(),
             generation,
+            events: events::Events::new(&self.name),
             hub: Arc::clone(hub),
             config: config.table.into_iter().collect(),
             config_json: config.json,
@@ -458,6 +460,57 @@ impl LoadedPlugin {
     /// The plugin's runtime, if it has one.
     pub(crate) fn executor(&self) -> Option<&Arc<exec::Executor>> {
         self.exec.as_ref()
+    }
+
+    /// Starts the task that runs this generation's timers and channel events, one at a time, on
+    /// its runtime. It holds the generation weakly: it ends when the generation does.
+    pub(crate) fn start_events(self: &Arc<Self>) {
+        let Some(services) = &self.services else {
+            return;
+        };
+        let Some(rx) = services.events.take_receiver() else {
+            return;
+        };
+        let handle = match &self.exec {
+            Some(e) => e.handle().clone(),
+            None => match tokio::runtime::Handle::try_current() {
+                Ok(h) => h,
+                Err(_) => return,
+            },
+        };
+        let weak = Arc::downgrade(self);
+        let events = Arc::clone(&services.events);
+        handle.spawn(events::run(rx, events, move |call| {
+            let Some(plugin) = weak.upgrade() else {
+                return false;
+            };
+            plugin.plugin_event(call)
+        }));
+    }
+
+    /// Runs one timer or channel event in the plugin; false once the generation has shut down.
+    fn plugin_event(&self, call: events::Call<'_>) -> bool {
+        let (Some(instance), Some(services)) = (&self.instance, &self.services) else {
+            return false;
+        };
+        if services.retired.load(Ordering::Acquire) {
+            return false;
+        }
+        exec::enter(exec::call_index(call.name()), 0, std::time::Instant::now());
+        let result = match call {
+            events::Call::Timer(tag) => instance.on_timer(tag),
+            events::Call::Channel {
+                channel,
+                kind,
+                data,
+            } => instance.on_channel(RStr::from_str(channel), kind, RSlice::from_slice(data)),
+        };
+        exec::leave();
+        if let RResult::RErr(panic) = result {
+            tracing::error!(plugin = %self.name, generation = self.generation, call = call.name(),
+                %panic, "plugin panicked; it goes on");
+        }
+        true
     }
 
     /// Drops `value` (which holds plugin code: a handler, a response) on the plugin's own
@@ -765,6 +818,10 @@ impl Drop for LoadedPlugin {
         let Some(instance) = self.instance.take() else {
             return;
         };
+        if let Some(s) = &self.services {
+            // Its watches end with it (its timers end with its events task).
+            s.hub.unwatch_all(&self.name, self.generation);
+        }
         let shut_down = self.life.shut_down.swap(true, Ordering::AcqRel);
         let (name, generation) = (self.name.clone(), self.generation);
         let Some(services) = self.services.clone() else {
@@ -792,6 +849,8 @@ impl Drop for LoadedPlugin {
 struct HostInner {
     plugin: String,
     generation: u64,
+    /// The generation's timers and watched channels, run by [`LoadedPlugin::start_events`].
+    events: Arc<events::Events>,
     hub: Arc<Hub>,
     config: Vec<(String, String)>,
     config_json: String,
@@ -885,6 +944,43 @@ impl HostFfi for HostServices {
 
     fn host_version(&self) -> RString {
         RString::from(env!("CARGO_PKG_VERSION"))
+    }
+
+    fn set_timer(&self, tag: u64, after_ms: u64) -> bool {
+        !self.0.refused("set_timer")
+            && self
+                .0
+                .events
+                .set_timer(tag, std::time::Duration::from_millis(after_ms))
+    }
+
+    fn cancel_timer(&self, tag: u64) -> bool {
+        self.0.events.cancel_timer(tag)
+    }
+
+    fn members_json(&self, channel: RStr<'_>) -> RString {
+        if self.0.refused("members") {
+            return RString::from("[]");
+        }
+        let members = self.0.hub.members(&self.0.plugin, channel.as_str());
+        RString::from(serde_json::to_string(&members).unwrap_or_else(|_| "[]".into()))
+    }
+
+    fn watch(&self, channel: RStr<'_>) -> bool {
+        if self.0.refused("watch") {
+            return false;
+        }
+        let watcher: Arc<dyn crate::channels::Watcher> = self.0.events.clone();
+        self.0
+            .hub
+            .watch(&self.0.plugin, channel.as_str(), self.0.generation, watcher);
+        true
+    }
+
+    fn unwatch(&self, channel: RStr<'_>) -> bool {
+        self.0
+            .hub
+            .unwatch(&self.0.plugin, channel.as_str(), self.0.generation)
     }
 }
 

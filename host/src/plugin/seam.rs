@@ -47,6 +47,8 @@ pub(crate) trait ConnOps: Send + Sync + Sized + 'static {
     fn cancel_timer(&self, tag: u64) -> bool;
     /// Sets the send queue's low-water mark (0: none): `on_drain` when the queue falls to it.
     fn set_low_water(&self, bytes: u64);
+    /// Sets the label member lists show for the connection.
+    fn set_label(&self, label: &str);
 }
 
 /// What a connection's upgrade was, for `Conn`'s accessors.
@@ -151,6 +153,10 @@ impl<C: ConnOps> ConnFfi for ConnAdapter<C> {
         self.0.set_low_water(bytes);
         true
     }
+    fn set_label(&self, label: RStr<'_>) -> bool {
+        self.0.set_label(label.as_str());
+        true
+    }
 }
 
 /// A connection's callbacks as a plugin's 101 answer carries them (opaque outside this layer):
@@ -232,6 +238,7 @@ pub(crate) trait DynConn: Send + Sync {
     fn set_timer(&self, tag: u64, after: std::time::Duration) -> Result<(), SendError>;
     fn cancel_timer(&self, tag: u64) -> bool;
     fn set_low_water(&self, bytes: u64);
+    fn set_label(&self, label: &str);
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>);
     fn max_send_queue(&self) -> u64;
 }
@@ -280,6 +287,9 @@ impl<C: SessionConn> DynConn for Bound<C> {
     }
     fn set_low_water(&self, bytes: u64) {
         self.0.set_low_water(bytes);
+    }
+    fn set_label(&self, label: &str) {
+        self.0.set_label(label);
     }
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>) {
         self.0.on_queue_empty(hook);

@@ -107,6 +107,8 @@ pub(crate) struct ConnShared {
     low_water: AtomicU64,
     /// The queue is above the low-water mark: `on_drain` runs when it falls to it.
     above_low: AtomicBool,
+    /// The label member lists show (`Conn::set_label`).
+    label: Mutex<Option<Box<str>>>,
 }
 
 /// What runs when a connection's send queue empties.
@@ -162,6 +164,7 @@ impl ConnShared {
             timers_changed: AtomicBool::new(false),
             low_water: AtomicU64::new(0),
             above_low: AtomicBool::new(false),
+            label: Mutex::new(None),
         })
     }
 
@@ -471,6 +474,19 @@ impl crate::channels::Subscriber for ConnShared {
     fn deliver(&self, msg: Message) -> bool {
         self.enqueue(msg).is_ok()
     }
+    fn member(&self) -> crate::channels::Member {
+        crate::channels::Member {
+            id: self.id,
+            remote_addr: self.remote.clone(),
+            label: self
+                .label
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_deref()
+                .unwrap_or("")
+                .to_owned(),
+        }
+    }
 }
 
 impl crate::plugin::ConnOps for ConnShared {
@@ -547,6 +563,12 @@ impl crate::plugin::ConnOps for ConnShared {
     fn set_low_water(&self, bytes: u64) {
         self.low_water.store(bytes, Ordering::Release);
         self.note_level(self.buffered());
+    }
+    fn set_label(&self, label: &str) {
+        // Bounded: a label is for a member list, not a store.
+        let label: String = label.chars().take(256).collect();
+        *self.label.lock().unwrap_or_else(PoisonError::into_inner) =
+            (!label.is_empty()).then(|| label.into_boxed_str());
     }
 }
 

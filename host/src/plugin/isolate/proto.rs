@@ -50,6 +50,9 @@ pub(crate) const SHUTDOWN: u8 = 14;
 pub(crate) const REPLACED: u8 = 15;
 /// `on_timer`: the tag (u64).
 pub(crate) const TIMER: u8 = 16;
+/// An event of a channel the plugin watches: kind (u8, `abi::channel_event`), channel length
+/// (u16), channel, data.
+pub(crate) const CHANNEL_EVENT: u8 = 17;
 
 // Worker → host.
 /// The library's identity: JSON [`Identity`].
@@ -80,6 +83,14 @@ pub(crate) const SET_TIMER: u8 = 50;
 pub(crate) const CANCEL_TIMER: u8 = 51;
 /// `conn.set_low_water`: bytes (u64).
 pub(crate) const SET_LOW_WATER: u8 = 52;
+/// `conn.set_label`: the label.
+pub(crate) const SET_LABEL: u8 = 53;
+/// `host.members` (id: the call): the channel. Replied with the members as JSON.
+pub(crate) const MEMBERS: u8 = 54;
+/// `host.watch` (id: the call): the channel. Replied (1: newly watched).
+pub(crate) const WATCH: u8 = 55;
+/// `host.unwatch` (id: the call): the channel. Replied (1: was watched).
+pub(crate) const UNWATCH: u8 = 56;
 /// `conn.subscribe` (id: the call): connection (u64), channel. Replied.
 pub(crate) const SUBSCRIBE: u8 = 42;
 /// `conn.unsubscribe` (id: the call): connection (u64), channel. Replied.
@@ -225,9 +236,29 @@ pub(crate) fn read_publish(body: &[u8]) -> Option<(bool, &str, usize)> {
     Some((body[0] == 1, channel, 3 + n))
 }
 
+/// A channel event's body: kind, channel (length-prefixed, as a publish's), data.
+pub(crate) fn channel_event_body(kind: u8, channel: &str, data: &[u8]) -> Vec<u8> {
+    let mut b = publish_body(false, channel, data);
+    b[0] = kind;
+    b
+}
+
+/// Reads a channel event's body: kind, channel, data.
+pub(crate) fn read_channel_event(body: &bytes::Bytes) -> Option<(u8, String, bytes::Bytes)> {
+    let (_, channel, at) = read_publish(body)?;
+    Some((body[0], channel.to_owned(), body.slice(at..)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn channel_events_round_trip() {
+        let body = bytes::Bytes::from(channel_event_body(2, "room", b"hi"));
+        let (kind, channel, data) = read_channel_event(&body).unwrap();
+        assert_eq!((kind, channel.as_str(), &data[..]), (2, "room", &b"hi"[..]));
+    }
 
     #[test]
     fn frames_round_trip() {

@@ -114,6 +114,8 @@ pub(crate) struct Started {
     stream: std::os::unix::net::UnixStream,
     lines: Arc<Mutex<VecDeque<String>>>,
     stderr_done: std::sync::mpsc::Receiver<()>,
+    /// Channels the constructor began watching, registered once the worker is live.
+    watches: std::collections::BTreeSet<String>,
 }
 
 impl std::fmt::Debug for Started {
@@ -263,6 +265,7 @@ pub(crate) fn start(
                     stream,
                     lines,
                     stderr_done,
+                    watches: Default::default(),
                 })
             }
             Err(e) => Err(fail(child, format!("the worker sent a bad identity: {e}"))),
@@ -325,7 +328,18 @@ impl Started {
                         tracing::info!(target: "plugin", plugin = %self.identity.name,
                             "{}", String::from_utf8_lossy(&body));
                     }
-                    proto::PUBLISH | proto::SUBSCRIBERS | proto::SUBSCRIBE | proto::UNSUBSCRIBE => {
+                    proto::WATCH => {
+                        self.watches
+                            .insert(String::from_utf8_lossy(&body).into_owned());
+                    }
+                    proto::UNWATCH => {
+                        self.watches.remove(String::from_utf8_lossy(&body).as_ref());
+                    }
+                    proto::PUBLISH
+                    | proto::SUBSCRIBERS
+                    | proto::SUBSCRIBE
+                    | proto::UNSUBSCRIBE
+                    | proto::MEMBERS => {
                         // Nothing subscribes to a generation that does not exist yet.
                         let mut r = Vec::new();
                         proto::put(&mut r, proto::REPLY, id, &[&0u64.to_le_bytes()]);
@@ -528,10 +542,16 @@ impl Supervisor {
                 stream,
                 lines,
                 stderr_done,
+                watches,
             } = started;
             let pid = child.id();
             let (dead_tx, dead_rx) = std::sync::mpsc::channel();
             let link = self.go_live(stream, pid, dead_tx);
+            if let Some(link) = &link {
+                for channel in &watches {
+                    link.watch(channel);
+                }
+            }
             let (status, why) = self.watch(&mut child, pid, &dead_rx, link.as_ref());
             let closed = link.as_ref().map_or(0, |l| l.die());
             self.current.send_if_modified(|c| {
@@ -844,6 +864,39 @@ pub(crate) struct WorkerLink {
     hub: Arc<Hub>,
 }
 
+/// A watch of a worker's plugin: the channel's events cross to the worker as frames.
+#[derive(Debug)]
+struct RemoteWatcher {
+    out: Arc<Outbox>,
+}
+
+impl crate::channels::Watcher for RemoteWatcher {
+    fn event(&self, channel: &str, event: crate::channels::WatchEvent<'_>) {
+        use crate::channels::WatchEvent;
+        use plugin_api::abi::channel_event;
+        let body = match event {
+            WatchEvent::Joined(m) => proto::channel_event_body(
+                channel_event::JOINED,
+                channel,
+                &serde_json::to_vec(m).unwrap_or_default(),
+            ),
+            WatchEvent::Left(m) => proto::channel_event_body(
+                channel_event::LEFT,
+                channel,
+                &serde_json::to_vec(m).unwrap_or_default(),
+            ),
+            WatchEvent::Message(Message::Text(t)) => {
+                proto::channel_event_body(channel_event::TEXT, channel, t.as_bytes())
+            }
+            WatchEvent::Message(Message::Binary(b)) => {
+                proto::channel_event_body(channel_event::BINARY, channel, b)
+            }
+            WatchEvent::Message(_) => return,
+        };
+        self.out.push(proto::CHANNEL_EVENT, 0, &[&body]);
+    }
+}
+
 /// A connection whose callbacks run in a worker.
 struct RemoteConn {
     ops: Box<dyn DynConn>,
@@ -886,6 +939,8 @@ impl WorkerLink {
     fn die(&self) -> usize {
         self.alive.store(false, Ordering::Release);
         self.out.close();
+        // The worker's watches end with it (a new worker's constructor watches again).
+        self.hub.unwatch_all(&self.plugin, self.generation);
         self.pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -956,6 +1011,15 @@ impl WorkerLink {
 
     fn reply(&self, id: u64, value: u64) {
         self.out.push(proto::REPLY, id, &[&value.to_le_bytes()]);
+    }
+
+    /// The worker's plugin watches `channel`: its events go to the worker as frames.
+    fn watch(&self, channel: &str) {
+        let watcher: Arc<dyn crate::channels::Watcher> = Arc::new(RemoteWatcher {
+            out: Arc::clone(&self.out),
+        });
+        self.hub
+            .watch(&self.plugin, channel, self.generation, watcher);
     }
 
     /// One frame from the worker.
@@ -1043,6 +1107,11 @@ impl WorkerLink {
                     c.ops.set_low_water(proto::split_u64(&body).0);
                 }
             }
+            proto::SET_LABEL => {
+                if let Some(c) = self.conn(id) {
+                    c.ops.set_label(&String::from_utf8_lossy(&body));
+                }
+            }
             proto::PAUSE => {
                 if let Some(c) = self.conn(id) {
                     c.ops.set_paused(body.first() == Some(&1));
@@ -1078,6 +1147,22 @@ impl WorkerLink {
                     None => 0,
                 };
                 self.reply(id, n);
+            }
+            proto::MEMBERS => {
+                let members = self
+                    .hub
+                    .members(&self.plugin, &String::from_utf8_lossy(&body));
+                let json = serde_json::to_vec(&members).unwrap_or_default();
+                self.out
+                    .push(proto::REPLY, id, &[&0u64.to_le_bytes(), &json]);
+            }
+            proto::WATCH => self.watch(&String::from_utf8_lossy(&body)),
+            proto::UNWATCH => {
+                self.hub.unwatch(
+                    &self.plugin,
+                    &String::from_utf8_lossy(&body),
+                    self.generation,
+                );
             }
             proto::SUBSCRIBERS => {
                 let n = self

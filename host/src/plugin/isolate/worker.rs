@@ -121,6 +121,8 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
         config_json: create.config_json,
         log_level: create.log_level,
         retired: AtomicBool::new(false),
+        events: crate::plugin::events::Events::new(&identity.name),
+        watched: Mutex::default(),
     });
     let shared = Arc::new(Shared {
         instance: std::sync::OnceLock::new(),
@@ -133,14 +135,52 @@ fn run(args: &WorkerArgs) -> std::io::Result<()> {
     });
     // The reader runs before the instance exists: a constructor that publishes gets its reply.
     let reader = runtime.spawn(reader(Arc::clone(&shared), read));
-    let handle = HostFfi_TO::from_ptr(RArc::new(WorkerHost(state)), TD_Opaque);
+    let handle = HostFfi_TO::from_ptr(RArc::new(WorkerHost(Arc::clone(&state))), TD_Opaque);
     let instance = {
         let _call = watch.enter("create", 0);
         candidate.create_instance(handle)
     };
     match instance {
         Ok(i) => {
-            let _ = shared.instance.set(Arc::new(i));
+            let instance = Arc::new(i);
+            let _ = shared.instance.set(Arc::clone(&instance));
+            // The plugin's timers and watched channels, one at a time, in order.
+            if let Some(rx) = state.events.take_receiver() {
+                let (state, watch) = (Arc::clone(&state), Arc::clone(&watch));
+                runtime.spawn(crate::plugin::events::run(
+                    rx,
+                    Arc::clone(&state.events),
+                    move |call| {
+                        if state.retired.load(Ordering::Acquire) {
+                            return false;
+                        }
+                        let result = tokio::task::block_in_place(|| {
+                            let _call = watch.enter(call.name(), 0);
+                            match call {
+                                crate::plugin::events::Call::Timer(tag) => instance.on_timer(tag),
+                                crate::plugin::events::Call::Channel {
+                                    channel,
+                                    kind,
+                                    data,
+                                } => instance.on_channel(
+                                    RStr::from_str(channel),
+                                    kind,
+                                    RSlice::from_slice(data),
+                                ),
+                            }
+                        });
+                        if let Some(panic) = result.into_result().err() {
+                            let text = format!("plugin {} panicked: {panic}", call.name());
+                            state.out.push(
+                                proto::LOG,
+                                u64::from(plugin_api::abi::level::ERROR),
+                                &[text.as_bytes()],
+                            );
+                        }
+                        true
+                    },
+                ));
+            }
             out.push(proto::READY, 0, &[]);
         }
         Err(e) => {
@@ -206,12 +246,20 @@ impl Shared {
         conns: &mut HashMap<u64, (tokio::sync::mpsc::UnboundedSender<Event>, Arc<WorkerConn>)>,
     ) {
         if kind == proto::REPLY {
-            self.calls.complete(id, proto::split_u64(&body).0);
+            let (value, rest) = proto::split_u64(&body);
+            let rest = body.slice(body.len() - rest.len()..);
+            self.calls.complete(id, value, rest);
             return;
         }
         let Some(instance) = self.instance.get() else {
             return;
         };
+        if kind == proto::CHANNEL_EVENT {
+            if let Some((event_kind, channel, data)) = proto::read_channel_event(&body) {
+                self.state.events.channel(&channel, event_kind, data);
+            }
+            return;
+        }
         match kind {
             proto::DECIDE => {
                 let Ok(map) = serde_json::from_slice::<proto::RequestMsg>(&body) else {
@@ -745,6 +793,10 @@ impl ConnOps for WorkerConn {
         self.out
             .push(proto::SET_LOW_WATER, self.id, &[&bytes.to_le_bytes()]);
     }
+    fn set_label(&self, label: &str) {
+        self.out
+            .push(proto::SET_LABEL, self.id, &[label.as_bytes()]);
+    }
 }
 
 /// The plugin's `Host` in the worker.
@@ -760,6 +812,10 @@ struct HostState {
     log_level: u8,
     /// `shutdown` has run: calls are refused.
     retired: AtomicBool,
+    /// The plugin's timers and watched channels.
+    events: Arc<crate::plugin::events::Events>,
+    /// The channels it watches (the host keeps the watch itself).
+    watched: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl HostFfi for WorkerHost {
@@ -801,6 +857,63 @@ impl HostFfi for WorkerHost {
     fn host_version(&self) -> RString {
         RString::from(env!("CARGO_PKG_VERSION"))
     }
+    fn set_timer(&self, tag: u64, after_ms: u64) -> bool {
+        !self.0.retired.load(Ordering::Acquire)
+            && self
+                .0
+                .events
+                .set_timer(tag, Duration::from_millis(after_ms))
+    }
+    fn cancel_timer(&self, tag: u64) -> bool {
+        self.0.events.cancel_timer(tag)
+    }
+    fn members_json(&self, channel: RStr<'_>) -> RString {
+        if self.0.retired.load(Ordering::Acquire) {
+            return RString::from("[]");
+        }
+        let reply = self.0.calls.call_with_body(
+            &self.0.out,
+            proto::MEMBERS,
+            &[channel.as_str().as_bytes()],
+        );
+        match reply {
+            Some((_, json)) if !json.is_empty() => {
+                RString::from(String::from_utf8_lossy(&json).as_ref())
+            }
+            _ => RString::from("[]"),
+        }
+    }
+    fn watch(&self, channel: RStr<'_>) -> bool {
+        if self.0.retired.load(Ordering::Acquire) {
+            return false;
+        }
+        let new = self
+            .0
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(channel.as_str().to_owned());
+        if new {
+            self.0
+                .out
+                .push(proto::WATCH, 0, &[channel.as_str().as_bytes()]);
+        }
+        true
+    }
+    fn unwatch(&self, channel: RStr<'_>) -> bool {
+        let was = self
+            .0
+            .watched
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(channel.as_str());
+        if was {
+            self.0
+                .out
+                .push(proto::UNWATCH, 0, &[channel.as_str().as_bytes()]);
+        }
+        was
+    }
 }
 
 impl WorkerHost {
@@ -820,12 +933,22 @@ impl WorkerHost {
 #[derive(Debug, Default)]
 struct Calls {
     next: AtomicU64,
-    waiting: Mutex<HashMap<u64, std::sync::mpsc::SyncSender<u64>>>,
+    waiting: Mutex<HashMap<u64, std::sync::mpsc::SyncSender<(u64, bytes::Bytes)>>>,
 }
 
 impl Calls {
     /// Sends a call and waits for its reply; `None` if the host did not answer in time.
     fn call(&self, out: &Outbox, kind: u8, parts: &[&[u8]]) -> Option<u64> {
+        self.call_with_body(out, kind, parts).map(|(v, _)| v)
+    }
+
+    /// As [`Calls::call`], with the bytes the reply carries after its value.
+    fn call_with_body(
+        &self,
+        out: &Outbox,
+        kind: u8,
+        parts: &[&[u8]],
+    ) -> Option<(u64, bytes::Bytes)> {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.waiting
@@ -848,14 +971,14 @@ impl Calls {
         r
     }
 
-    fn complete(&self, id: u64, value: u64) {
+    fn complete(&self, id: u64, value: u64, body: bytes::Bytes) {
         let tx = self
             .waiting
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(&id);
         if let Some(tx) = tx {
-            let _ = tx.try_send(value);
+            let _ = tx.try_send((value, body));
         }
     }
 }

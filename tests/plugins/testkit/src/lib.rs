@@ -110,6 +110,22 @@ impl Plugin for Testkit {
         }
     }
 
+    fn on_timer(&self, tag: u64) {
+        self.host.publish_text("events", &format!("ptimer {tag}"));
+    }
+
+    fn on_channel(&self, channel: &str, event: plugin_api::ChannelEvent<'_>) {
+        let what = match event {
+            plugin_api::ChannelEvent::Joined(m) => format!("joined {}", m.label),
+            plugin_api::ChannelEvent::Left(m) => format!("left {}", m.label),
+            plugin_api::ChannelEvent::Text(t) => format!("text {t}"),
+            plugin_api::ChannelEvent::Binary(b) => format!("binary {}", b.len()),
+            _ => "other".to_owned(),
+        };
+        self.host
+            .publish_text("events", &format!("watch {channel} {what}"));
+    }
+
     fn replaced(&self) {
         let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
         self.host
@@ -327,6 +343,29 @@ impl Handler for Kit {
             "cancel" => format!("{}", conn.cancel_timer(arg.parse().unwrap_or(0))),
             "header" => format!("{:?}", conn.header(arg)),
             "lowwater" => format!("{}", conn.set_low_water(arg.parse().unwrap_or(0))),
+            "label" => format!("{}", conn.set_label(arg)),
+            "members" => {
+                let labels: Vec<String> = self
+                    .host
+                    .members(arg)
+                    .into_iter()
+                    .map(|m| format!("{}={}", m.id, m.label))
+                    .collect();
+                format!("members {}", labels.join(","))
+            }
+            // Plugin-level: watch a channel (its events go to the `events` channel), a timer.
+            "watch" => format!("{}", self.host.watch(arg)),
+            "unwatch" => format!("{}", self.host.unwatch(arg)),
+            "ptimer" => {
+                let (tag, ms) = arg.split_once(':').unwrap_or((arg, "0"));
+                format!(
+                    "{}",
+                    self.host.set_timer(
+                        Duration::from_millis(ms.parse().unwrap_or(0)),
+                        tag.parse().unwrap_or(0)
+                    )
+                )
+            }
             "leak" => {
                 // A thread that publishes to ARG forever: `shutdown` does not stop it.
                 let (host, channel) = (self.host.clone(), arg.to_owned());
