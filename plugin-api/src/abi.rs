@@ -231,6 +231,16 @@ pub trait ConnFfi: Clone + Send + Sync + 'static {
         let _ = label;
         false
     }
+    /// `send_text`, and `on_sent(tag)` once written or known never to be (since 1.3).
+    fn send_text_tracked(&self, text: RStr<'_>, tag: u64) -> u32 {
+        let _ = (text, tag);
+        100
+    }
+    /// `send_binary`, tracked as `send_text_tracked` (since 1.3).
+    fn send_binary_tracked(&self, data: RSlice<'_, u8>, tag: u64) -> u32 {
+        let _ = (data, tag);
+        100
+    }
 }
 
 /// The host's side of a deferred decision: the plugin completes it once, from any thread.
@@ -329,6 +339,11 @@ pub trait HandlerFfi: Send + 'static {
     /// The connection's timer `tag` fired (since 1.3).
     fn on_timer(&mut self, conn: &ConnHandle, tag: u64) -> RResult<(), RString> {
         let _ = (conn, tag);
+        RResult::ROk(())
+    }
+    /// A tracked send `tag` was written (`written`) or never will be (since 1.3).
+    fn on_sent(&mut self, conn: &ConnHandle, tag: u64, written: bool) -> RResult<(), RString> {
+        let _ = (conn, tag, written);
         RResult::ROk(())
     }
 }
@@ -620,6 +635,11 @@ impl<H: crate::Handler> HandlerFfi for HandlerShell<H> {
     fn on_timer(&mut self, conn: &ConnHandle, tag: u64) -> RResult<(), RString> {
         guard("on_timer", || {
             self.0.get_mut().on_timer(Conn::from_ref(conn), tag)
+        })
+    }
+    fn on_sent(&mut self, conn: &ConnHandle, tag: u64, written: bool) -> RResult<(), RString> {
+        guard("on_sent", || {
+            self.0.get_mut().on_sent(Conn::from_ref(conn), tag, written)
         })
     }
     fn on_close(&mut self, conn: &ConnHandle, code: u16, reason: RStr<'_>) -> RResult<(), RString> {

@@ -336,6 +336,22 @@ impl Conn {
         self.handle().cancel_timer(tag)
     }
 
+    /// Queues a text message, as [`Conn::send_text`], and reports its fate: once the host has
+    /// written it to the socket, [`Handler::on_sent`] runs with `tag` and `written: true`; if
+    /// the connection closes first, with `false` (before `on_close`). Ring's asynchronous send
+    /// with its callbacks. A refused send (`Err`) reports nothing.
+    pub fn send_text_tracked(&self, text: &str, tag: u64) -> Result<(), SendError> {
+        SendError::from_code(self.handle().send_text_tracked(RStr::from_str(text), tag))
+    }
+
+    /// Queues a binary message and reports its fate, as [`Conn::send_text_tracked`].
+    pub fn send_binary_tracked(&self, data: &[u8], tag: u64) -> Result<(), SendError> {
+        SendError::from_code(
+            self.handle()
+                .send_binary_tracked(RSlice::from_slice(data), tag),
+        )
+    }
+
     /// A request header of the upgrade that the plugin kept with [`Response::keep_header`]
     /// (names are case-insensitive); `None` for any other.
     pub fn header(&self, name: &str) -> Option<String> {
@@ -1152,6 +1168,12 @@ pub trait Handler: Send + 'static {
     fn on_timer(&mut self, conn: &Conn, tag: u64) {
         let _ = (conn, tag);
     }
+    /// A tracked send ([`Conn::send_text_tracked`]) was written to the socket (`written`), or
+    /// the connection closed before it was (`!written`; it may still have gone out with the
+    /// closing handshake).
+    fn on_sent(&mut self, conn: &Conn, tag: u64, written: bool) {
+        let _ = (conn, tag, written);
+    }
     /// A protocol or I/O error; the connection is closing and `on_close` follows.
     fn on_error(&mut self, conn: &Conn, error: &str) {
         let _ = (conn, error);
@@ -1187,6 +1209,9 @@ impl Handler for Box<dyn Handler> {
     fn on_timer(&mut self, conn: &Conn, tag: u64) {
         (**self).on_timer(conn, tag)
     }
+    fn on_sent(&mut self, conn: &Conn, tag: u64, written: bool) {
+        (**self).on_sent(conn, tag, written)
+    }
     fn on_error(&mut self, conn: &Conn, error: &str) {
         (**self).on_error(conn, error)
     }
@@ -1215,6 +1240,13 @@ pub enum Event<'a> {
     Drain,
     /// [`Handler::on_timer`].
     Timer(u64),
+    /// [`Handler::on_sent`].
+    Sent {
+        /// The send's tag.
+        tag: u64,
+        /// Whether it was written.
+        written: bool,
+    },
     /// [`Handler::on_error`].
     Error(&'a str),
     /// [`Handler::on_close`].
@@ -1237,6 +1269,7 @@ impl Event<'_> {
             Event::Pong(p) => to.on_pong(conn, p),
             Event::Drain => to.on_drain(conn),
             Event::Timer(tag) => to.on_timer(conn, tag),
+            Event::Sent { tag, written } => to.on_sent(conn, tag, written),
             Event::Error(e) => to.on_error(conn, e),
             Event::Close { code, reason } => to.on_close(conn, code, reason),
         }
@@ -1317,6 +1350,10 @@ impl<L: Layer, H: Handler> Handler for Layered<L, H> {
     fn on_timer(&mut self, conn: &Conn, tag: u64) {
         self.layer
             .on_event(&mut self.inner, conn, Event::Timer(tag))
+    }
+    fn on_sent(&mut self, conn: &Conn, tag: u64, written: bool) {
+        self.layer
+            .on_event(&mut self.inner, conn, Event::Sent { tag, written })
     }
     fn on_error(&mut self, conn: &Conn, error: &str) {
         self.layer

@@ -317,6 +317,8 @@ struct ConnState {
     headers: Mutex<BTreeMap<String, String>>,
     low_water: Mutex<Option<u64>>,
     label: Mutex<String>,
+    /// Tracked sends not yet reported, by tag.
+    tracked: Mutex<Vec<u64>>,
 }
 
 impl TestConn {
@@ -344,6 +346,7 @@ impl TestConn {
             headers: Mutex::default(),
             low_water: Mutex::default(),
             label: Mutex::default(),
+            tracked: Mutex::default(),
         });
         let handle = ConnFfi_TO::from_ptr(RArc::new(TestConnFfi(Arc::clone(&state))), TD_Opaque);
         Self { state, handle }
@@ -421,6 +424,12 @@ impl TestConn {
             remote_addr: self.state.remote.clone(),
             label: self.label(),
         }
+    }
+
+    /// The tags of tracked sends (`Conn::send_text_tracked`) not yet reported; report them
+    /// with [`TestHandler::report_sent`].
+    pub fn tracked(&self) -> Vec<u64> {
+        lock(&self.state.tracked).clone()
     }
 
     /// The low-water mark the plugin set (`Conn::set_low_water`), if it did.
@@ -553,6 +562,20 @@ impl ConnFfi for TestConnFfi {
     fn set_label(&self, label: RStr<'_>) -> bool {
         *lock(&self.0.label) = label.as_str().to_owned();
         true
+    }
+    fn send_text_tracked(&self, text: RStr<'_>, tag: u64) -> u32 {
+        let code = self.send(Sent::Text(text.as_str().to_owned()));
+        if code == 0 {
+            lock(&self.0.tracked).push(tag);
+        }
+        code
+    }
+    fn send_binary_tracked(&self, data: RSlice<'_, u8>, tag: u64) -> u32 {
+        let code = self.send(Sent::Binary(data.to_vec()));
+        if code == 0 {
+            lock(&self.0.tracked).push(tag);
+        }
+        code
     }
 }
 
@@ -904,6 +927,15 @@ impl TestHandler {
             return Ok(false);
         }
         done(self.0.on_timer(&conn.handle, tag)).map(|()| true)
+    }
+    /// Reports every tracked send of `conn` as the host would once written (`written`), or
+    /// once the connection closed first (`!written`): one `on_sent` each, in order.
+    pub fn report_sent(&mut self, conn: &TestConn, written: bool) -> Result<(), String> {
+        let tags = std::mem::take(&mut *lock(&conn.state.tracked));
+        for tag in tags {
+            done(self.0.on_sent(&conn.handle, tag, written))?;
+        }
+        Ok(())
     }
     /// `on_error`.
     pub fn on_error(&mut self, conn: &TestConn, error: &str) -> Result<(), String> {

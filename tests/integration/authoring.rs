@@ -136,3 +136,15 @@ async fn plugin_timers_fire_without_a_connection() {
         assert_eq!(event(&mut events, "ptimer").await, "ptimer 5", "{mode}");
     }
 }
+
+#[tokio::test]
+async fn a_tracked_send_is_reported_once_written() {
+    for (mode, host) in hosts() {
+        let mut ws = connect_with(&host.url("/testkit"), &[]).await;
+        ws.send(Message::text("tsend:7:hello")).await.unwrap();
+        assert_eq!(text(&mut ws).await, "hello", "{mode}");
+        assert_eq!(text(&mut ws).await, "Ok(())", "{mode}");
+        assert_eq!(text(&mut ws).await, "sent 7 true", "{mode}");
+        ws.close(None).await.unwrap();
+    }
+}

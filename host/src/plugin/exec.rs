@@ -32,6 +32,7 @@ pub(crate) const CALLS: &[&str] = &[
     "replaced",
     "on_timer",
     "on_channel",
+    "on_sent",
 ];
 
 /// The index of `call` in [`CALLS`] (0 if unknown).
@@ -53,6 +54,7 @@ pub(crate) fn call_index(call: &str) -> u8 {
         "replaced" => 14,
         "on_timer" => 15,
         "on_channel" => 16,
+        "on_sent" => 17,
         _ => 0,
     }
 }

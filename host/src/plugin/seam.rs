@@ -49,6 +49,12 @@ pub(crate) trait ConnOps: Send + Sync + Sized + 'static {
     fn set_low_water(&self, bytes: u64);
     /// Sets the label member lists show for the connection.
     fn set_label(&self, label: &str);
+    /// Queues a text or binary message whose fate the session reports (`on_sent(tag)`).
+    fn send_tracked(
+        &self,
+        msg: tokio_tungstenite::tungstenite::Message,
+        tag: u64,
+    ) -> Result<(), SendError>;
 }
 
 /// What a connection's upgrade was, for `Conn`'s accessors.
@@ -157,6 +163,20 @@ impl<C: ConnOps> ConnFfi for ConnAdapter<C> {
         self.0.set_label(label.as_str());
         true
     }
+    fn send_text_tracked(&self, text: RStr<'_>, tag: u64) -> u32 {
+        code(self.0.send_tracked(
+            tokio_tungstenite::tungstenite::Message::text(text.as_str()),
+            tag,
+        ))
+    }
+    fn send_binary_tracked(&self, data: RSlice<'_, u8>, tag: u64) -> u32 {
+        code(self.0.send_tracked(
+            tokio_tungstenite::tungstenite::Message::Binary(bytes::Bytes::copy_from_slice(
+                data.as_slice(),
+            )),
+            tag,
+        ))
+    }
 }
 
 /// A connection's callbacks as a plugin's 101 answer carries them (opaque outside this layer):
@@ -182,6 +202,7 @@ pub(crate) enum FakeEvent<'a> {
     Pong(&'a [u8]),
     Drain,
     Timer(u64),
+    Sent(u64, bool),
     Error(&'a str),
     Close(u16, &'a str),
 }
@@ -213,6 +234,12 @@ pub(crate) trait SessionConn: ConnOps {
     /// Queues a message the worker sent (its own credit already bounds it; only the host's
     /// memory budget applies here: past it the connection closes with 1013).
     fn send_from_worker(&self, msg: tokio_tungstenite::tungstenite::Message);
+    /// As `send_from_worker`, a tracked send (`Some(tag)`): its fate goes back as `on_sent`.
+    fn send_from_worker_tracked(
+        &self,
+        msg: tokio_tungstenite::tungstenite::Message,
+        tag: Option<u64>,
+    );
     /// The plugin failed this connection: a callback panicked (`crashed` false) or its worker
     /// died (`crashed` true). No more callbacks but `on_close`; the close code is 1011.
     fn fail(&self, crashed: bool);
@@ -227,6 +254,11 @@ pub(crate) trait DynConn: Send + Sync {
     fn id(&self) -> u64;
     fn remote_addr(&self) -> &str;
     fn send_from_worker(&self, msg: tokio_tungstenite::tungstenite::Message);
+    fn send_from_worker_tracked(
+        &self,
+        msg: tokio_tungstenite::tungstenite::Message,
+        tag: Option<u64>,
+    );
     fn close(&self, code: u16, reason: &str) -> Result<(), SendError>;
     fn subscribe(&self, channel: &str) -> Result<(), SendError>;
     fn unsubscribe(&self, channel: &str) -> bool;
@@ -254,6 +286,13 @@ impl<C: SessionConn> DynConn for Bound<C> {
     }
     fn send_from_worker(&self, msg: tokio_tungstenite::tungstenite::Message) {
         self.0.send_from_worker(msg);
+    }
+    fn send_from_worker_tracked(
+        &self,
+        msg: tokio_tungstenite::tungstenite::Message,
+        tag: Option<u64>,
+    ) {
+        self.0.send_from_worker_tracked(msg, tag);
     }
     fn close(&self, code: u16, reason: &str) -> Result<(), SendError> {
         self.0.close(code, reason)
@@ -395,6 +434,14 @@ impl Callbacks {
             Self::Fake(..) => self.fake(FakeEvent::Drain),
         }
     }
+    pub(crate) fn on_sent(&mut self, tag: u64, written: bool) -> Result<(), String> {
+        match self {
+            Self::Inline(c) => c.on_sent(tag, written),
+            Self::Remote(r) => r.event(proto::SENT, &[&tag.to_le_bytes(), &[u8::from(written)]]),
+            #[cfg(test)]
+            Self::Fake(..) => self.fake(FakeEvent::Sent(tag, written)),
+        }
+    }
     pub(crate) fn on_timer(&mut self, tag: u64) -> Result<(), String> {
         match self {
             Self::Inline(c) => c.on_timer(tag),
@@ -472,6 +519,9 @@ impl InlineCallbacks {
     }
     pub(crate) fn on_timer(&mut self, tag: u64) -> Result<(), String> {
         done(self.handler.on_timer(&self.conn, tag))
+    }
+    pub(crate) fn on_sent(&mut self, tag: u64, written: bool) -> Result<(), String> {
+        done(self.handler.on_sent(&self.conn, tag, written))
     }
     pub(crate) fn on_error(&mut self, error: &str) -> Result<(), String> {
         done(self.handler.on_error(&self.conn, RStr::from_str(error)))

@@ -18,8 +18,12 @@ const OPEN: u8 = 0;
 const CLOSING: u8 = 1;
 const CLOSED: u8 = 2;
 
-/// A queued frame, with the bytes it counts against the send queue.
+/// A queued frame, with the bytes it counts against the send queue ([`TRACKED`] set if the
+/// plugin asked to hear when it is written).
 pub(crate) type Outgoing = (Message, u64);
+
+/// The bit of an [`Outgoing`]'s count that marks a tracked send (`Conn::send_text_tracked`).
+pub(crate) const TRACKED: u64 = 1 << 63;
 
 /// A send queue whose first frame is stored inline: a connection that has one frame queued at a
 /// time (a fan-out delivery, an answer) never allocates for queueing, and an idle one holds no
@@ -109,6 +113,18 @@ pub(crate) struct ConnShared {
     above_low: AtomicBool,
     /// The label member lists show (`Conn::set_label`).
     label: Mutex<Option<Box<str>>>,
+    /// Tags of tracked sends queued and not yet written, in queue order; and those written,
+    /// for the session to report (`on_sent`).
+    tracked: Mutex<TrackedSends>,
+    /// Tracked sends were written: the session reports them.
+    sent_ready: AtomicBool,
+}
+
+/// Tracked sends of a connection.
+#[derive(Debug, Default)]
+struct TrackedSends {
+    queued: VecDeque<u64>,
+    written: Vec<u64>,
 }
 
 /// What runs when a connection's send queue empties.
@@ -165,12 +181,27 @@ impl ConnShared {
             low_water: AtomicU64::new(0),
             above_low: AtomicBool::new(false),
             label: Mutex::new(None),
+            tracked: Mutex::default(),
+            sent_ready: AtomicBool::new(false),
         })
     }
 
     fn push(&self, item: Outgoing) {
+        self.push_tracked(item, None);
+    }
+
+    /// Queues `item`; with a tag, as a tracked send (its tag noted in queue order).
+    fn push_tracked(&self, mut item: Outgoing, tag: Option<u64>) {
         {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(tag) = tag {
+                item.1 |= TRACKED;
+                self.tracked
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .queued
+                    .push_back(tag);
+            }
             queue.push_back(item);
             self.queued.store(true, Ordering::SeqCst);
         }
@@ -215,6 +246,43 @@ impl ConnShared {
             || self.failed.load(Ordering::Acquire) != 0
             || self.idle_change.load(Ordering::Acquire) != u64::MAX
             || self.timers_changed.load(Ordering::Acquire)
+            || self.sent_ready.load(Ordering::Acquire)
+    }
+
+    /// The writer wrote `n` tracked frames: the first `n` queued tags go to the session.
+    pub(crate) fn tracked_written(&self, n: usize) {
+        let mut t = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = n.min(t.queued.len());
+        let done: Vec<u64> = t.queued.drain(..n).collect();
+        t.written.extend(done);
+        drop(t);
+        self.sent_ready.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Tracked sends written since the last call, in order.
+    pub(crate) fn take_sent(&self) -> Vec<u64> {
+        if !self.sent_ready.load(Ordering::Acquire)
+            || !self.sent_ready.swap(false, Ordering::AcqRel)
+        {
+            return Vec::new();
+        }
+        std::mem::take(
+            &mut self
+                .tracked
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .written,
+        )
+    }
+
+    /// At the end: tracked sends written and not yet reported, and those never written.
+    pub(crate) fn take_all_tracked(&self) -> (Vec<u64>, Vec<u64>) {
+        let mut t = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        (
+            std::mem::take(&mut t.written),
+            std::mem::take(&mut t.queued).into(),
+        )
     }
 
     /// Whether a timer was armed since the last call (the session's wake-up may move).
@@ -318,6 +386,12 @@ impl ConnShared {
     /// the whole queue is refused with `MessageTooLarge`, one that does not fit now with
     /// `QueueFull` (and `on_drain` follows once the queue has emptied).
     pub(crate) fn enqueue(&self, msg: Message) -> Result<(), SendError> {
+        self.enqueue_tracked(msg, None)
+    }
+
+    /// As [`ConnShared::enqueue`]; with a tag, the session reports the frame's fate
+    /// (`on_sent`).
+    pub(crate) fn enqueue_tracked(&self, msg: Message, tag: Option<u64>) -> Result<(), SendError> {
         if !self.is_open() {
             return Err(SendError::Closed);
         }
@@ -337,7 +411,7 @@ impl ConnShared {
             return Err(SendError::QueueFull);
         }
         self.note_level(before + n);
-        self.push((msg, n));
+        self.push_tracked((msg, n), tag);
         Ok(())
     }
 
@@ -502,6 +576,9 @@ impl crate::plugin::ConnOps for ConnShared {
     fn send_text(&self, text: &str) -> Result<(), SendError> {
         self.enqueue(Message::text(text))
     }
+    fn send_tracked(&self, msg: Message, tag: u64) -> Result<(), SendError> {
+        self.enqueue_tracked(msg, Some(tag))
+    }
     fn send_binary(&self, data: &[u8]) -> Result<(), SendError> {
         self.enqueue(Message::Binary(bytes::Bytes::copy_from_slice(data)))
     }
@@ -574,7 +651,18 @@ impl crate::plugin::ConnOps for ConnShared {
 
 impl crate::plugin::SessionConn for ConnShared {
     fn send_from_worker(&self, msg: Message) {
+        self.send_from_worker_tracked(msg, None);
+    }
+    fn send_from_worker_tracked(&self, msg: Message, tag: Option<u64>) {
         if !self.is_open() {
+            if let Some(tag) = tag {
+                // Never written: reported as such with the connection's end.
+                self.tracked
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .queued
+                    .push_back(tag);
+            }
             return;
         }
         let n = msg.len() as u64;
@@ -589,7 +677,7 @@ impl crate::plugin::SessionConn for ConnShared {
         }
         let before = self.buffered.fetch_add(n, Ordering::AcqRel);
         self.note_level(before + n);
-        self.push((msg, n));
+        self.push_tracked((msg, n), tag);
     }
     fn fail(&self, crashed: bool) {
         self.failed

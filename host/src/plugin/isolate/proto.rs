@@ -50,6 +50,8 @@ pub(crate) const SHUTDOWN: u8 = 14;
 pub(crate) const REPLACED: u8 = 15;
 /// `on_timer`: the tag (u64).
 pub(crate) const TIMER: u8 = 16;
+/// `on_sent`: the tag (u64), written (u8).
+pub(crate) const SENT: u8 = 18;
 /// An event of a channel the plugin watches: kind (u8, `abi::channel_event`), channel length
 /// (u16), channel, data.
 pub(crate) const CHANNEL_EVENT: u8 = 17;
@@ -85,6 +87,10 @@ pub(crate) const CANCEL_TIMER: u8 = 51;
 pub(crate) const SET_LOW_WATER: u8 = 52;
 /// `conn.set_label`: the label.
 pub(crate) const SET_LABEL: u8 = 53;
+/// `conn.send_text_tracked`: the tag (u64), the text.
+pub(crate) const SEND_TEXT_TRACKED: u8 = 57;
+/// `conn.send_binary_tracked`: the tag (u64), the data.
+pub(crate) const SEND_BINARY_TRACKED: u8 = 58;
 /// `host.members` (id: the call): the channel. Replied with the members as JSON.
 pub(crate) const MEMBERS: u8 = 54;
 /// `host.watch` (id: the call): the channel. Replied (1: newly watched).

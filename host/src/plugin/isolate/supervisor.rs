@@ -1050,10 +1050,20 @@ impl WorkerLink {
                     }
                 }
             }
-            proto::SEND_TEXT | proto::SEND_BINARY => {
+            proto::SEND_TEXT
+            | proto::SEND_BINARY
+            | proto::SEND_TEXT_TRACKED
+            | proto::SEND_BINARY_TRACKED => {
                 let Some(c) = self.conn(id) else { return };
+                let tracked = matches!(kind, proto::SEND_TEXT_TRACKED | proto::SEND_BINARY_TRACKED);
+                let (tag, body) = if tracked {
+                    let tag = proto::split_u64(&body).0;
+                    (Some(tag), body.slice(8.min(body.len())..))
+                } else {
+                    (None, body)
+                };
                 c.total.fetch_add(body.len() as u64, Ordering::AcqRel);
-                let msg = if kind == proto::SEND_TEXT {
+                let msg = if matches!(kind, proto::SEND_TEXT | proto::SEND_TEXT_TRACKED) {
                     match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(body) {
                         Ok(t) => Message::Text(t),
                         Err(_) => return,
@@ -1061,7 +1071,7 @@ impl WorkerLink {
                 } else {
                     Message::Binary(body)
                 };
-                c.ops.send_from_worker(msg);
+                c.ops.send_from_worker_tracked(msg, tag);
             }
             proto::SEND_PING => {
                 if let Some(c) = self.conn(id) {

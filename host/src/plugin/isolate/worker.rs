@@ -371,6 +371,10 @@ impl Shared {
                     proto::PONG => Event::Pong(body),
                     proto::ERROR => Event::Error(String::from_utf8_lossy(&body).into_owned()),
                     proto::TIMER => Event::Timer(proto::split_u64(&body).0),
+                    proto::SENT => {
+                        let (tag, rest) = proto::split_u64(&body);
+                        Event::Sent(tag, rest.first() == Some(&1))
+                    }
                     proto::CLOSE => {
                         let (code, reason) = proto::read_close(&body);
                         Event::Close(code, reason)
@@ -435,6 +439,7 @@ enum Event {
     Error(String),
     Drain,
     Timer(u64),
+    Sent(u64, bool),
     Close(u16, String),
 }
 
@@ -576,6 +581,7 @@ async fn connection(
                 Event::Error(_) => "on_error",
                 Event::Drain => "on_drain",
                 Event::Timer(_) => "on_timer",
+                Event::Sent(..) => "on_sent",
                 Event::Close(..) => "on_close",
             };
             let _call = shared.watch.enter(name, conn.id);
@@ -598,6 +604,7 @@ async fn connection(
                         .remove(tag);
                     callbacks.on_timer(*tag)
                 }
+                Event::Sent(tag, written) => callbacks.on_sent(*tag, *written),
                 Event::Close(code, reason) => callbacks.on_close(*code, reason),
             };
             (name, result)
@@ -651,6 +658,11 @@ struct WorkerConn {
 
 impl WorkerConn {
     fn send(&self, kind: u8, data: &[u8]) -> Result<(), SendError> {
+        self.send_parts(kind, data, &[])
+    }
+
+    /// Sends `data` as a frame of `kind`, after `prefix` (a tracked send's tag), within credit.
+    fn send_parts(&self, kind: u8, data: &[u8], prefix: &[u8]) -> Result<(), SendError> {
         if self.state.load(Ordering::Acquire) != OPEN {
             return Err(SendError::Closed);
         }
@@ -669,7 +681,7 @@ impl WorkerConn {
             return Err(SendError::QueueFull);
         }
         self.sent.fetch_add(n, Ordering::AcqRel);
-        self.out.push(kind, self.id, &[data]);
+        self.out.push(kind, self.id, &[prefix, data]);
         Ok(())
     }
 }
@@ -796,6 +808,19 @@ impl ConnOps for WorkerConn {
     fn set_label(&self, label: &str) {
         self.out
             .push(proto::SET_LABEL, self.id, &[label.as_bytes()]);
+    }
+    fn send_tracked(
+        &self,
+        msg: tokio_tungstenite::tungstenite::Message,
+        tag: u64,
+    ) -> Result<(), SendError> {
+        use tokio_tungstenite::tungstenite::Message;
+        let tag = tag.to_le_bytes();
+        match msg {
+            Message::Text(t) => self.send_parts(proto::SEND_TEXT_TRACKED, t.as_bytes(), &tag),
+            Message::Binary(b) => self.send_parts(proto::SEND_BINARY_TRACKED, &b, &tag),
+            _ => Err(SendError::Other(100)),
+        }
     }
 }
 

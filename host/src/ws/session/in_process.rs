@@ -56,6 +56,7 @@ async fn session_with(
             FakeEvent::Error(e) => format!("error {e}"),
             FakeEvent::Drain => "drain".to_owned(),
             FakeEvent::Timer(tag) => format!("timer {tag}"),
+            FakeEvent::Sent(tag, ok) => format!("sent {tag} {ok}"),
             FakeEvent::Close(code, reason) => format!("close {code} {reason}"),
         });
         reply(event, conn);
@@ -337,4 +338,42 @@ async fn with_a_low_water_mark_on_drain_runs_when_the_queue_falls_to_it() {
     assert_eq!(drains.len(), 1, "{events:?}");
     let fill_at = events.iter().position(|e| e == "text fill").unwrap();
     assert!(drains[0] > fill_at, "{events:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn tracked_sends_are_reported_once_written_or_never_written_at_the_end() {
+    fn tracked(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        match event {
+            FakeEvent::Text("two") => {
+                conn.send_from_worker_tracked(Message::text("a"), Some(1));
+                conn.send_from_worker(Message::text("untracked"));
+                conn.send_from_worker_tracked(Message::text("b"), Some(2));
+            }
+            FakeEvent::Text("bye") => {
+                conn.close(1000, "bye").unwrap();
+                // Queued after the close frame: never written.
+                conn.send_from_worker_tracked(Message::text("late"), Some(3));
+            }
+            _ => {}
+        }
+    }
+    let (mut client, events, task) = session_with(quiet(), ConnLimits::default(), tracked).await;
+    client.send(Message::text("two")).await.unwrap();
+    for _ in 0..3 {
+        client.next().await.unwrap().unwrap();
+    }
+    client.send(Message::text("bye")).await.unwrap();
+    assert_eq!(close_of(&mut client).await.0, 1000);
+    finish(client).await;
+    ended(task).await;
+    let events = events.lock().unwrap();
+    let sent: Vec<&String> = events.iter().filter(|e| e.starts_with("sent")).collect();
+    assert_eq!(
+        sent,
+        ["sent 1 true", "sent 2 true", "sent 3 false"],
+        "{events:?}"
+    );
+    // Reported before on_close.
+    let close_at = events.iter().position(|e| e.starts_with("close")).unwrap();
+    assert!(events.iter().rposition(|e| e.starts_with("sent")).unwrap() < close_at);
 }

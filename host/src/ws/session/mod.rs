@@ -176,6 +176,15 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
     partial.delivered();
     s.counts.flush_in(&metrics);
     s.conn.finish();
+    // Every tracked send is reported once: written, or never written (before on_close).
+    let (written, unwritten) = s.conn.take_all_tracked();
+    for (tag, ok) in written
+        .into_iter()
+        .map(|t| (t, true))
+        .chain(unwritten.into_iter().map(|t| (t, false)))
+    {
+        s.call("on_sent", |cb| cb.on_sent(tag, ok));
+    }
     s.call_always("on_close", |cb| cb.on_close(code, &reason));
     s.durations.flush_into(&metrics.callback_seconds);
     // The handler's drop is plugin code too: on the watchdog's books.
@@ -296,6 +305,9 @@ impl Session {
             // refused has drained; a close was queued (its handshake has a deadline).
             if conn.take_drained() {
                 self.call("on_drain", |cb| cb.on_drain());
+            }
+            for tag in conn.take_sent() {
+                self.call("on_sent", |cb| cb.on_sent(tag, true));
             }
             let idle_change = conn.take_idle_change();
             if let Some(idle) = idle_change {

@@ -51,6 +51,8 @@ pub(super) struct Writer {
     /// A close frame was fed: nothing after it.
     pub(super) close_fed: bool,
     pub(super) counts: Counts,
+    /// Tracked sends among the frames fed since the last flush.
+    pub(super) tracked: usize,
 }
 
 impl Writer {
@@ -76,6 +78,10 @@ impl Writer {
             let Some((msg, n)) = self.local.pop_front() else {
                 break;
             };
+            if n & crate::ws::conn::TRACKED != 0 {
+                self.tracked += 1;
+            }
+            let n = n & !crate::ws::conn::TRACKED;
             count_out(&mut self.counts, &msg);
             self.data |= is_data(&msg);
             self.close_fed = matches!(msg, Message::Close(_));
@@ -104,6 +110,9 @@ impl Writer {
                 // An idle connection keeps no queue memory.
                 self.local.shrink_if_empty();
                 conn.written(std::mem::take(&mut self.fed));
+                if self.tracked > 0 {
+                    conn.tracked_written(std::mem::take(&mut self.tracked));
+                }
                 if std::mem::take(&mut self.data) {
                     conn.sent_data();
                 }
@@ -187,6 +196,9 @@ impl Writer {
                 Poll::Ready(Ok(())) => {
                     self.dirty = false;
                     conn.written(std::mem::take(&mut self.fed));
+                    if self.tracked > 0 {
+                        conn.tracked_written(std::mem::take(&mut self.tracked));
+                    }
                     if self.close_fed || (self.local.is_empty() && !conn.has_queued()) {
                         return Poll::Ready(());
                     }

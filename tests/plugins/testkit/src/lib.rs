@@ -344,6 +344,14 @@ impl Handler for Kit {
             "header" => format!("{:?}", conn.header(arg)),
             "lowwater" => format!("{}", conn.set_low_water(arg.parse().unwrap_or(0))),
             "label" => format!("{}", conn.set_label(arg)),
+            "tsend" => {
+                // A tracked send of TEXT with tag TAG (`on_sent` says `sent TAG WRITTEN`).
+                let (tag, text) = arg.split_once(':').unwrap_or((arg, ""));
+                format!(
+                    "{:?}",
+                    conn.send_text_tracked(text, tag.parse().unwrap_or(0))
+                )
+            }
             "members" => {
                 let labels: Vec<String> = self
                     .host
@@ -467,6 +475,10 @@ impl Handler for Kit {
 
     fn on_timer(&mut self, conn: &Conn, tag: u64) {
         let _ = conn.send_text(&format!("timer {tag}"));
+    }
+
+    fn on_sent(&mut self, conn: &Conn, tag: u64, written: bool) {
+        let _ = conn.send_text(&format!("sent {tag} {written}"));
     }
 
     fn on_drain(&mut self, conn: &Conn) {
