@@ -85,6 +85,8 @@ async fn scaffolded_plugins_build_and_serve_when_dropped_in() {
     assert_eq!(text(&mut ann).await, "* bob joined");
     ann.send(Message::text("hello")).await.unwrap();
     assert_eq!(text(&mut bob).await, "ann: hello");
+    bob.send(Message::text("/who")).await.unwrap();
+    assert_eq!(text(&mut bob).await, "* here: ann, bob");
     assert_eq!(get(host.addr, "/new-chat/lobby").0, 404, "WebSocket only");
 
     // The stream template: 1 MiB, paced, then `done`.

@@ -2,8 +2,9 @@
 //!
 //! A room is one of the host's channels: a member subscribes when it connects, a message is
 //! published to the room with the sender's name, and a closing connection leaves by itself, so
-//! rooms survive a reload of this plugin. Joins and leaves are announced. The upgrade goes
-//! through middleware (logging, a per-connection message rate) composed like Ring's.
+//! rooms survive a reload of this plugin. Joins and leaves are announced; `/who` lists the
+//! room's members (each connection is labelled with its member name). The upgrade goes through
+//! middleware (logging, a per-connection message rate) composed like Ring's.
 //!
 //! Build with `cargo build --release`, then put `target/release/lib{lib}.so` into the host's
 //! plugins directory: it loads without a restart.
@@ -68,6 +69,8 @@ struct Member {
 
 impl Handler for Member {
     fn on_connect(&mut self, conn: &Conn) {
+        // The label member lists show: set before subscribing, so the join carries it.
+        conn.set_label(&self.name);
         if conn.subscribe(&self.room).is_err() {
             return;
         }
@@ -75,7 +78,17 @@ impl Handler for Member {
             .publish_text(&self.room, &format!("* {} joined", self.name));
     }
 
-    fn on_text(&mut self, _conn: &Conn, text: &str) {
+    fn on_text(&mut self, conn: &Conn, text: &str) {
+        if text == "/who" {
+            let names: Vec<String> = self
+                .host
+                .members(&self.room)
+                .into_iter()
+                .map(|m| m.label)
+                .collect();
+            let _ = conn.send_text(&format!("* here: {}", names.join(", ")));
+            return;
+        }
         self.host
             .publish_text(&self.room, &format!("{}: {text}", self.name));
     }
@@ -103,6 +116,7 @@ mod tests {
         let conn = TestConn::new(1);
         ann.on_connect(&conn).unwrap();
         assert_eq!(conn.channels(), ["room:lobby"]);
+        assert_eq!(conn.label(), "ann");
         ann.on_text(&conn, "hello").unwrap();
         ann.on_close(&conn, 1000, "").unwrap();
         let said: Vec<String> = host
