@@ -45,6 +45,11 @@ pub struct Config {
     /// A message must arrive whole within this time of its first byte; past it the connection
     /// is closed with 1008 (checked at least this often). Zero disables it. Default 60 s.
     pub message_timeout: Duration,
+    /// Streams (requests and WebSockets) one HTTP/2 connection may have open at once; each
+    /// WebSocket counts against the connection caps like any other. Zero turns HTTP/2 off
+    /// (HTTP/1.1 only). Default 100. HTTP/2 is served on the same port: by ALPN `h2` with TLS,
+    /// by prior knowledge without.
+    pub http2_max_streams: u32,
     /// Largest request head (request line and headers) a client may send; 431 past it.
     /// Default 16 KiB (hyper's floor is 8 KiB).
     pub max_header_size: usize,
@@ -119,6 +124,7 @@ impl Default for Config {
             shutdown_timeout: Duration::from_secs(10),
             message_timeout: Duration::from_secs(60),
             max_header_size: 16 << 10,
+            http2_max_streams: 100,
             max_connections: default_max_connections(),
             max_connections_per_ip: 1000,
             max_buffered_total: 1 << 30,

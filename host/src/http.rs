@@ -27,11 +27,22 @@ pub(crate) async fn handle(
     peer: SocketAddr,
     local: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
-    let response = match upgrade::inspect(req.method(), req.version(), req.headers()) {
+    let version = req.version();
+    let protocol = req
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .map(|p| p.as_str().to_owned());
+    let response = match upgrade::inspect(
+        req.method(),
+        req.version(),
+        req.headers(),
+        protocol.as_deref(),
+    ) {
         Handshake::Plain => plain(req, &ctx, peer, local).await,
         Handshake::Invalid(status, why) => {
             let label = StatusLabel {
                 status: status.as_u16(),
+                protocol: label_protocol(version),
             };
             ctx.metrics.upgrades.get_or_create(&label).inc();
             tracing::debug!(%peer, path = req.uri().path(), %status, why, "handshake refused");
@@ -45,15 +56,25 @@ pub(crate) async fn handle(
             r
         }
         Handshake::Valid { key, subprotocols } => {
-            let r = websocket(req, &ctx, peer, local, &key, subprotocols).await;
+            let r = websocket(req, &ctx, peer, local, key.as_deref(), subprotocols).await;
             let label = StatusLabel {
                 status: r.status().as_u16(),
+                protocol: label_protocol(version),
             };
             ctx.metrics.upgrades.get_or_create(&label).inc();
             r
         }
     };
     Ok(response)
+}
+
+/// The `protocol` label of an upgrade's metrics.
+fn label_protocol(version: hyper::Version) -> &'static str {
+    if version == hyper::Version::HTTP_2 {
+        "h2"
+    } else {
+        "http/1.1"
+    }
 }
 
 fn text(status: StatusCode, message: &str) -> Response<Body> {
@@ -95,10 +116,12 @@ fn request_map(
         (false, false) => "http",
         (false, true) => "https",
     };
+    // HTTP/2 carries the host in the `:authority` (the URI), HTTP/1.1 in `Host`.
     let host = parts
         .headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
         .map(strip_port)
         .unwrap_or_default();
     let server_name = if host.is_empty() {
@@ -107,7 +130,19 @@ fn request_map(
         host.to_owned()
     };
     RequestMap {
-        method: parts.method.as_str().to_owned(),
+        // A WebSocket over HTTP/2 is a CONNECT on the wire; to a plugin it is the same upgrade
+        // as over HTTP/1.1 (its `protocol` says which).
+        method: if is_upgrade {
+            "GET".to_owned()
+        } else {
+            parts.method.as_str().to_owned()
+        },
+        protocol: match parts.version {
+            hyper::Version::HTTP_2 => "HTTP/2.0",
+            hyper::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        }
+        .into(),
         path: parts.uri.path().to_owned(),
         query: parts.uri.query().unwrap_or("").to_owned(),
         scheme: scheme.into(),
@@ -297,7 +332,7 @@ async fn websocket(
     ctx: &Arc<Ctx>,
     peer: SocketAddr,
     local: SocketAddr,
-    key: &str,
+    key: Option<&str>,
     subprotocols: Vec<String>,
 ) -> Response<Body> {
     let table = ctx.registry.table();

@@ -101,7 +101,12 @@ impl Server {
     /// Loads every plugin of `config.plugins_dir`; a file that is not a valid plugin is logged
     /// and skipped.
     pub fn new(config: Config) -> Result<Self, Error> {
-        let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+        let http2 = config.http2_max_streams > 0;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|files| tls::acceptor(files, http2))
+            .transpose()?;
         let (hub, bus) = match &config.bus {
             bus::BusConfig::Memory => (channels::Hub::default(), None),
             bus::BusConfig::Redis(redis) => {

@@ -20,6 +20,8 @@ use crate::plugin::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct StatusLabel {
     pub(crate) status: u16,
+    /// `http/1.1` or `h2` (a WebSocket over HTTP/2 is accepted with 200).
+    pub(crate) protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -158,7 +160,7 @@ impl Metrics {
         };
         prom.register(
             "upgrades",
-            "WebSocket upgrade requests by answer status (101 accepted)",
+            "WebSocket upgrade requests by answer status and protocol (accepted: 101 over http/1.1, 200 over h2)",
             m.upgrades.clone(),
         );
         prom.register(

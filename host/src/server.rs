@@ -1,4 +1,5 @@
-//! The accept loop, one hyper HTTP/1.1 connection task per client, and graceful shutdown.
+//! The accept loop, one hyper connection task per client (HTTP/1.1 or HTTP/2 on the same
+//! port), and graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -6,9 +7,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
+use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::context::Ctx;
@@ -122,12 +124,30 @@ async fn serve_connection<I>(
     let svc_ctx = Arc::clone(&ctx);
     let service =
         service_fn(move |req| crate::http::handle(req, Arc::clone(&svc_ctx), peer, local));
-    let conn = http1::Builder::new()
+    // HTTP/1.1 and HTTP/2 on the same connection type: hyper-util reads the preface (prior
+    // knowledge without TLS; with TLS, ALPN offered `h2`).
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(ctx.config.header_read_timeout)
-        .max_buf_size(ctx.config.max_header_size.max(8192))
-        .serve_connection(TokioIo::new(stream), service)
-        .with_upgrades();
+        .max_buf_size(ctx.config.max_header_size.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(ctx.config.http2_max_streams)
+        .max_header_list_size(u32::try_from(ctx.config.max_header_size).unwrap_or(u32::MAX))
+        // A client that opens and resets streams in a loop is cut off (CVE-2023-44487).
+        .max_pending_accept_reset_streams(Some(64))
+        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
+        .keep_alive_timeout(ctx.config.header_read_timeout);
+    let builder = if ctx.config.http2_max_streams == 0 {
+        builder.http1_only()
+    } else {
+        builder
+    };
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

@@ -45,8 +45,9 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-/// Builds the acceptor for `files`; HTTP/1.1 only (WebSocket upgrades need it).
-pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
+/// Builds the acceptor for `files`, offering HTTP/2 (`h2`, unless `http2` is false) and
+/// HTTP/1.1 by ALPN.
+pub fn acceptor(files: &TlsFiles, http2: bool) -> Result<TlsAcceptor, TlsError> {
     let cert_pem = read(&files.cert)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<Result<_, _>>()
@@ -75,6 +76,10 @@ pub fn acceptor(files: &TlsFiles) -> Result<TlsAcceptor, TlsError> {
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_single_cert(certs, key)?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = if http2 {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
     Ok(TlsAcceptor::from(Arc::new(config)))
 }

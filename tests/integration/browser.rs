@@ -45,3 +45,49 @@ fn two_browser_tabs_chat_through_the_demo_page() {
     );
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 1000);
 }
+
+#[test]
+fn over_https_the_browser_opens_its_websockets_over_http2() {
+    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(Path::new(&chromium).exists(), "{chromium} is missing");
+    let dir = workspace_root().join("tests/browser");
+    if !dir.join("node_modules/playwright-core").exists() {
+        let status = Command::new("npm")
+            .args(["ci", "--silent", "--no-audit", "--no-fund"])
+            .current_dir(&dir)
+            .status()
+            .expect("npm runs");
+        assert!(status.success(), "npm ci in tests/browser failed");
+    }
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let host = Host::builder()
+        .plugin("chat")
+        .arg("--tls-cert")
+        .arg(cert_path.to_str().unwrap())
+        .arg("--tls-key")
+        .arg(key_path.to_str().unwrap())
+        .start();
+    let screenshot = tmp.path().join("chat-h2.png");
+    let out = Command::new("node")
+        .arg(dir.join("chat.mjs"))
+        .arg(format!("https://localhost:{}", host.addr.port()))
+        .arg(&screenshot)
+        .output()
+        .expect("node runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("browser chat ok"),
+        "the browser test failed:\n{stdout}\n{}\nhost log:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        host.log()
+    );
+    // Both tabs' WebSockets were HTTP/2 streams (accepted with 200 over h2).
+    let accepted = host
+        .metric("wshost_upgrades_total{status=\"200\",protocol=\"h2\"}")
+        .unwrap_or(0.0);
+    assert!(accepted >= 2.0, "{}", host.metrics());
+}

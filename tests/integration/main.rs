@@ -14,6 +14,7 @@ mod conformance;
 mod defects;
 mod echo;
 mod execution;
+mod http2;
 mod isolation;
 mod kv;
 mod limits;

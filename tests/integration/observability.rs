@@ -14,8 +14,8 @@ async fn metrics_count_upgrades_messages_closes_and_connections() {
     assert_eq!(status, 200);
     let text = String::from_utf8(body).unwrap();
     for line in [
-        "wshost_upgrades_total{status=\"101\"} 1",
-        "wshost_upgrades_total{status=\"404\"} 1",
+        "wshost_upgrades_total{status=\"101\",protocol=\"http/1.1\"} 1",
+        "wshost_upgrades_total{status=\"404\",protocol=\"http/1.1\"} 1",
         "wshost_connections_open{plugin=\"echo\",generation=\"1\"} 1",
         "wshost_plugins 1",
         "wshost_mapped_libraries 1",

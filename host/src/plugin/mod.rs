@@ -991,6 +991,7 @@ impl HostFfi for HostServices {
 #[derive(Debug, Default)]
 pub(crate) struct HostRequest {
     pub(crate) method: RString,
+    pub(crate) protocol: RString,
     pub(crate) path: RString,
     pub(crate) query: RString,
     pub(crate) scheme: RString,
@@ -1050,7 +1051,7 @@ impl RequestFfi for HostRequest {
         self.query.as_rstr()
     }
     fn protocol(&self) -> RStr<'_> {
-        RStr::from_str("HTTP/1.1")
+        self.protocol.as_rstr()
     }
     fn scheme(&self) -> RStr<'_> {
         self.scheme.as_rstr()

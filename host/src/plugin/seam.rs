@@ -538,6 +538,9 @@ impl InlineCallbacks {
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct RequestMap {
     pub(crate) method: String,
+    /// `HTTP/1.1`, `HTTP/2.0`.
+    #[serde(default)]
+    pub(crate) protocol: std::borrow::Cow<'static, str>,
     pub(crate) path: String,
     pub(crate) query: String,
     pub(crate) scheme: std::borrow::Cow<'static, str>,
@@ -557,6 +560,11 @@ impl From<RequestMap> for super::HostRequest {
     fn from(m: RequestMap) -> Self {
         super::HostRequest {
             method: RString::from(m.method),
+            protocol: RString::from(if m.protocol.is_empty() {
+                "HTTP/1.1"
+            } else {
+                &m.protocol
+            }),
             path: RString::from(m.path),
             query: RString::from(m.query),
             scheme: RString::from(m.scheme),

@@ -1,5 +1,6 @@
-//! The WebSocket handshake (RFC 6455 §4.2): checking the client's request before any plugin is
-//! asked, and building the 101 answer from the plugin's response.
+//! The WebSocket handshake (RFC 6455 §4.2, and RFC 8441 over HTTP/2): checking the client's
+//! request before any plugin is asked, and building the answer (101, or 200 on an HTTP/2
+//! stream) from the plugin's response.
 
 use base64::Engine as _;
 use http_body_util::Full;
@@ -15,9 +16,9 @@ pub(crate) enum Handshake {
     Plain,
     /// An upgrade attempt that must be refused with this status and reason.
     Invalid(StatusCode, &'static str),
-    /// A valid handshake with the client's key and offered subprotocols.
+    /// A valid handshake with the client's key (none over HTTP/2) and offered subprotocols.
     Valid {
-        key: String,
+        key: Option<String>,
         subprotocols: Vec<String>,
     },
 }
@@ -29,9 +30,25 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-/// Classifies a request: a request with `Upgrade: websocket` is a WebSocket handshake, which is
-/// either valid or refused (400, or 426 for a version other than 13).
-pub(crate) fn inspect(method: &Method, version: Version, headers: &HeaderMap) -> Handshake {
+/// Classifies a request: a request with `Upgrade: websocket`, or an HTTP/2 `CONNECT` with
+/// `:protocol` `websocket` (`protocol`), is a WebSocket handshake, which is either valid or
+/// refused (400, or 426 for a version other than 13).
+pub(crate) fn inspect(
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+    protocol: Option<&str>,
+) -> Handshake {
+    if version == Version::HTTP_2 && method == Method::CONNECT {
+        return match protocol {
+            Some(p) if p.eq_ignore_ascii_case("websocket") => extended_connect(headers),
+            Some(_) => Handshake::Invalid(
+                StatusCode::BAD_REQUEST,
+                "the only protocol this server connects is websocket",
+            ),
+            None => Handshake::Invalid(StatusCode::BAD_REQUEST, "CONNECT is not served here"),
+        };
+    }
     if !has_token(headers, header::UPGRADE, "websocket") {
         return Handshake::Plain;
     }
@@ -75,7 +92,30 @@ pub(crate) fn inspect(method: &Method, version: Version, headers: &HeaderMap) ->
             )
         }
     };
-    let subprotocols = headers
+    Handshake::Valid {
+        key: Some(key),
+        subprotocols: subprotocols(headers),
+    }
+}
+
+/// An HTTP/2 extended CONNECT (RFC 8441 §5): no key, no Upgrade/Connection headers; the
+/// version must still be 13.
+fn extended_connect(headers: &HeaderMap) -> Handshake {
+    let version = headers.get(header::SEC_WEBSOCKET_VERSION);
+    if version.is_none_or(|v| v.as_bytes() != b"13") {
+        return Handshake::Invalid(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported Sec-WebSocket-Version: this server speaks 13",
+        );
+    }
+    Handshake::Valid {
+        key: None,
+        subprotocols: subprotocols(headers),
+    }
+}
+
+fn subprotocols(headers: &HeaderMap) -> Vec<String> {
+    headers
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -83,8 +123,7 @@ pub(crate) fn inspect(method: &Method, version: Version, headers: &HeaderMap) ->
         .map(str::trim)
         .filter(|p| !p.is_empty())
         .map(str::to_owned)
-        .collect();
-    Handshake::Valid { key, subprotocols }
+        .collect()
 }
 
 fn is_valid_key(key: &str) -> bool {
@@ -116,22 +155,30 @@ pub(crate) enum Refusal {
     BadHeader(String),
 }
 
-/// The 101 answer for `key`, with the plugin's extra headers.
+/// The answer that opens the WebSocket, with the plugin's extra headers: 101 with the accept
+/// key for `key`, or (`None`: an HTTP/2 stream) 200.
 pub(crate) fn switching_protocols(
-    key: &str,
+    key: Option<&str>,
     offered: &[String],
     extra: &[(String, String)],
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let mut response = Response::new(Full::new(Bytes::new()));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    let accept = derive_accept_key(key.as_bytes());
-    headers.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-    );
+    if let Some(key) = key {
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        let accept = derive_accept_key(key.as_bytes());
+        headers.insert(
+            header::SEC_WEBSOCKET_ACCEPT,
+            HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
+        );
+    }
+    *response.status_mut() = if key.is_some() {
+        StatusCode::SWITCHING_PROTOCOLS
+    } else {
+        StatusCode::OK
+    };
+    let headers = response.headers_mut();
     let mut chose_protocol = false;
     for (name, value) in extra {
         let lower = name.to_ascii_lowercase();
@@ -182,11 +229,11 @@ mod tests {
 
     #[test]
     fn valid_handshake_with_subprotocols() {
-        let h = inspect(&Method::GET, Version::HTTP_11, &headers(GOOD));
+        let h = inspect(&Method::GET, Version::HTTP_11, &headers(GOOD), None);
         assert_eq!(
             h,
             Handshake::Valid {
-                key: "dGhlIHNhbXBsZSBub25jZQ==".into(),
+                key: Some("dGhlIHNhbXBsZSBub25jZQ==".into()),
                 subprotocols: vec!["chat".into(), "superchat".into(), "v3".into()],
             }
         );
@@ -195,7 +242,7 @@ mod tests {
     #[test]
     fn plain_requests_are_not_handshakes() {
         assert_eq!(
-            inspect(&Method::GET, Version::HTTP_11, &HeaderMap::new()),
+            inspect(&Method::GET, Version::HTTP_11, &HeaderMap::new(), None),
             Handshake::Plain
         );
     }
@@ -204,10 +251,10 @@ mod tests {
     fn refused_handshakes() {
         let without = |name: &str| {
             let pairs: Vec<_> = GOOD.iter().copied().filter(|(k, _)| *k != name).collect();
-            inspect(&Method::GET, Version::HTTP_11, &headers(&pairs))
+            inspect(&Method::GET, Version::HTTP_11, &headers(&pairs), None)
         };
         assert!(matches!(
-            inspect(&Method::POST, Version::HTTP_11, &headers(GOOD)),
+            inspect(&Method::POST, Version::HTTP_11, &headers(GOOD), None),
             Handshake::Invalid(StatusCode::BAD_REQUEST, _)
         ));
         assert!(matches!(
@@ -225,28 +272,74 @@ mod tests {
         let mut bad_key: Vec<_> = GOOD.to_vec();
         bad_key[3] = ("sec-websocket-key", "c2hvcnQ=");
         assert!(matches!(
-            inspect(&Method::GET, Version::HTTP_11, &headers(&bad_key)),
+            inspect(&Method::GET, Version::HTTP_11, &headers(&bad_key), None),
             Handshake::Invalid(StatusCode::BAD_REQUEST, _)
         ));
     }
 
     #[test]
+    fn http2_extended_connect_is_a_handshake_without_a_key() {
+        let h = headers(&[
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-protocol", "chat"),
+        ]);
+        assert_eq!(
+            inspect(&Method::CONNECT, Version::HTTP_2, &h, Some("websocket")),
+            Handshake::Valid {
+                key: None,
+                subprotocols: vec!["chat".into()]
+            }
+        );
+        assert!(matches!(
+            inspect(&Method::CONNECT, Version::HTTP_2, &h, Some("webtransport")),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+        assert!(matches!(
+            inspect(&Method::CONNECT, Version::HTTP_2, &h, None),
+            Handshake::Invalid(StatusCode::BAD_REQUEST, _)
+        ));
+        assert!(matches!(
+            inspect(
+                &Method::CONNECT,
+                Version::HTTP_2,
+                &HeaderMap::new(),
+                Some("websocket")
+            ),
+            Handshake::Invalid(StatusCode::UPGRADE_REQUIRED, _)
+        ));
+        // Plain HTTP/2 requests are plain.
+        assert_eq!(
+            inspect(&Method::GET, Version::HTTP_2, &HeaderMap::new(), None),
+            Handshake::Plain
+        );
+        let ok = switching_protocols(
+            None,
+            &["chat".into()],
+            &[("sec-websocket-protocol".into(), "chat".into())],
+        )
+        .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert!(ok.headers().get(header::SEC_WEBSOCKET_ACCEPT).is_none());
+        assert_eq!(ok.headers()[header::SEC_WEBSOCKET_PROTOCOL], "chat");
+    }
+
+    #[test]
     fn refused_http10_and_repeated_keys() {
         assert!(matches!(
-            inspect(&Method::GET, Version::HTTP_10, &headers(GOOD)),
+            inspect(&Method::GET, Version::HTTP_10, &headers(GOOD), None),
             Handshake::Invalid(StatusCode::BAD_REQUEST, _)
         ));
         let mut two_keys: Vec<_> = GOOD.to_vec();
         two_keys.push(("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="));
         assert!(matches!(
-            inspect(&Method::GET, Version::HTTP_11, &headers(&two_keys)),
+            inspect(&Method::GET, Version::HTTP_11, &headers(&two_keys), None),
             Handshake::Invalid(StatusCode::BAD_REQUEST, _)
         ));
     }
 
     #[test]
     fn accept_key_is_rfc_example() {
-        let r = switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &[], &[]).unwrap();
+        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &[]).unwrap();
         assert_eq!(
             r.headers()[header::SEC_WEBSOCKET_ACCEPT],
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -257,9 +350,11 @@ mod tests {
     fn subprotocol_must_be_offered() {
         let offered = vec!["chat".to_owned()];
         let pick = |p: &str| vec![("Sec-WebSocket-Protocol".to_owned(), p.to_owned())];
-        assert!(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &offered, &pick("chat")).is_ok());
+        assert!(
+            switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &offered, &pick("chat")).is_ok()
+        );
         assert_eq!(
-            switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &offered, &pick("other")).err(),
+            switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &offered, &pick("other")).err(),
             Some(Refusal::UnofferedSubprotocol("other".into()))
         );
     }
@@ -270,7 +365,7 @@ mod tests {
             "sec-websocket-extensions".to_owned(),
             "permessage-deflate".to_owned(),
         )];
-        let r = switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", &[], &extra).unwrap();
+        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &extra).unwrap();
         assert!(r.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).is_none());
     }
 }

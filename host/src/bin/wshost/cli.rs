@@ -298,6 +298,11 @@ pub struct Settings {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_header_size: Option<u64>,
+    /// Streams (requests and WebSockets) one HTTP/2 connection may have open at once; 0 serves
+    /// HTTP/1.1 only. HTTP/2 shares the port: ALPN `h2` with TLS, prior knowledge without.
+    #[arg(long, env = "WSHOST_HTTP2_MAX_STREAMS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http2_max_streams: Option<u32>,
     /// Most WebSocket connections at once; 503 past it. Default: the open-file limit less 512.
     #[arg(long, env = "WSHOST_MAX_CONNECTIONS", value_parser = size)]
     #[serde(
@@ -524,6 +529,7 @@ impl Settings {
             max_message_rate: Some(c.max_message_rate),
             message_timeout: Some(c.message_timeout),
             max_header_size: Some(c.max_header_size as u64),
+            http2_max_streams: Some(c.http2_max_streams),
             max_connections: Some(c.max_connections),
             max_connections_per_ip: Some(c.max_connections_per_ip),
             max_buffered_total: Some(c.max_buffered_total),
@@ -566,7 +572,8 @@ impl Settings {
             listen, plugins, max_message_size, max_frame_size, max_send_queue, read_buffer_size,
             max_body_size, body_timeout, header_read_timeout, slow_callback, close_timeout,
             shutdown_timeout, ping_interval, pong_timeout, idle_timeout, max_message_rate,
-            message_timeout, max_header_size, max_connections, max_connections_per_ip,
+            message_timeout, max_header_size, http2_max_streams, max_connections,
+            max_connections_per_ip,
             max_buffered_total, allowed_origins, require_origin, trusted_proxies, tls_cert,
             tls_key, admin_listen, admin_token_file, no_watch, no_probe, bus, bus_prefix,
             bus_reconnect_min, bus_reconnect_max, bus_queue, probe_timeout, max_plugin_size,
@@ -627,6 +634,7 @@ impl Resolved {
             max_message_rate: s.max_message_rate.expect(SET),
             message_timeout: s.message_timeout.expect(SET),
             max_header_size: s.max_header_size.expect(SET) as usize,
+            http2_max_streams: s.http2_max_streams.expect(SET),
             max_connections: s.max_connections.expect(SET),
             max_connections_per_ip: s.max_connections_per_ip.expect(SET),
             max_buffered_total: s.max_buffered_total.expect(SET),

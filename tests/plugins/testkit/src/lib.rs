@@ -165,7 +165,8 @@ impl Testkit {
             stream_left: 0,
             streaming: false,
         })
-        .header("set-cookie", "testkit=1");
+        .header("set-cookie", "testkit=1")
+        .header("x-request", &format!("{} {}", req.method(), req.protocol()));
         if let Some(p) = req.query_param("proto") {
             response = response.protocol(&p);
         } else if let Some(p) = req.subprotocols().next() {
