@@ -8,7 +8,7 @@
 //! # Layout
 //!
 //! - [`config`]: [`Config`], every limit with its default.
-//! - `server`: the accept loop, HTTP/1.1 connections (hyper), graceful shutdown.
+//! - `server`: the accept loop, HTTP/1.1 and HTTP/2 connections (hyper), graceful shutdown.
 //! - `http`: routing of plain requests and upgrades to plugins.
 //! - `ws`: the handshake, the session (socket events → callbacks, send queue → socket) and
 //!   the connection handle plugins hold.
