@@ -55,8 +55,21 @@ pub(crate) async fn handle(
             }
             r
         }
-        Handshake::Valid { key, subprotocols } => {
-            let r = websocket(req, &ctx, peer, local, key.as_deref(), subprotocols).await;
+        Handshake::Valid {
+            key,
+            subprotocols,
+            deflate,
+        } => {
+            let r = websocket(
+                req,
+                &ctx,
+                peer,
+                local,
+                key.as_deref(),
+                subprotocols,
+                deflate,
+            )
+            .await;
             let label = StatusLabel {
                 status: r.status().as_u16(),
                 protocol: label_protocol(version),
@@ -334,6 +347,7 @@ async fn websocket(
     local: SocketAddr,
     key: Option<&str>,
     subprotocols: Vec<String>,
+    deflate_offered: bool,
 ) -> Response<Body> {
     let table = ctx.registry.table();
     let Some((prefix, plugin)) = table.route_prefix(req.uri().path()) else {
@@ -381,7 +395,16 @@ async fn websocket(
         tracing::error!(plugin = %plugin.name, "plugin answered 101 without callbacks; answered 500");
         return internal_error();
     };
-    let response = match upgrade::switching_protocols(key, &offered, &answer.headers) {
+    // The plugin's own 101 settings, then its route's and its own config file limits.
+    let route_limits = plugin
+        .route_limits
+        .get(&prefix)
+        .copied()
+        .unwrap_or_default();
+    let limits = answer.limits.over(route_limits).over(plugin.limits);
+    // permessage-deflate if the client offered it and no source turned it off.
+    let deflate = deflate_offered && limits.over(ctx.config.limits).compression == Some(true);
+    let response = match upgrade::switching_protocols(key, &offered, &answer.headers, deflate) {
         Ok(r) => r,
         Err(refusal) => {
             tracing::error!(plugin = %plugin.name, ?refusal, ?offered,
@@ -396,13 +419,6 @@ async fn websocket(
     } else {
         client.to_string()
     };
-    // The plugin's own 101 settings, then its route's and its own config file limits.
-    let route_limits = plugin
-        .route_limits
-        .get(&prefix)
-        .copied()
-        .unwrap_or_default();
-    let limits = answer.limits.over(route_limits).over(plugin.limits);
     let closing = plugin.closing().clone();
     let facts = crate::plugin::ConnFacts {
         local: local.to_string(),
@@ -431,6 +447,7 @@ async fn websocket(
         handler,
         facts,
         limits,
+        deflate,
         hub: Arc::clone(ctx.registry.hub()),
         budget: Arc::clone(&ctx.send_budget),
         metrics: Arc::clone(&ctx.metrics),

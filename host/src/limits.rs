@@ -17,6 +17,8 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle timeout: 300 s.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default smallest message sent compressed: 128 bytes (smaller ones gain nothing).
+pub const DEFAULT_COMPRESSION_MIN_SIZE: u64 = 128;
 
 /// Limits of one connection; `None` leaves a limit to the next, lower source.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -33,6 +35,12 @@ pub struct ConnLimits {
     pub pong_timeout: Option<Duration>,
     /// Close after this long without data messages either way (zero: never).
     pub idle_timeout: Option<Duration>,
+    /// Whether permessage-deflate is accepted when the client offers it.
+    #[serde(default)]
+    pub compression: Option<bool>,
+    /// Outgoing messages smaller than this many bytes go uncompressed.
+    #[serde(default)]
+    pub compression_min_size: Option<u64>,
 }
 
 impl ConnLimits {
@@ -45,6 +53,8 @@ impl ConnLimits {
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             pong_timeout: Some(DEFAULT_PONG_TIMEOUT),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            compression: Some(true),
+            compression_min_size: Some(DEFAULT_COMPRESSION_MIN_SIZE),
         }
     }
 
@@ -58,6 +68,8 @@ impl ConnLimits {
             ping_interval: self.ping_interval.or(under.ping_interval),
             pong_timeout: self.pong_timeout.or(under.pong_timeout),
             idle_timeout: self.idle_timeout.or(under.idle_timeout),
+            compression: self.compression.or(under.compression),
+            compression_min_size: self.compression_min_size.or(under.compression_min_size),
         }
     }
 }

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub(crate) bytes_in: Counter,
     pub(crate) bytes_out: Counter,
     pub(crate) send_queue_overflows: Counter,
+    /// WebSockets that negotiated permessage-deflate.
+    pub(crate) deflate_connections: Counter,
     /// Closed connections by the code `on_close` got.
     pub(crate) closes: Family<CodeLabel, Counter>,
     pub(crate) callback_seconds: CallbackHistogram,
@@ -154,6 +156,7 @@ impl Metrics {
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
             send_queue_overflows: Counter::default(),
+            deflate_connections: Counter::default(),
             closes: Family::default(),
             callback_seconds: CallbackHistogram::default(),
             prom: prometheus_client::registry::Registry::default(),
@@ -162,6 +165,11 @@ impl Metrics {
             "upgrades",
             "WebSocket upgrade requests by answer status and protocol (accepted: 101 over http/1.1, 200 over h2)",
             m.upgrades.clone(),
+        );
+        prom.register(
+            "websockets_compressed",
+            "WebSockets that negotiated permessage-deflate",
+            m.deflate_connections.clone(),
         );
         prom.register(
             "messages_received",

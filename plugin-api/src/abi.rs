@@ -75,6 +75,8 @@ pub mod setting {
     pub const PONG_TIMEOUT_MS: &str = "pong_timeout_ms";
     /// Close after this long without data messages either way, in milliseconds; 0 disables it.
     pub const IDLE_TIMEOUT_MS: &str = "idle_timeout_ms";
+    /// Whether permessage-deflate may be used (0: no) (since 1.3).
+    pub const COMPRESSION: &str = "compression";
     /// Largest message accepted from the client, in bytes.
     pub const MAX_MESSAGE_SIZE: &str = "max_message_size";
     /// Largest frame accepted from the client, in bytes.

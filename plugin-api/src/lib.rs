@@ -1062,6 +1062,14 @@ impl Response {
         self.setting(abi::setting::MAX_SEND_QUEUE, bytes as u64)
     }
 
+    /// Whether this connection may use permessage-deflate when the client offers it (the
+    /// host's and the config file's setting otherwise; on by default): `false` for data that
+    /// does not compress (already compressed media, random bytes), where it costs CPU for
+    /// nothing.
+    pub fn compression(self, enabled: bool) -> Self {
+        self.setting(abi::setting::COMPRESSION, u64::from(enabled))
+    }
+
     pub(crate) fn into_ffi(self) -> abi::ResponseBox {
         abi::response_box(self.shell)
     }

@@ -821,6 +821,7 @@ impl TestResponse {
             abi::setting::PING_INTERVAL_MS,
             abi::setting::PONG_TIMEOUT_MS,
             abi::setting::IDLE_TIMEOUT_MS,
+            abi::setting::COMPRESSION,
         ] {
             if let ROption::RSome(v) = r.setting(RStr::from_str(key)) {
                 settings.insert(key, v);

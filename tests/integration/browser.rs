@@ -44,6 +44,14 @@ fn two_browser_tabs_chat_through_the_demo_page() {
         host.log()
     );
     assert!(std::fs::metadata(&screenshot).unwrap().len() > 1000);
+    // Chromium offers permessage-deflate on every WebSocket: both tabs' were compressed.
+    assert!(
+        host.metric("wshost_websockets_compressed_total")
+            .unwrap_or(0.0)
+            >= 2.0,
+        "{}",
+        host.metrics()
+    );
 }
 
 #[test]

@@ -9,6 +9,7 @@ mod bus;
 mod callbacks;
 mod channels;
 mod chat;
+mod compression;
 mod config;
 mod conformance;
 mod defects;

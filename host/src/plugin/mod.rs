@@ -196,6 +196,10 @@ impl fmt::Debug for LoadedPlugin {
 }
 
 /// How a plugin decided a request.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one per request, moved once: boxing the answer would only add an allocation"
+)]
 pub(crate) enum Decision {
     /// Its answer.
     Answer(Answer),
@@ -783,6 +787,8 @@ fn into_answer(result: RResult<ResponseBox, RString>) -> Result<Answer, String> 
         ping_interval: ms(abi::setting::PING_INTERVAL_MS),
         pong_timeout: ms(abi::setting::PONG_TIMEOUT_MS),
         idle_timeout: ms(abi::setting::IDLE_TIMEOUT_MS),
+        compression: setting(abi::setting::COMPRESSION).map(|v| v != 0),
+        compression_min_size: None,
     };
     Ok(Answer {
         status: resp.status(),

@@ -3,6 +3,7 @@
 
 pub(crate) mod conn;
 pub(crate) mod counted;
+pub(crate) mod deflate;
 pub(crate) mod rebind;
 pub(crate) mod session;
 pub(crate) mod upgrade;

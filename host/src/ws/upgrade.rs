@@ -16,10 +16,12 @@ pub(crate) enum Handshake {
     Plain,
     /// An upgrade attempt that must be refused with this status and reason.
     Invalid(StatusCode, &'static str),
-    /// A valid handshake with the client's key (none over HTTP/2) and offered subprotocols.
+    /// A valid handshake with the client's key (none over HTTP/2), offered subprotocols, and
+    /// whether it offered permessage-deflate in a form the host accepts.
     Valid {
         key: Option<String>,
         subprotocols: Vec<String>,
+        deflate: bool,
     },
 }
 
@@ -95,6 +97,7 @@ pub(crate) fn inspect(
     Handshake::Valid {
         key: Some(key),
         subprotocols: subprotocols(headers),
+        deflate: deflate_offered(headers),
     }
 }
 
@@ -111,7 +114,19 @@ fn extended_connect(headers: &HeaderMap) -> Handshake {
     Handshake::Valid {
         key: None,
         subprotocols: subprotocols(headers),
+        deflate: deflate_offered(headers),
     }
+}
+
+/// Whether the client offered permessage-deflate in a form the host accepts.
+fn deflate_offered(headers: &HeaderMap) -> bool {
+    let offers: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    super::deflate::accepts(&offers)
 }
 
 fn subprotocols(headers: &HeaderMap) -> Vec<String> {
@@ -132,8 +147,7 @@ fn is_valid_key(key: &str) -> bool {
         .is_ok_and(|k| k.len() == 16)
 }
 
-/// Headers a plugin may not set on a 101: the host owns the handshake, and permessage-deflate
-/// is never negotiated.
+/// Headers a plugin may not set on a 101: the host owns the handshake and the extensions.
 fn is_reserved(name: &str) -> bool {
     matches!(
         name,
@@ -161,9 +175,16 @@ pub(crate) fn switching_protocols(
     key: Option<&str>,
     offered: &[String],
     extra: &[(String, String)],
+    deflate: bool,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let mut response = Response::new(Full::new(Bytes::new()));
     let headers = response.headers_mut();
+    if deflate {
+        headers.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(super::deflate::RESPONSE),
+        );
+    }
     if let Some(key) = key {
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
@@ -235,6 +256,7 @@ mod tests {
             Handshake::Valid {
                 key: Some("dGhlIHNhbXBsZSBub25jZQ==".into()),
                 subprotocols: vec!["chat".into(), "superchat".into(), "v3".into()],
+                deflate: false,
             }
         );
     }
@@ -287,7 +309,8 @@ mod tests {
             inspect(&Method::CONNECT, Version::HTTP_2, &h, Some("websocket")),
             Handshake::Valid {
                 key: None,
-                subprotocols: vec!["chat".into()]
+                subprotocols: vec!["chat".into()],
+                deflate: false,
             }
         );
         assert!(matches!(
@@ -316,11 +339,16 @@ mod tests {
             None,
             &["chat".into()],
             &[("sec-websocket-protocol".into(), "chat".into())],
+            true,
         )
         .unwrap();
         assert_eq!(ok.status(), StatusCode::OK);
         assert!(ok.headers().get(header::SEC_WEBSOCKET_ACCEPT).is_none());
         assert_eq!(ok.headers()[header::SEC_WEBSOCKET_PROTOCOL], "chat");
+        assert_eq!(
+            ok.headers()[header::SEC_WEBSOCKET_EXTENSIONS],
+            crate::ws::deflate::RESPONSE
+        );
     }
 
     #[test]
@@ -339,7 +367,7 @@ mod tests {
 
     #[test]
     fn accept_key_is_rfc_example() {
-        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &[]).unwrap();
+        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &[], false).unwrap();
         assert_eq!(
             r.headers()[header::SEC_WEBSOCKET_ACCEPT],
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -350,11 +378,21 @@ mod tests {
     fn subprotocol_must_be_offered() {
         let offered = vec!["chat".to_owned()];
         let pick = |p: &str| vec![("Sec-WebSocket-Protocol".to_owned(), p.to_owned())];
-        assert!(
-            switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &offered, &pick("chat")).is_ok()
-        );
+        assert!(switching_protocols(
+            Some("dGhlIHNhbXBsZSBub25jZQ=="),
+            &offered,
+            &pick("chat"),
+            false
+        )
+        .is_ok());
         assert_eq!(
-            switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &offered, &pick("other")).err(),
+            switching_protocols(
+                Some("dGhlIHNhbXBsZSBub25jZQ=="),
+                &offered,
+                &pick("other"),
+                false
+            )
+            .err(),
             Some(Refusal::UnofferedSubprotocol("other".into()))
         );
     }
@@ -365,7 +403,7 @@ mod tests {
             "sec-websocket-extensions".to_owned(),
             "permessage-deflate".to_owned(),
         )];
-        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &extra).unwrap();
+        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &extra, false).unwrap();
         assert!(r.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).is_none());
     }
 }

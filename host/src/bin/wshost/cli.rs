@@ -303,6 +303,20 @@ pub struct Settings {
     #[arg(long, env = "WSHOST_HTTP2_MAX_STREAMS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http2_max_streams: Option<u32>,
+    /// permessage-deflate for clients that offer it (browsers do): `on` or `off`.
+    /// `[plugin.NAME] compression` and its routes' set their own; a plugin can refuse it per
+    /// connection in its 101.
+    #[arg(long, env = "WSHOST_COMPRESSION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Switch>,
+    /// Messages smaller than this many bytes are sent uncompressed.
+    #[arg(long, env = "WSHOST_COMPRESSION_MIN_SIZE", value_parser = bytes)]
+    #[serde(
+        default,
+        with = "values::bytes",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub compression_min_size: Option<u64>,
     /// Most WebSocket connections at once; 503 past it. Default: the open-file limit less 512.
     #[arg(long, env = "WSHOST_MAX_CONNECTIONS", value_parser = size)]
     #[serde(
@@ -484,6 +498,18 @@ pub struct Settings {
     pub replaced_grace: Option<Duration>,
 }
 
+/// A setting that is on or off.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}
+
 /// Where plugins run.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
@@ -530,6 +556,11 @@ impl Settings {
             message_timeout: Some(c.message_timeout),
             max_header_size: Some(c.max_header_size as u64),
             http2_max_streams: Some(c.http2_max_streams),
+            compression: c
+                .limits
+                .compression
+                .map(|on| if on { Switch::On } else { Switch::Off }),
+            compression_min_size: c.limits.compression_min_size,
             max_connections: Some(c.max_connections),
             max_connections_per_ip: Some(c.max_connections_per_ip),
             max_buffered_total: Some(c.max_buffered_total),
@@ -572,7 +603,8 @@ impl Settings {
             listen, plugins, max_message_size, max_frame_size, max_send_queue, read_buffer_size,
             max_body_size, body_timeout, header_read_timeout, slow_callback, close_timeout,
             shutdown_timeout, ping_interval, pong_timeout, idle_timeout, max_message_rate,
-            message_timeout, max_header_size, http2_max_streams, max_connections,
+            message_timeout, max_header_size, http2_max_streams, compression,
+            compression_min_size, max_connections,
             max_connections_per_ip,
             max_buffered_total, allowed_origins, require_origin, trusted_proxies, tls_cert,
             tls_key, admin_listen, admin_token_file, no_watch, no_probe, bus, bus_prefix,
@@ -626,6 +658,8 @@ impl Resolved {
                 ping_interval: s.ping_interval,
                 pong_timeout: s.pong_timeout,
                 idle_timeout: s.idle_timeout,
+                compression: s.compression.map(|c| c == Switch::On),
+                compression_min_size: s.compression_min_size,
             },
             read_buffer_size: (s.read_buffer_size.expect(SET) as usize).max(64),
             slow_callback: s.slow_callback.expect(SET),

@@ -241,6 +241,14 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
             "ping_interval" => p.limits.ping_interval = Some(time(k, v)?),
             "pong_timeout" => p.limits.pong_timeout = Some(time(k, v)?),
             "idle_timeout" => p.limits.idle_timeout = Some(time(k, v)?),
+            "compression" => {
+                p.limits.compression = Some(match v.as_str() {
+                    Some("on") => true,
+                    Some("off") => false,
+                    _ => return Err((k.clone(), "must be \"on\" or \"off\"".to_owned())),
+                })
+            }
+            "compression_min_size" => p.limits.compression_min_size = Some(size(k, v)?),
             "config" if top => {
                 let table = v
                     .as_table()
@@ -261,7 +269,8 @@ fn plugin_or_route_section(t: &toml::Table, top: bool) -> Result<PluginSection, 
                     k.clone(),
                     "no such plugin setting (routes, workers, isolation, memory_limit, \
                      callback_timeout, max_message_size, max_frame_size, \
-                     max_send_queue, ping_interval, pong_timeout, idle_timeout, config, route; \
+                     max_send_queue, ping_interval, pong_timeout, idle_timeout, compression, \
+                     compression_min_size, config, route; \
                      a route section takes the limits only)"
                         .to_owned(),
                 ))

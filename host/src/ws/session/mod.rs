@@ -35,7 +35,7 @@ use timing::RateLimit;
 pub(crate) use timing::{CloseReason, Timing};
 use writer::{IoEvent, Writer};
 
-type Ws = WebSocketStream<Counted<SessionIo>>;
+type Ws = WebSocketStream<super::deflate::Deflate<Counted<SessionIo>>>;
 
 /// Most bytes fed to the socket before a flush, so one flush never waits on an unbounded batch.
 const MAX_BATCH: u64 = 256 << 10;
@@ -56,6 +56,8 @@ pub(crate) struct Start {
     /// What the upgrade was, for `Conn`'s accessors.
     pub(crate) facts: crate::plugin::ConnFacts,
     pub(crate) limits: ConnLimits,
+    /// permessage-deflate was negotiated.
+    pub(crate) deflate: bool,
     pub(crate) hub: Arc<Hub>,
     pub(crate) budget: Arc<crate::budget::MemoryBudget>,
     pub(crate) metrics: Arc<Metrics>,
@@ -111,6 +113,7 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
         handler,
         facts,
         limits: own_limits,
+        deflate,
         hub,
         budget,
         metrics,
@@ -129,6 +132,17 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
         .max_frame_size(Some(max_frame));
     let partial = Partial::new(Arc::clone(&budget));
     let io = Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead);
+    let io = super::deflate::Deflate::new(
+        io,
+        deflate.then(|| super::deflate::DeflateConfig {
+            max_message,
+            max_frame,
+            min_size: limits.compression_min_size.map_or(0, clamp_usize),
+        }),
+    );
+    if deflate {
+        metrics.deflate_connections.inc();
+    }
     // Freed now, not at the end: it may share hyper's read buffer (measured: 4 KiB more an
     // idle connection while it was kept).
     drop(read_ahead);

@@ -181,6 +181,9 @@ impl Testkit {
         if let Some(h) = req.query_param("keep") {
             response = response.keep_header(&h);
         }
+        if req.query_param("nocompress").is_some() {
+            response = response.compression(false);
+        }
         response
     }
 }
