@@ -316,6 +316,7 @@ pub fn print_defaults(serve: &clap::Command) -> String {
          # callback_timeout = \"3s\"\n\
          # max_message_size = 65536\n\
          # idle_timeout = \"10m\"\n\
+         # compression = \"off\"\n\
          # [plugin.chat.route.\"/rooms\"]\n\
          # max_message_size = 1024\n\
          # [plugin.chat.config]\n\
