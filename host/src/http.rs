@@ -347,7 +347,7 @@ async fn websocket(
     local: SocketAddr,
     key: Option<&str>,
     subprotocols: Vec<String>,
-    deflate_offered: bool,
+    deflate_offered: Option<u8>,
 ) -> Response<Body> {
     let table = ctx.registry.table();
     let Some((prefix, plugin)) = table.route_prefix(req.uri().path()) else {
@@ -403,7 +403,8 @@ async fn websocket(
         .unwrap_or_default();
     let limits = answer.limits.over(route_limits).over(plugin.limits);
     // permessage-deflate if the client offered it and no source turned it off.
-    let deflate = deflate_offered && limits.over(ctx.config.limits).compression == Some(true);
+    let deflate =
+        deflate_offered.filter(|_| limits.over(ctx.config.limits).compression == Some(true));
     let response = match upgrade::switching_protocols(key, &offered, &answer.headers, deflate) {
         Ok(r) => r,
         Err(refusal) => {

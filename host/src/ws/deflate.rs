@@ -17,29 +17,41 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The extension's name in `Sec-WebSocket-Extensions`.
 pub(crate) const NAME: &str = "permessage-deflate";
 
-/// What the server answers to an accepted offer: neither side keeps a context between
-/// messages.
+/// What the server answers to an accepted offer with the largest window: neither side keeps a
+/// context between messages.
 pub(crate) const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
-/// Whether one of the client's `Sec-WebSocket-Extensions` offers of permessage-deflate can be
-/// accepted as [`RESPONSE`] says: any offer whose parameters are known and valid, without a
-/// `server_max_window_bits` below 15 (this side compresses with a 32 KiB window).
-pub(crate) fn accepts(offers: &[String]) -> bool {
+/// The answer to an accepted offer that asked for a window of `bits` (9 to 15) for the server's
+/// compression.
+pub(crate) fn response(bits: u8) -> String {
+    if bits == 15 {
+        RESPONSE.to_owned()
+    } else {
+        format!("{RESPONSE}; server_max_window_bits={bits}")
+    }
+}
+
+/// The first of the client's `Sec-WebSocket-Extensions` offers of permessage-deflate that can
+/// be accepted: any offer whose parameters are known and valid; the window (in bits) this side
+/// then compresses with. A `server_max_window_bits` of 8 is declined (raw deflate's smallest
+/// window is 9 bits).
+pub(crate) fn accepts(offers: &[String]) -> Option<u8> {
     offers
         .iter()
         .flat_map(|h| h.split(','))
-        .any(|offer| acceptable(offer.trim()))
+        .find_map(|offer| acceptable(offer.trim()))
 }
 
-fn acceptable(offer: &str) -> bool {
+fn acceptable(offer: &str) -> Option<u8> {
     let mut parts = offer.split(';').map(str::trim);
     if parts
         .next()
         .is_none_or(|name| !name.eq_ignore_ascii_case(NAME))
     {
-        return false;
+        return None;
     }
+    let mut window = 15;
     let mut seen = Vec::new();
     for param in parts.filter(|p| !p.is_empty()) {
         let (key, value) = match param.split_once('=') {
@@ -48,12 +60,18 @@ fn acceptable(offer: &str) -> bool {
         };
         let key = key.to_ascii_lowercase();
         if seen.contains(&key) {
-            return false; // a parameter twice: an invalid offer
+            return None; // a parameter twice: an invalid offer
         }
         let bits = |v: Option<&str>| v.and_then(|v| v.parse::<u8>().ok());
         let ok = match key.as_str() {
             "server_no_context_takeover" | "client_no_context_takeover" => value.is_none(),
-            "server_max_window_bits" => bits(value) == Some(15),
+            "server_max_window_bits" => match bits(value) {
+                Some(b @ 9..=15) => {
+                    window = b;
+                    true
+                }
+                _ => false,
+            },
             // We inflate with the largest window: any the client uses fits.
             "client_max_window_bits" => {
                 value.is_none() || bits(value).is_some_and(|b| (8..=15).contains(&b))
@@ -61,11 +79,11 @@ fn acceptable(offer: &str) -> bool {
             _ => false,
         };
         if !ok {
-            return false;
+            return None;
         }
         seen.push(key);
     }
-    true
+    Some(window)
 }
 
 /// Settings of a connection that negotiated the extension.
@@ -78,6 +96,8 @@ pub(crate) struct DeflateConfig {
     pub(crate) max_frame: usize,
     /// Outgoing messages smaller than this are sent uncompressed.
     pub(crate) min_size: usize,
+    /// The window this side compresses with, in bits (9 to 15).
+    pub(crate) window_bits: u8,
 }
 
 /// The session's socket, with permessage-deflate when negotiated.
@@ -106,7 +126,9 @@ struct State {
 }
 
 thread_local! {
-    static DEFLATER: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
+    /// One compressor per window size (9 to 15 bits), made when first needed.
+    static DEFLATERS: RefCell<[Option<Compress>; 7]> =
+        const { RefCell::new([None, None, None, None, None, None, None]) };
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
 }
 
@@ -238,22 +260,30 @@ fn inflate(data: &[u8], max: usize) -> io::Result<Option<Vec<u8>>> {
     })
 }
 
-/// Deflates one message, without the final empty block's `00 00 ff ff` (RFC 7692 §7.2.1).
-fn deflate(data: &[u8]) -> io::Result<Vec<u8>> {
-    DEFLATER.with(|c| {
-        let mut c = c.borrow_mut();
+/// Deflates one message with a window of `bits`, without the final empty block's
+/// `00 00 ff ff` (RFC 7692 §7.2.1).
+fn deflate(data: &[u8], bits: u8) -> io::Result<Vec<u8>> {
+    let bits = bits.clamp(9, 15);
+    DEFLATERS.with(|all| {
+        let mut all = all.borrow_mut();
+        let c = all[usize::from(bits - 9)].get_or_insert_with(|| {
+            Compress::new_with_window_bits(Compression::fast(), false, bits)
+        });
         c.reset();
-        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        let mut out = Vec::with_capacity(data.len() / 2 + 1024);
         let mut input = data;
         loop {
-            if out.capacity() - out.len() < 64 {
-                out.reserve(out.capacity().max(256));
+            if out.capacity() - out.len() < 1024 {
+                out.reserve(out.capacity().max(4096));
             }
             let before = c.total_in();
             c.compress_vec(input, &mut out, FlushCompress::Sync)
                 .map_err(|e| io::Error::other(e.to_string()))?;
             input = &input[(c.total_in() - before) as usize..];
-            if input.is_empty() && out.len() < out.capacity() {
+            // The sync flush ends with an empty stored block (`00 00 ff ff`); with room left
+            // after it, everything is out.
+            if input.is_empty() && out.ends_with(&[0, 0, 0xff, 0xff]) && out.len() < out.capacity()
+            {
                 break;
             }
         }
@@ -396,7 +426,7 @@ impl State {
             let data = matches!(header.opcode, 1 | 2) && header.fin && !header.rsv1;
             if data && header.payload_len >= self.config.min_size {
                 let payload = &self.raw_out[header.header_len..total];
-                let packed = deflate(payload)?;
+                let packed = deflate(payload, self.config.window_bits)?;
                 put_header(
                     &mut self.ready_out,
                     true,
@@ -550,34 +580,45 @@ mod tests {
 
     #[test]
     fn offers_are_accepted_or_declined() {
-        let yes = |s: &str| accepts(&[s.to_owned()]);
-        assert!(yes("permessage-deflate"));
-        assert!(yes("permessage-deflate; client_max_window_bits"));
-        assert!(yes(
-            "permessage-deflate; client_max_window_bits=10; server_no_context_takeover"
-        ));
-        assert!(yes("x-webkit-deflate-frame, permessage-deflate"));
-        assert!(!yes("permessage-deflate; server_max_window_bits=10"));
-        assert!(yes(
-            "permessage-deflate; server_max_window_bits=10, permessage-deflate"
-        ));
-        assert!(!yes("permessage-deflate; unknown_param"));
-        assert!(!yes(
-            "permessage-deflate; client_no_context_takeover; client_no_context_takeover"
-        ));
-        assert!(!yes("permessage-deflate; client_max_window_bits=16"));
-        assert!(!yes("deflate-frame"));
+        let bits = |s: &str| accepts(&[s.to_owned()]);
+        assert_eq!(bits("permessage-deflate"), Some(15));
+        assert_eq!(bits("permessage-deflate; client_max_window_bits"), Some(15));
+        assert_eq!(
+            bits("permessage-deflate; client_max_window_bits=10; server_no_context_takeover"),
+            Some(15)
+        );
+        assert_eq!(bits("x-webkit-deflate-frame, permessage-deflate"), Some(15));
+        assert_eq!(
+            bits("permessage-deflate; server_max_window_bits=10"),
+            Some(10)
+        );
+        assert_eq!(bits("permessage-deflate; server_max_window_bits=8"), None);
+        assert_eq!(
+            bits("permessage-deflate; server_max_window_bits=8, permessage-deflate"),
+            Some(15)
+        );
+        assert_eq!(bits("permessage-deflate; unknown_param"), None);
+        assert_eq!(
+            bits("permessage-deflate; client_no_context_takeover; client_no_context_takeover"),
+            None
+        );
+        assert_eq!(bits("permessage-deflate; client_max_window_bits=16"), None);
+        assert_eq!(bits("deflate-frame"), None);
+        assert_eq!(
+            response(10),
+            format!("{RESPONSE}; server_max_window_bits=10")
+        );
     }
 
     #[test]
     fn deflate_and_inflate_round_trip_and_the_limit_holds() {
         let text = b"{\"type\":\"chat\",\"text\":\"hello hello hello hello\"}".repeat(100);
-        let packed = deflate(&text).unwrap();
+        let packed = deflate(&text, 15).unwrap();
         assert!(packed.len() < text.len() / 5, "{} bytes", packed.len());
         assert_eq!(inflate(&packed, 1 << 20).unwrap().unwrap(), text);
         // A bomb: 10 MB of zeros in a few KB, against a 1 MB limit.
-        let bomb = deflate(&vec![0u8; 10 << 20]).unwrap();
-        assert!(bomb.len() < 64 << 10);
+        let bomb = deflate(&vec![0u8; 10 << 20], 15).unwrap();
+        assert!(bomb.len() < 128 << 10, "{}", bomb.len());
         assert_eq!(inflate(&bomb, 1 << 20).unwrap(), None);
         assert!(inflate(&[0xff, 0xff, 0xff], 1 << 20).is_err());
     }
@@ -624,13 +665,14 @@ mod tests {
         max_message: 1 << 20,
         max_frame: 1 << 20,
         min_size: 16,
+        window_bits: 15,
     };
 
     #[tokio::test]
     async fn compressed_messages_arrive_plain_even_across_fragments_and_controls() {
         let (mut client, mut ws) = server(CONFIG).await;
         let text = "a compressed hello, a compressed hello, a compressed hello";
-        let packed = deflate(text.as_bytes()).unwrap();
+        let packed = deflate(text.as_bytes(), 15).unwrap();
         let (a, b) = packed.split_at(packed.len() / 2);
         let mut wire = client_frame(false, 1, true, a);
         wire.extend(client_frame(true, 9, false, b"ping")); // a ping in between
@@ -679,8 +721,8 @@ mod tests {
             ..CONFIG
         })
         .await;
-        let bomb = deflate(&vec![b'x'; 8 << 20]).unwrap();
-        assert!(bomb.len() < 60 << 10);
+        let bomb = deflate(&vec![b'x'; 4 << 20], 15).unwrap();
+        assert!(bomb.len() < 60 << 10, "{}", bomb.len());
         client
             .write_all(&client_frame(true, 1, true, &bomb))
             .await
@@ -712,6 +754,7 @@ mod close_tests {
                     max_message: 1 << 20,
                     max_frame: 1 << 20,
                     min_size: 16,
+                    window_bits: 15,
                 }),
             ),
             Role::Server,
@@ -732,5 +775,67 @@ mod close_tests {
         assert_eq!(&buf[..n], &[0x88, 0x02, 0x03, 0xe8]);
         drop(client);
         server.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod round_trips {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes, some runs repeated (compressible in part).
+    fn data(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 7 < 3 {
+                    b'a' + (i % 5) as u8
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn another_inflater_reads_what_we_deflate() {
+        use std::io::Write as _;
+        let d = data(65535, 1);
+        let packed = deflate(&d, 15).unwrap();
+        let mut dec = flate2::write::DeflateDecoder::new(Vec::new());
+        dec.write_all(&packed).unwrap();
+        dec.write_all(&[0, 0, 0xff, 0xff]).unwrap();
+        dec.flush().unwrap();
+        let std_back = dec.get_ref().clone();
+        assert_eq!(std_back.len(), d.len(), "our deflate, their inflate");
+    }
+
+    #[test]
+    fn every_size_round_trips() {
+        for n in [
+            0,
+            1,
+            100,
+            4095,
+            4096,
+            16384,
+            16385,
+            65535,
+            65536,
+            131072,
+            1 << 20,
+        ] {
+            for seed in [1, 7, 99] {
+                let d = data(n, seed);
+                for bits in [9, 12, 15] {
+                    let packed = deflate(&d, bits).unwrap();
+                    let back = inflate(&packed, 16 << 20).unwrap().unwrap();
+                    assert_eq!(back.len(), d.len(), "size {n} seed {seed} bits {bits}");
+                    assert_eq!(back, d, "size {n} seed {seed} bits {bits}");
+                }
+            }
+        }
     }
 }

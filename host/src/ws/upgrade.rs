@@ -17,11 +17,12 @@ pub(crate) enum Handshake {
     /// An upgrade attempt that must be refused with this status and reason.
     Invalid(StatusCode, &'static str),
     /// A valid handshake with the client's key (none over HTTP/2), offered subprotocols, and
-    /// whether it offered permessage-deflate in a form the host accepts.
+    /// the window the host would compress with if it accepts the client's permessage-deflate
+    /// offer (`None`: none it can accept).
     Valid {
         key: Option<String>,
         subprotocols: Vec<String>,
-        deflate: bool,
+        deflate: Option<u8>,
     },
 }
 
@@ -118,8 +119,8 @@ fn extended_connect(headers: &HeaderMap) -> Handshake {
     }
 }
 
-/// Whether the client offered permessage-deflate in a form the host accepts.
-fn deflate_offered(headers: &HeaderMap) -> bool {
+/// The window of the client's first permessage-deflate offer the host can accept.
+fn deflate_offered(headers: &HeaderMap) -> Option<u8> {
     let offers: Vec<String> = headers
         .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
         .iter()
@@ -175,14 +176,15 @@ pub(crate) fn switching_protocols(
     key: Option<&str>,
     offered: &[String],
     extra: &[(String, String)],
-    deflate: bool,
+    deflate: Option<u8>,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let mut response = Response::new(Full::new(Bytes::new()));
     let headers = response.headers_mut();
-    if deflate {
+    if let Some(bits) = deflate {
         headers.insert(
             header::SEC_WEBSOCKET_EXTENSIONS,
-            HeaderValue::from_static(super::deflate::RESPONSE),
+            HeaderValue::from_str(&super::deflate::response(bits))
+                .expect("the extension answer is a valid header value"),
         );
     }
     if let Some(key) = key {
@@ -256,7 +258,7 @@ mod tests {
             Handshake::Valid {
                 key: Some("dGhlIHNhbXBsZSBub25jZQ==".into()),
                 subprotocols: vec!["chat".into(), "superchat".into(), "v3".into()],
-                deflate: false,
+                deflate: None,
             }
         );
     }
@@ -310,7 +312,7 @@ mod tests {
             Handshake::Valid {
                 key: None,
                 subprotocols: vec!["chat".into()],
-                deflate: false,
+                deflate: None,
             }
         );
         assert!(matches!(
@@ -339,7 +341,7 @@ mod tests {
             None,
             &["chat".into()],
             &[("sec-websocket-protocol".into(), "chat".into())],
-            true,
+            Some(15),
         )
         .unwrap();
         assert_eq!(ok.status(), StatusCode::OK);
@@ -367,7 +369,7 @@ mod tests {
 
     #[test]
     fn accept_key_is_rfc_example() {
-        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &[], false).unwrap();
+        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &[], None).unwrap();
         assert_eq!(
             r.headers()[header::SEC_WEBSOCKET_ACCEPT],
             "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -382,7 +384,7 @@ mod tests {
             Some("dGhlIHNhbXBsZSBub25jZQ=="),
             &offered,
             &pick("chat"),
-            false
+            None
         )
         .is_ok());
         assert_eq!(
@@ -390,7 +392,7 @@ mod tests {
                 Some("dGhlIHNhbXBsZSBub25jZQ=="),
                 &offered,
                 &pick("other"),
-                false
+                None
             )
             .err(),
             Some(Refusal::UnofferedSubprotocol("other".into()))
@@ -403,7 +405,7 @@ mod tests {
             "sec-websocket-extensions".to_owned(),
             "permessage-deflate".to_owned(),
         )];
-        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &extra, false).unwrap();
+        let r = switching_protocols(Some("dGhlIHNhbXBsZSBub25jZQ=="), &[], &extra, None).unwrap();
         assert!(r.headers().get(header::SEC_WEBSOCKET_EXTENSIONS).is_none());
     }
 }

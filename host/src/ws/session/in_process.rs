@@ -71,7 +71,7 @@ async fn session_with(
         handler: Handler::Fake(handler),
         facts: Default::default(),
         limits,
-        deflate: false,
+        deflate: None,
         hub,
         budget,
         metrics,

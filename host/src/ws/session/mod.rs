@@ -56,8 +56,8 @@ pub(crate) struct Start {
     /// What the upgrade was, for `Conn`'s accessors.
     pub(crate) facts: crate::plugin::ConnFacts,
     pub(crate) limits: ConnLimits,
-    /// permessage-deflate was negotiated.
-    pub(crate) deflate: bool,
+    /// permessage-deflate was negotiated, with this window for the host's compression.
+    pub(crate) deflate: Option<u8>,
     pub(crate) hub: Arc<Hub>,
     pub(crate) budget: Arc<crate::budget::MemoryBudget>,
     pub(crate) metrics: Arc<Metrics>,
@@ -134,13 +134,14 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
     let io = Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead);
     let io = super::deflate::Deflate::new(
         io,
-        deflate.then(|| super::deflate::DeflateConfig {
+        deflate.map(|window_bits| super::deflate::DeflateConfig {
             max_message,
             max_frame,
             min_size: limits.compression_min_size.map_or(0, clamp_usize),
+            window_bits,
         }),
     );
-    if deflate {
+    if deflate.is_some() {
         metrics.deflate_connections.inc();
     }
     // Freed now, not at the end: it may share hyper's read buffer (measured: 4 KiB more an
