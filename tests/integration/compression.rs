@@ -160,12 +160,26 @@ fn deflate_is_declined_where_it_is_turned_off_or_the_offer_cannot_be_met() {
     // The plugin refused it for this connection.
     assert!(handshake(host.addr, "/testkit", offer).1.is_some());
     assert_eq!(handshake(host.addr, "/testkit?nocompress=1", offer).1, None);
-    // An offer this host cannot meet (a smaller window for its own compression).
+    // A smaller window for the host's compression is met and said so; one of 8 bits (below
+    // raw deflate's smallest) is declined.
     assert_eq!(
         handshake(
             host.addr,
             "/echo",
             "permessage-deflate; server_max_window_bits=10"
+        )
+        .1
+        .as_deref(),
+        Some(
+            "permessage-deflate; server_no_context_takeover; client_no_context_takeover; \
+             server_max_window_bits=10"
+        )
+    );
+    assert_eq!(
+        handshake(
+            host.addr,
+            "/echo",
+            "permessage-deflate; server_max_window_bits=8"
         )
         .1,
         None

@@ -130,6 +130,36 @@ thread_local! {
     static DEFLATERS: RefCell<[Option<Compress>; 7]> =
         const { RefCell::new([None, None, None, None, None, None, None]) };
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+    /// The last message this thread compressed, with its window and result: a channel publish
+    /// goes to many connections of a thread one after another, and is compressed once.
+    static LAST: RefCell<Option<Remembered>> = const { RefCell::new(None) };
+}
+
+/// A message compressed last: its window, its bytes, and what they compressed to.
+type Remembered = (u8, Vec<u8>, Vec<u8>);
+
+/// Messages at least this large are remembered for the next connection (smaller ones are
+/// cheaper to compress again than to compare).
+const REMEMBER_FROM: usize = 256;
+
+/// [`deflate`], reusing this thread's last result when the same message is sent again with the
+/// same window (the deliveries of one publish).
+fn deflate_shared(data: &[u8], bits: u8) -> io::Result<Vec<u8>> {
+    if data.len() < REMEMBER_FROM {
+        return deflate(data, bits);
+    }
+    let hit = LAST.with(|last| {
+        last.borrow()
+            .as_ref()
+            .filter(|(b, plain, _)| *b == bits && plain.as_slice() == data)
+            .map(|(_, _, packed)| packed.clone())
+    });
+    if let Some(packed) = hit {
+        return Ok(packed);
+    }
+    let packed = deflate(data, bits)?;
+    LAST.with(|last| *last.borrow_mut() = Some((bits, data.to_vec(), packed.clone())));
+    Ok(packed)
 }
 
 impl<S> Deflate<S> {
@@ -426,7 +456,7 @@ impl State {
             let data = matches!(header.opcode, 1 | 2) && header.fin && !header.rsv1;
             if data && header.payload_len >= self.config.min_size {
                 let payload = &self.raw_out[header.header_len..total];
-                let packed = deflate(payload, self.config.window_bits)?;
+                let packed = deflate_shared(payload, self.config.window_bits)?;
                 put_header(
                     &mut self.ready_out,
                     true,
@@ -810,6 +840,26 @@ mod round_trips {
         dec.flush().unwrap();
         let std_back = dec.get_ref().clone();
         assert_eq!(std_back.len(), d.len(), "our deflate, their inflate");
+    }
+
+    #[test]
+    fn a_message_sent_again_is_compressed_once_per_thread() {
+        let d = data(4096, 3);
+        let a = deflate_shared(&d, 15).unwrap();
+        let b = deflate_shared(&d, 15).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(inflate(&b, 1 << 20).unwrap().unwrap(), d);
+        // Another window, or other bytes, are compressed afresh.
+        let c = deflate_shared(&d, 10).unwrap();
+        assert_eq!(inflate(&c, 1 << 20).unwrap().unwrap(), d);
+        let mut other = d.clone();
+        other[100] ^= 1;
+        assert_eq!(
+            inflate(&deflate_shared(&other, 10).unwrap(), 1 << 20)
+                .unwrap()
+                .unwrap(),
+            other
+        );
     }
 
     #[test]
