@@ -6,8 +6,9 @@ permessage-deflate on and off (the same wshost build at its defaults, the echo p
     python3 tests/loadgen/scripts/deflate-cost.py [MESSAGES] [ROUNDS]
 
 Needs the `websockets` package (pip install websockets). The server runs on CPU 1, this client
-on CPU 0. Wire bytes are the server's socket writes (/proc/PID/io wchar, its log is off), CPU
-its user+system ticks over the run. Prints one line per round and mode, then the medians.
+on CPU 0. Wire bytes are the loopback interface's bytes over the run (both directions, with
+TCP/IP headers: what one echo costs the network; run it on an otherwise quiet loopback), CPU
+the server's user+system ticks over the run. Prints one line per round and mode, then the medians.
 """
 import asyncio, json, os, re, statistics, subprocess, sys, tempfile, shutil
 
@@ -21,9 +22,10 @@ MSG = json.dumps({"type": "update", "room": "lobby", "seq": 12345, "items": [
 def stat(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().split()
-    with open(f"/proc/{pid}/io") as f:
-        wchar = int(re.search(r"wchar: (\d+)", f.read()).group(1))
-    return int(fields[13]) + int(fields[14]), wchar
+    with open("/proc/net/dev") as f:
+        lo = next(l for l in f if l.strip().startswith("lo:"))
+    wire = int(lo.split(":", 1)[1].split()[0])
+    return int(fields[13]) + int(fields[14]), wire
 
 async def run(url, compression):
     import websockets
@@ -38,7 +40,8 @@ async def run(url, compression):
 def main():
     plugins = tempfile.mkdtemp()
     shutil.copy(os.path.join(ROOT, "target/release/libecho.so"), plugins)
-    flags = ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--plugins", plugins]
+    # The default message rate (10,000/s, burst as many) would close this client: it is lifted.
+    flags = ["serve", "--listen", "127.0.0.1:0", "--admin-listen", "off", "--max-message-rate", "0", "--plugins", plugins]
     print(f"# {len(MSG)}-byte JSON message, {N} echoed per run; wshost {' '.join(flags[:-1])} DIR (RUST_LOG=off)")
     results = {"on": [], "off": []}
     os.sched_setaffinity(0, {0})
