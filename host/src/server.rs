@@ -7,10 +7,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::context::Ctx;
@@ -90,25 +89,72 @@ pub(crate) async fn accept_error(e: &std::io::Error) {
     }
 }
 
-/// Completes TLS if configured, then serves HTTP.
+/// Completes TLS if configured, then serves HTTP/1.1 or HTTP/2: by ALPN with TLS, by the
+/// client's first bytes (the HTTP/2 preface) without.
 async fn accept_connection(stream: TcpStream, peer: SocketAddr, slot: TcpSlot) {
     let ctx = Arc::clone(&slot.0);
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    // A socket that can move to the runtime of the plugin whose session it becomes.
-    let stream = crate::ws::rebind::Rebind::new(stream);
+    let http2 = ctx.config.http2_max_streams > 0;
     match &ctx.tls {
-        None => serve_connection(stream, peer, local, ctx, slot).await,
+        None => {
+            let h2 = if http2 {
+                match starts_with_h2_preface(&stream, ctx.config.header_read_timeout).await {
+                    Some(h2) => h2,
+                    None => {
+                        tracing::debug!(%peer, "no request within the header read timeout");
+                        return;
+                    }
+                }
+            } else {
+                false
+            };
+            // A socket that can move to the runtime of the plugin whose session it becomes.
+            let stream = crate::ws::rebind::Rebind::new(stream);
+            serve_connection(stream, peer, local, ctx, slot, h2).await;
+        }
         Some(acceptor) => {
+            let stream = crate::ws::rebind::Rebind::new(stream);
             let handshake = acceptor.accept(stream);
             match tokio::time::timeout(ctx.config.header_read_timeout, handshake).await {
-                Ok(Ok(tls)) => serve_connection(tls, peer, local, Arc::clone(&ctx), slot).await,
+                Ok(Ok(tls)) => {
+                    let h2 = http2 && tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_connection(tls, peer, local, Arc::clone(&ctx), slot, h2).await;
+                }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         }
+    }
+}
+
+/// Whether the client's first bytes are the HTTP/2 connection preface (`PRI * HTTP/2.0`), read
+/// without consuming them; `None` if nothing came within `within` (the header read timeout).
+/// (hyper-util's automatic detection would wrap the socket in a type of its own, and an
+/// upgraded HTTP/1.1 socket could no longer move to its plugin's runtime.)
+async fn starts_with_h2_preface(stream: &TcpStream, within: Duration) -> Option<bool> {
+    const PREFACE: &[u8] = b"PRI ";
+    let deadline = tokio::time::Instant::now() + within;
+    let mut buf = [0u8; 4];
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => return Some(false),
+            Err(_) => return None,
+        };
+        if n == 0 || !PREFACE.starts_with(&buf[..n]) {
+            return Some(false);
+        }
+        if n == PREFACE.len() {
+            return Some(true);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        // A client that sent the first bytes of the preface only: wait for the rest.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -118,42 +164,46 @@ async fn serve_connection<I>(
     local: SocketAddr,
     ctx: Arc<Ctx>,
     slot: TcpSlot,
+    h2: bool,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let svc_ctx = Arc::clone(&ctx);
     let service =
         service_fn(move |req| crate::http::handle(req, Arc::clone(&svc_ctx), peer, local));
-    // HTTP/1.1 and HTTP/2 on the same connection type: hyper-util reads the preface (prior
-    // knowledge without TLS; with TLS, ALPN offered `h2`).
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(ctx.config.header_read_timeout)
-        .max_buf_size(ctx.config.max_header_size.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .max_concurrent_streams(ctx.config.http2_max_streams)
-        .max_header_list_size(u32::try_from(ctx.config.max_header_size).unwrap_or(u32::MAX))
-        // A client that opens and resets streams in a loop is cut off (CVE-2023-44487).
-        .max_pending_accept_reset_streams(Some(64))
-        .keep_alive_interval(Some(std::time::Duration::from_secs(30)))
-        .keep_alive_timeout(ctx.config.header_read_timeout);
-    let builder = if ctx.config.http2_max_streams == 0 {
-        builder.http1_only()
+    let result = if h2 {
+        let conn = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .enable_connect_protocol()
+            .max_concurrent_streams(ctx.config.http2_max_streams)
+            .max_header_list_size(u32::try_from(ctx.config.max_header_size).unwrap_or(u32::MAX))
+            // A client that opens and resets streams in a loop is cut off (CVE-2023-44487).
+            .max_pending_accept_reset_streams(Some(64))
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(ctx.config.header_read_timeout)
+            .serve_connection(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = ctx.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
     } else {
-        builder
-    };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        () = ctx.shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ctx.config.header_read_timeout)
+            .max_buf_size(ctx.config.max_header_size.max(8192))
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades();
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = ctx.shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
         }
     };
     if let Err(e) = result {

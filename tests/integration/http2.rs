@@ -221,3 +221,21 @@ async fn http2_websockets_reach_a_process_isolated_plugin() {
         Some(2.0)
     );
 }
+
+#[tokio::test]
+async fn http1_sockets_still_move_to_their_plugin_s_runtime() {
+    // Serving HTTP/2 on the same port must not wrap HTTP/1.1 sockets in a type the session
+    // cannot take over: only HTTP/2 streams stay where they are.
+    let host = Host::builder()
+        .plugin("echo")
+        .env("RUST_LOG", "info,wshost::ws::rebind=debug")
+        .start();
+    let mut h1 = connect(&host.url("/echo")).await;
+    assert_eq!(ask(&mut h1, "h1").await, "h1");
+    let mut send = h2(host.addr).await;
+    let (mut ws, _) = open(&mut send, host.addr, "/echo").await;
+    assert_eq!(ask2(&mut ws, "h2").await, "h2");
+    // Log lines are written in order: the HTTP/1.1 session's would come before this one.
+    let log = host.wait_for_log(&["unknown socket type"]);
+    assert_eq!(log.matches("unknown socket type").count(), 1, "{log}");
+}
