@@ -499,7 +499,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Deflate<S> {
                 let n = state.ready_in.len().min(buf.remaining());
                 buf.put_slice(&state.ready_in[..n]);
                 state.ready_in.advance(n);
-                if state.ready_in.is_empty() && state.ready_in.capacity() > 64 << 10 {
+                // Nothing stays allocated between messages.
+                if state.ready_in.is_empty() {
                     state.ready_in = BytesMut::new();
                 }
                 return Poll::Ready(Ok(()));
@@ -521,7 +522,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Deflate<S> {
                 Poll::Ready(Ok(())) => {
                     state.raw_in.extend_from_slice(rb.filled());
                     state.process_in()?;
-                    if state.raw_in.is_empty() && state.raw_in.capacity() > 64 << 10 {
+                    if state.raw_in.is_empty() {
                         state.raw_in = BytesMut::new();
                     }
                 }
@@ -544,7 +545,7 @@ impl<S: AsyncWrite + Unpin> Deflate<S> {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if state.ready_out.capacity() > 64 << 10 {
+        if state.ready_out.capacity() > 0 {
             state.ready_out = BytesMut::new();
         }
         Poll::Ready(Ok(()))
@@ -575,6 +576,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Deflate<S> {
         let state = this.state.as_mut().expect("checked above");
         state.raw_out.extend_from_slice(data);
         state.process_out()?;
+        if state.raw_out.is_empty() {
+            state.raw_out = BytesMut::new();
+        }
         // Written through at once, as a plain socket would: tungstenite does not flush every
         // write (its answer to a close, for one). What the socket does not take now goes out
         // with the next write, flush or read.
@@ -718,6 +722,21 @@ mod tests {
             ws.next().await.unwrap().unwrap(),
             Message::binary(b"plain binary".to_vec())
         );
+        ws.send(Message::text("an answer, an answer, an answer"))
+            .await
+            .unwrap();
+        // Between messages nothing stays allocated.
+        let state = ws.get_ref().state.as_ref().unwrap();
+        assert_eq!(
+            (
+                state.raw_in.capacity(),
+                state.ready_in.capacity(),
+                state.raw_out.capacity(),
+                state.ready_out.capacity()
+            ),
+            (0, 0, 0, 0)
+        );
+        assert!(state.message.is_none());
     }
 
     #[tokio::test]
