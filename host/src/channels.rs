@@ -110,6 +110,42 @@ impl Hub {
         }
     }
 
+    /// `channel` of `plugin`, made if it does not exist (and then wanted from the bus: under
+    /// the write lock, so the bus sees wants and unwants in their real order).
+    fn open<'a>(
+        &self,
+        plugins: &'a mut HashMap<String, HashMap<String, Arc<Channel>>>,
+        plugin: &str,
+        channel: &str,
+    ) -> &'a Arc<Channel> {
+        let channels = plugins.entry(plugin.to_owned()).or_default();
+        if !channels.contains_key(channel) {
+            if let Some(bus) = &self.bus {
+                bus.want(plugin, channel);
+            }
+        }
+        channels.entry(channel.to_owned()).or_default()
+    }
+
+    /// Removes `channel` of `plugin` once it has neither subscribers nor watchers (and tells
+    /// the bus). Called under the write lock.
+    fn close_if_unused(
+        &self,
+        channels: &mut HashMap<String, Arc<Channel>>,
+        plugin: &str,
+        channel: &str,
+    ) {
+        let unused = channels
+            .get(channel)
+            .is_some_and(|ch| Channel::unused(&ch.subs(), ch));
+        if unused {
+            channels.remove(channel);
+            if let Some(bus) = &self.bus {
+                bus.unwant(plugin, channel);
+            }
+        }
+    }
+
     fn channel(&self, plugin: &str, channel: &str) -> Option<Arc<Channel>> {
         let plugins = self.plugins.read().unwrap_or_else(PoisonError::into_inner);
         plugins.get(plugin).and_then(|c| c.get(channel)).cloned()
@@ -125,17 +161,7 @@ impl Hub {
         conn: Arc<dyn Subscriber>,
     ) -> bool {
         let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
-        let channels = plugins.entry(plugin.to_owned()).or_default();
-        let ch = match channels.get(channel) {
-            Some(ch) => ch,
-            None => {
-                // Under the write lock, so the bus sees wants and unwants in their real order.
-                if let Some(bus) = &self.bus {
-                    bus.want(plugin, channel);
-                }
-                channels.entry(channel.to_owned()).or_default()
-            }
-        };
+        let ch = self.open(&mut plugins, plugin, channel);
         let mut subs = ch.subs();
         let member = conn.member();
         let added = subs.insert(id, conn).is_none();
@@ -160,14 +186,8 @@ impl Hub {
             ch.tell(channel, WatchEvent::Left(&conn.member()));
         }
         let was = removed.is_some();
-        let empty = Channel::unused(&subs, ch);
         drop(subs);
-        if empty {
-            channels.remove(channel);
-            if let Some(bus) = &self.bus {
-                bus.unwant(plugin, channel);
-            }
-        }
+        self.close_if_unused(channels, plugin, channel);
         was
     }
 
@@ -229,16 +249,7 @@ impl Hub {
         watcher: Arc<dyn Watcher>,
     ) -> bool {
         let mut plugins = self.plugins.write().unwrap_or_else(PoisonError::into_inner);
-        let channels = plugins.entry(plugin.to_owned()).or_default();
-        let ch = match channels.get(channel) {
-            Some(ch) => ch,
-            None => {
-                if let Some(bus) = &self.bus {
-                    bus.want(plugin, channel);
-                }
-                channels.entry(channel.to_owned()).or_default()
-            }
-        };
+        let ch = self.open(&mut plugins, plugin, channel);
         let _subs = ch.subs();
         let mut watchers = ch.watchers();
         if watchers.iter().any(|(k, _)| *k == key) {
@@ -257,21 +268,14 @@ impl Hub {
         let Some(ch) = channels.get(channel) else {
             return false;
         };
-        let subs = ch.subs();
         let was = {
+            let _subs = ch.subs();
             let mut watchers = ch.watchers();
             let before = watchers.len();
             watchers.retain(|(k, _)| *k != key);
             watchers.len() != before
         };
-        let empty = Channel::unused(&subs, ch);
-        drop(subs);
-        if empty {
-            channels.remove(channel);
-            if let Some(bus) = &self.bus {
-                bus.unwant(plugin, channel);
-            }
-        }
+        self.close_if_unused(channels, plugin, channel);
         was
     }
 

@@ -158,6 +158,21 @@ async fn starts_with_h2_preface(stream: &TcpStream, within: Duration) -> Option<
     }
 }
 
+/// Drives hyper connection `$conn` to its end; at shutdown, gracefully (the HTTP/1.1 and HTTP/2
+/// connections share no trait for it).
+macro_rules! until_shutdown {
+    ($conn:ident, $ctx:ident) => {{
+        tokio::pin!($conn);
+        tokio::select! {
+            r = $conn.as_mut() => r,
+            () = $ctx.shutdown.cancelled() => {
+                $conn.as_mut().graceful_shutdown();
+                $conn.await
+            }
+        }
+    }};
+}
+
 async fn serve_connection<I>(
     stream: I,
     peer: SocketAddr,
@@ -177,19 +192,12 @@ async fn serve_connection<I>(
             .enable_connect_protocol()
             .max_concurrent_streams(ctx.config.http2_max_streams)
             .max_header_list_size(u32::try_from(ctx.config.max_header_size).unwrap_or(u32::MAX))
-            // A client that opens and resets streams in a loop is cut off (CVE-2023-44487).
+            // Against clients that open and reset streams in a loop (CVE-2023-44487).
             .max_pending_accept_reset_streams(Some(64))
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(ctx.config.header_read_timeout)
             .serve_connection(TokioIo::new(stream), service);
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = ctx.shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        until_shutdown!(conn, ctx)
     } else {
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
@@ -197,14 +205,7 @@ async fn serve_connection<I>(
             .max_buf_size(ctx.config.max_header_size.max(8192))
             .serve_connection(TokioIo::new(stream), service)
             .with_upgrades();
-        tokio::pin!(conn);
-        tokio::select! {
-            r = conn.as_mut() => r,
-            () = ctx.shutdown.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        }
+        until_shutdown!(conn, ctx)
     };
     if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "http connection ended with an error");

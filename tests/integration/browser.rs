@@ -6,8 +6,8 @@ use std::process::Command;
 
 use crate::harness::{workspace_root, Host};
 
-#[test]
-fn two_browser_tabs_chat_through_the_demo_page() {
+/// The browser test's folder, its npm package installed; Chromium must be there.
+fn browser_dir() -> std::path::PathBuf {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
     assert!(
         Path::new(&chromium).exists(),
@@ -23,6 +23,12 @@ fn two_browser_tabs_chat_through_the_demo_page() {
             .expect("npm runs (Node.js is part of this machine kind)");
         assert!(status.success(), "npm ci in tests/browser failed");
     }
+    dir
+}
+
+#[test]
+fn two_browser_tabs_chat_through_the_demo_page() {
+    let dir = browser_dir();
     let host = Host::builder().plugin("chat").start();
     let screenshot = std::env::var("WSHOST_SCREENSHOT").unwrap_or_else(|_| {
         Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -56,22 +62,9 @@ fn two_browser_tabs_chat_through_the_demo_page() {
 
 #[test]
 fn over_https_the_browser_opens_its_websockets_over_http2() {
-    let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
-    assert!(Path::new(&chromium).exists(), "{chromium} is missing");
-    let dir = workspace_root().join("tests/browser");
-    if !dir.join("node_modules/playwright-core").exists() {
-        let status = Command::new("npm")
-            .args(["ci", "--silent", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .expect("npm runs");
-        assert!(status.success(), "npm ci in tests/browser failed");
-    }
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let dir = browser_dir();
     let tmp = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (_, cert_path, key_path) = crate::harness::self_signed(tmp.path());
     let host = Host::builder()
         .plugin("chat")
         .arg("--tls-cert")

@@ -640,3 +640,13 @@ pub fn serve_refused(args: &[&str], toml: Option<&str>) -> String {
         _ => panic!("started with {args:?} {toml:?}: {stderr}"),
     }
 }
+
+/// A self-signed certificate for `localhost`, written as PEM into `dir`: the certificate (to
+/// trust in a client) and the paths of its files (for `--tls-cert` and `--tls-key`).
+pub fn self_signed(dir: &Path) -> (rcgen::CertifiedKey, PathBuf, PathBuf) {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    (cert, cert_path, key_path)
+}

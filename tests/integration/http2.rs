@@ -142,11 +142,8 @@ async fn http2_websockets_keep_the_limits_and_the_caps() {
 
 #[tokio::test]
 async fn with_tls_http2_is_chosen_by_alpn() {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
     let host = Host::builder()
         .plugin("echo")
         .arg("--tls-cert")

@@ -289,11 +289,8 @@ async fn forwarded_addresses_are_believed_only_from_trusted_proxies() {
 
 #[tokio::test]
 async fn wss_with_a_generated_certificate() {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+    let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
     let host = Host::builder()
         .plugin("testkit")
         .arg("--tls-cert")

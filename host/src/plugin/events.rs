@@ -134,9 +134,10 @@ impl Watcher for Events {
                 },
                 bytes::Bytes::from(serde_json::to_vec(m).unwrap_or_default()),
             ),
+            // The publish's buffer itself, not a copy.
             WatchEvent::Message(Message::Text(t)) => (
                 plugin_api::abi::channel_event::TEXT,
-                bytes::Bytes::from(t.as_bytes().to_vec()),
+                bytes::Bytes::from(t.clone()),
             ),
             WatchEvent::Message(Message::Binary(b)) => {
                 (plugin_api::abi::channel_event::BINARY, b.clone())

@@ -132,34 +132,42 @@ thread_local! {
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
     /// The last message this thread compressed, with its window and result: a channel publish
     /// goes to many connections of a thread one after another, and is compressed once.
-    static LAST: RefCell<Option<Remembered>> = const { RefCell::new(None) };
+    static LAST: RefCell<Remembered> = const { RefCell::new(Remembered {
+        bits: 0,
+        plain: Vec::new(),
+        packed: Vec::new(),
+    }) };
 }
 
-/// A message compressed last: its window, its bytes, and what they compressed to.
-type Remembered = (u8, Vec<u8>, Vec<u8>);
+/// The message a thread compressed last, and what it compressed to; the buffers keep their
+/// capacity, so compressing allocates nothing once a thread has seen its largest message.
+struct Remembered {
+    /// Its window (0: nothing yet).
+    bits: u8,
+    plain: Vec<u8>,
+    packed: Vec<u8>,
+}
 
-/// Messages at least this large are remembered for the next connection (smaller ones are
-/// cheaper to compress again than to compare).
-const REMEMBER_FROM: usize = 256;
+#[cfg(test)]
+thread_local! {
+    /// Compressions this thread did, for the test that a repeated message is compressed once.
+    static COMPRESSIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
 
-/// [`deflate`], reusing this thread's last result when the same message is sent again with the
-/// same window (the deliveries of one publish).
-fn deflate_shared(data: &[u8], bits: u8) -> io::Result<Vec<u8>> {
-    if data.len() < REMEMBER_FROM {
-        return deflate(data, bits);
-    }
-    let hit = LAST.with(|last| {
-        last.borrow()
-            .as_ref()
-            .filter(|(b, plain, _)| *b == bits && plain.as_slice() == data)
-            .map(|(_, _, packed)| packed.clone())
-    });
-    if let Some(packed) = hit {
-        return Ok(packed);
-    }
-    let packed = deflate(data, bits)?;
-    LAST.with(|last| *last.borrow_mut() = Some((bits, data.to_vec(), packed.clone())));
-    Ok(packed)
+/// Runs `use_it` with `data` deflated with a window of `bits`; when this thread compressed the
+/// same bytes with the same window last (the deliveries of one publish), with that result.
+fn with_deflated<R>(data: &[u8], bits: u8, use_it: impl FnOnce(&[u8]) -> R) -> io::Result<R> {
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.bits != bits || last.plain != data {
+            let r = &mut *last;
+            deflate_into(data, bits, &mut r.packed)?;
+            r.plain.clear();
+            r.plain.extend_from_slice(data);
+            r.bits = bits;
+        }
+        Ok(use_it(&last.packed))
+    })
 }
 
 impl<S> Deflate<S> {
@@ -290,24 +298,27 @@ fn inflate(data: &[u8], max: usize) -> io::Result<Option<Vec<u8>>> {
     })
 }
 
-/// Deflates one message with a window of `bits`, without the final empty block's
-/// `00 00 ff ff` (RFC 7692 §7.2.1).
-fn deflate(data: &[u8], bits: u8) -> io::Result<Vec<u8>> {
+/// Deflates one message with a window of `bits` into `out` (replacing what it held), without
+/// the final empty block's `00 00 ff ff` (RFC 7692 §7.2.1).
+fn deflate_into(data: &[u8], bits: u8, out: &mut Vec<u8>) -> io::Result<()> {
+    #[cfg(test)]
+    COMPRESSIONS.with(|n| n.set(n.get() + 1));
     let bits = bits.clamp(9, 15);
+    out.clear();
     DEFLATERS.with(|all| {
         let mut all = all.borrow_mut();
         let c = all[usize::from(bits - 9)].get_or_insert_with(|| {
             Compress::new_with_window_bits(Compression::fast(), false, bits)
         });
         c.reset();
-        let mut out = Vec::with_capacity(data.len() / 2 + 1024);
+        out.reserve(data.len() / 2 + 1024);
         let mut input = data;
         loop {
             if out.capacity() - out.len() < 1024 {
                 out.reserve(out.capacity().max(4096));
             }
             let before = c.total_in();
-            c.compress_vec(input, &mut out, FlushCompress::Sync)
+            c.compress_vec(input, out, FlushCompress::Sync)
                 .map_err(|e| io::Error::other(e.to_string()))?;
             input = &input[(c.total_in() - before) as usize..];
             // The sync flush ends with an empty stored block (`00 00 ff ff`); with room left
@@ -320,8 +331,16 @@ fn deflate(data: &[u8], bits: u8) -> io::Result<Vec<u8>> {
         if out.ends_with(&[0, 0, 0xff, 0xff]) {
             out.truncate(out.len() - 4);
         }
-        Ok(out)
+        Ok(())
     })
+}
+
+/// [`deflate_into`] a new buffer.
+#[cfg(test)]
+fn deflate(data: &[u8], bits: u8) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    deflate_into(data, bits, &mut out)?;
+    Ok(out)
 }
 
 impl State {
@@ -456,16 +475,11 @@ impl State {
             let data = matches!(header.opcode, 1 | 2) && header.fin && !header.rsv1;
             if data && header.payload_len >= self.config.min_size {
                 let payload = &self.raw_out[header.header_len..total];
-                let packed = deflate_shared(payload, self.config.window_bits)?;
-                put_header(
-                    &mut self.ready_out,
-                    true,
-                    true,
-                    header.opcode,
-                    packed.len(),
-                    false,
-                );
-                self.ready_out.extend_from_slice(&packed);
+                let out = &mut self.ready_out;
+                with_deflated(payload, self.config.window_bits, |packed| {
+                    put_header(out, true, true, header.opcode, packed.len(), false);
+                    out.extend_from_slice(packed);
+                })?;
             } else {
                 // Control frames, fragments (a fragmented message goes uncompressed), small
                 // messages.
@@ -864,21 +878,28 @@ mod round_trips {
     #[test]
     fn a_message_sent_again_is_compressed_once_per_thread() {
         let d = data(4096, 3);
-        let a = deflate_shared(&d, 15).unwrap();
-        let b = deflate_shared(&d, 15).unwrap();
+        let packed = |bits: u8, d: &[u8]| with_deflated(d, bits, <[u8]>::to_vec).unwrap();
+        let count = || COMPRESSIONS.with(std::cell::Cell::get);
+        let before = count();
+        let a = packed(15, &d);
+        let b = packed(15, &d);
         assert_eq!(a, b);
         assert_eq!(inflate(&b, 1 << 20).unwrap().unwrap(), d);
+        assert_eq!(
+            count() - before,
+            1,
+            "the second send reused the first's result"
+        );
         // Another window, or other bytes, are compressed afresh.
-        let c = deflate_shared(&d, 10).unwrap();
+        let c = packed(10, &d);
         assert_eq!(inflate(&c, 1 << 20).unwrap().unwrap(), d);
         let mut other = d.clone();
         other[100] ^= 1;
         assert_eq!(
-            inflate(&deflate_shared(&other, 10).unwrap(), 1 << 20)
-                .unwrap()
-                .unwrap(),
+            inflate(&packed(10, &other), 1 << 20).unwrap().unwrap(),
             other
         );
+        assert_eq!(count() - before, 3);
     }
 
     #[test]
