@@ -130,16 +130,31 @@ pub fn install(dir: &Path, name: &str, bytes: &[u8]) {
     test_support::install(dir, name, bytes).unwrap();
 }
 
-/// plugin-api as a standalone crate at `version` (the real one for the current version).
+/// plugin-api as a standalone crate at `version`: the real one for the current version, the
+/// released sources kept in `tests/compat` for an earlier release, otherwise a generated copy —
+/// for a later 1.x grown the way a real one grows (a method with a default body appended to each
+/// object's vtable).
 fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
     let real = root.join("plugin-api");
     if version == plugin_api_version() {
         return real;
     }
+    let released = root
+        .join("tests/compat")
+        .join(format!("plugin-api-{version}"));
+    if released.is_dir() {
+        return released;
+    }
     let dir = base.join(format!("plugin-api-{version}"));
     std::fs::create_dir_all(dir.join("src")).unwrap();
     for f in ["lib.rs", "abi.rs", "testkit.rs", "middleware.rs"] {
         std::fs::copy(real.join("src").join(f), dir.join("src").join(f)).unwrap();
+    }
+    let major = |v: &str| v.split('.').next().map(str::to_owned);
+    if major(version) == major(&plugin_api_version()) {
+        let abi = dir.join("src/abi.rs");
+        let grown = grow_vtables(&std::fs::read_to_string(&abi).unwrap());
+        std::fs::write(abi, grown).unwrap();
     }
     // The real manifest's dependencies, spelled out (the copy is outside the workspace).
     std::fs::write(
@@ -153,6 +168,40 @@ fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
     )
     .unwrap();
     dir
+}
+
+/// `abi.rs` with one more method, with a default body, at the end of every object the host and a
+/// plugin hand each other — what a later 1.x does to the interface.
+fn grow_vtables(abi: &str) -> String {
+    let mut out = abi.to_owned();
+    let mut grown = 0;
+    let objects = [
+        "HostFfi",
+        "ConnFfi",
+        "ResponderFfi",
+        "RequestFfi",
+        "ResponseFfi",
+        "HandlerFfi",
+        "PluginFfi",
+    ];
+    for object in objects {
+        let start = out
+            .find(&format!("pub trait {object} "))
+            .or_else(|| out.find(&format!("pub trait {object}:")))
+            .unwrap_or_else(|| panic!("abi.rs declares no trait {object}"));
+        let end = start + out[start..].find("\n}\n").expect("the trait ends");
+        let lower = object.to_lowercase();
+        out.insert_str(
+            end,
+            &format!(
+                "\n    /// Added by a later 1.x (a test build).\n    \
+                 fn later_{lower}(&self) -> u64 {{\n        7\n    }}"
+            ),
+        );
+        grown += 1;
+    }
+    assert_eq!(grown, objects.len());
+    out
 }
 
 /// Puts a fresh copy of workspace plugin `name` into `dir` as `lib{name}.so` (a new build

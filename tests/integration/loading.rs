@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use crate::harness::{ask, connect, get, plugin, plugin_api_version, variant, Host};
+use crate::harness::{ask, connect, get, install, plugin, plugin_api_version, variant, Host};
 
 fn check(files: &[&std::path::Path]) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_wshost"))
@@ -104,6 +104,56 @@ async fn a_plugin_built_against_a_newer_minor_interface_is_accepted() {
     let host = Host::builder().plugin_file(&newer, "libnewer.so").start();
     let mut ws = connect(&host.url("/newer")).await;
     assert_eq!(ask(&mut ws, "hi").await, "v:hi");
+}
+
+/// A plugin built against each release of the interface kept in `tests/compat` (the released
+/// sources, not copies of today's): `check` accepts it, and it serves inline and in a worker
+/// process, through a reload (the host tells the replaced generation, a callback these releases
+/// predate) and a shutdown.
+#[tokio::test]
+async fn plugins_built_against_earlier_releases_keep_working() {
+    for release in ["1.0.0", "1.2.0"] {
+        let build = |tag: &str| {
+            variant(
+                &format!("api{}-{tag}", release.replace('.', "-")),
+                release,
+                &[
+                    ("WSHOST_VARIANT_NAME", "old"),
+                    ("WSHOST_VARIANT_ROUTE", "/old"),
+                    ("WSHOST_VARIANT_TAG", tag),
+                ],
+            )
+        };
+        let (a, b) = (build("a"), build("b"));
+        let (ok, out) = check(&[&a]);
+        assert!(ok, "plugin-api {release}: {out}");
+        assert!(out.contains(&format!("plugin-api {release}")), "{out}");
+        for isolation in ["inline", "process"] {
+            let mut host = Host::builder()
+                .args(&["--isolation", isolation])
+                .plugin_file(&a, "libold.so")
+                .start();
+            let mut ws = connect(&host.url("/old")).await;
+            assert_eq!(ask(&mut ws, "hi").await, "a:hi", "{release} {isolation}");
+            let (status, _, body) = get(host.addr, "/old");
+            assert_eq!((status, &body[..]), (200, &b"a"[..]));
+
+            install(host.plugins_dir(), "libold.so", &std::fs::read(&b).unwrap());
+            host.wait_for_log(&["loaded plugin=old ", "generation=2 "]);
+            let mut fresh = connect(&host.url("/old")).await;
+            assert_eq!(ask(&mut fresh, "hi").await, "b:hi", "{release} {isolation}");
+            assert_eq!(
+                ask(&mut ws, "still").await,
+                "a:still",
+                "{release} {isolation}"
+            );
+            drop((ws, fresh));
+            let status = host.terminate();
+            assert!(status.success(), "{release} {isolation}: {status}");
+            let log = host.log();
+            assert!(!log.contains("panicked"), "{release} {isolation}: {log}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -156,8 +156,14 @@ pub(crate) fn map(file: &Path, path: &Path) -> Result<Mapped, LoadError> {
         });
     }
 
-    let module = lib_header
-        .init_root_module::<PluginModRef>()
+    check_layout(lib_header).map_err(|reason| LoadError::Abi {
+        file: file.to_owned(),
+        reason,
+    })?;
+    // SAFETY: `check_layout` compared the library's root module layout with this host's
+    // `PluginModRef`, down to every vtable, and found them compatible (equal, or one a prefix of
+    // the other where abi_stable allows growth). The version was checked above.
+    let module = unsafe { lib_header.init_root_module_with_unchecked_layout::<PluginModRef>() }
         .map_err(|e| LoadError::Abi {
             file: file.to_owned(),
             reason: library_error_text(&e),
@@ -175,6 +181,51 @@ fn dlerror_text(e: &libloading::Error) -> String {
             .trim_end_matches('"')
             .to_owned(),
         other => other.to_string(),
+    }
+}
+
+/// Checks the library's root module layout against this host's, in both directions.
+///
+/// abi_stable's own check (`init_root_module`) treats the loader's layout as the interface and
+/// accepts a library whose vtables have *at least* as many fields — a plugin built against the
+/// same or a later 1.x — but refuses one built against an earlier 1.x, whose vtables are shorter.
+/// Both are sound here: every field after a vtable's `last_prefix_field` is read through an
+/// accessor that checks, at run time, whether that vtable has it (a method then runs its default
+/// body), so either side may have the longer vtables. What must match is every field both have;
+/// abi_stable checks exactly that when the shorter side is the interface.
+fn check_layout(lib_header: &abi_stable::library::LibHeader) -> Result<(), String> {
+    use abi_stable::abi_stability::abi_checking::check_layout_compatibility;
+    let Some(theirs) = lib_header.layout() else {
+        return Err("it was exported without a layout to check".into());
+    };
+    let ours = <PluginModRef as abi_stable::StableAbi>::LAYOUT;
+    // The same or a later 1.x: ours is the prefix.
+    let Err(same_or_later) = check_layout_compatibility(ours, theirs) else {
+        return Ok(());
+    };
+    // An earlier 1.x: theirs is the prefix.
+    match check_layout_compatibility(theirs, ours) {
+        Ok(()) => Ok(()),
+        Err(_) => Err(layout_error_text(&same_or_later.to_string())),
+    }
+}
+
+/// abi_stable's layout errors run to thousands of lines; keep their first line and the first
+/// concrete mismatch.
+fn layout_error_text(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines.next().unwrap_or("").to_owned();
+    let mismatch: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| !l.starts_with("Error:"))
+        .take(5)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if mismatch.is_empty() {
+        first
+    } else {
+        format!("{first} {}", mismatch.join(" "))
     }
 }
 
