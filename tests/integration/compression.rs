@@ -10,7 +10,7 @@ use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress};
 use crate::harness::{Host, PATIENCE};
 
 /// Opens a WebSocket on `path` offering permessage-deflate; the 101's extensions header.
-fn handshake(addr: SocketAddr, path: &str, offer: &str) -> (TcpStream, Option<String>) {
+pub(crate) fn handshake(addr: SocketAddr, path: &str, offer: &str) -> (TcpStream, Option<String>) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     write!(
@@ -55,7 +55,7 @@ fn inflate(data: &[u8]) -> Vec<u8> {
 }
 
 /// Sends one masked frame.
-fn send(s: &mut TcpStream, opcode: u8, rsv1: bool, payload: &[u8]) {
+pub(crate) fn send(s: &mut TcpStream, opcode: u8, rsv1: bool, payload: &[u8]) {
     let mut f = vec![0x80 | (u8::from(rsv1) << 6) | opcode];
     match payload.len() {
         n if n < 126 => f.push(0x80 | n as u8),
@@ -75,7 +75,7 @@ fn send(s: &mut TcpStream, opcode: u8, rsv1: bool, payload: &[u8]) {
 }
 
 /// Reads one (unmasked) frame: RSV1, opcode, payload.
-fn recv(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
+pub(crate) fn recv(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).unwrap();
     let len = match h[1] & 0x7f {

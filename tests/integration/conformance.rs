@@ -55,4 +55,7 @@ fn autobahn_cases_1_to_13_have_no_failures() {
     assert!(summary.contains(" 0 failed"), "{summary}");
     // Nothing is left unimplemented: permessage-deflate included.
     assert!(summary.contains(" 0 UNIMPLEMENTED"), "{summary}");
+    // Invalid UTF-8 fails as soon as it arrives, not only at the end of its frame (6.4.3,
+    // 6.4.4): no case is passed only non-strictly.
+    assert!(summary.contains("strictness: 0 NON-STRICT"), "{summary}");
 }

@@ -24,3 +24,4 @@ mod observability;
 mod reload;
 mod routing;
 mod scaffold;
+mod utf8;

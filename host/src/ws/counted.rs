@@ -7,6 +7,9 @@
 //! a system call per few hundred bytes. Here every socket read goes through one 64 KiB buffer
 //! per worker thread; what tungstenite did not take yet is kept per connection only until it
 //! does.
+//!
+//! And it follows the frames as they arrive, so that a text frame with invalid UTF-8 fails as
+//! soon as the bad bytes are in, not when its last byte is ([`Utf8Watch`]).
 
 use std::cell::RefCell;
 use std::io;
@@ -21,12 +24,24 @@ use tokio::time::Instant;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::utf8_watch::Utf8Watch;
 use crate::budget::MemoryBudget;
 
 /// The error the budget refuses bytes with (the session closes with 1013 on it).
 #[derive(Debug, thiserror::Error)]
 #[error("memory budget for buffered bytes exhausted")]
 pub(crate) struct BudgetExhausted;
+
+/// The error a text frame with invalid UTF-8 fails with before it is whole (the session closes
+/// with 1007 on it).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid UTF-8 in a text frame")]
+pub(crate) struct InvalidUtf8;
+
+/// Whether an I/O error is [`InvalidUtf8`].
+pub(crate) fn is_invalid_utf8(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<InvalidUtf8>())
+}
 
 /// Whether an I/O error is the budget's refusal.
 pub(crate) fn is_budget_exhausted(e: &io::Error) -> bool {
@@ -87,6 +102,10 @@ pub(crate) struct Counted<S> {
     partial: Arc<Partial>,
     /// Read from the socket, not yet taken by tungstenite; empty (no allocation) when idle.
     ahead: BytesMut,
+    /// Follows the frames to fail invalid UTF-8 early.
+    watch: Utf8Watch,
+    /// Invalid UTF-8 was found; the bytes before its frame were handed on, the next read fails.
+    spoiled: bool,
 }
 
 impl<S> Counted<S> {
@@ -95,15 +114,30 @@ impl<S> Counted<S> {
             inner,
             partial,
             ahead: BytesMut::new(),
+            watch: Utf8Watch::default(),
+            spoiled: false,
         }
     }
 
     /// Starts with `bytes` already read (what hyper read past the handshake).
     pub(crate) fn with_ahead(mut self, bytes: &[u8]) -> Self {
-        if !bytes.is_empty() {
-            self.ahead = BytesMut::from(bytes);
+        let keep = self.watched(bytes);
+        if keep > 0 {
+            self.ahead = BytesMut::from(&bytes[..keep]);
         }
         self
+    }
+
+    /// Follows `data`, just read; how much of it to hand on (all, unless a text frame in it
+    /// holds invalid UTF-8: then what comes before that frame, and the next read fails).
+    fn watched(&mut self, data: &[u8]) -> usize {
+        match self.watch.feed(data) {
+            Ok(()) => data.len(),
+            Err(invalid) => {
+                self.spoiled = true;
+                invalid.frame_start
+            }
+        }
     }
 
     /// Charges `read` bytes just read from the socket to the budget.
@@ -129,6 +163,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.spoiled && this.ahead.is_empty() {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, InvalidUtf8)));
+        }
         if !this.ahead.is_empty() {
             let n = this.ahead.len().min(buf.remaining());
             buf.put_slice(&this.ahead[..n]);
@@ -143,6 +180,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             let before = buf.filled().len();
             let result = Pin::new(&mut this.inner).poll_read(cx, buf);
             this.charge((buf.filled().len() - before) as u64)?;
+            let keep = this.watched(&buf.filled()[before..]);
+            buf.set_filled(before + keep);
+            if this.spoiled && keep == 0 {
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, InvalidUtf8)));
+            }
             return result;
         }
         SCRATCH.with(|scratch| {
@@ -152,6 +194,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
                 Poll::Ready(Ok(())) => {
                     let data = ahead.filled();
                     this.charge(data.len() as u64)?;
+                    let data = &data[..this.watched(data)];
+                    if this.spoiled && data.is_empty() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            InvalidUtf8,
+                        )));
+                    }
                     let n = data.len().min(buf.remaining());
                     buf.put_slice(&data[..n]);
                     if n < data.len() {

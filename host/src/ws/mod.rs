@@ -7,3 +7,4 @@ pub(crate) mod deflate;
 pub(crate) mod rebind;
 pub(crate) mod session;
 pub(crate) mod upgrade;
+pub(crate) mod utf8_watch;

@@ -558,6 +558,9 @@ impl Session {
             WsError::Io(io) if super::counted::is_budget_exhausted(io) => {
                 Some(CloseReason::MemoryBudget)
             }
+            WsError::Io(io) if super::counted::is_invalid_utf8(io) => {
+                Some(CloseReason::InvalidUtf8)
+            }
             WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) | WsError::Io(_) => None,
             WsError::Protocol(_) => Some(CloseReason::ProtocolError),
             WsError::Utf8(_) => Some(CloseReason::InvalidUtf8),

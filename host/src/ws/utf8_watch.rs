@@ -1,0 +1,353 @@
+//! Fails a text message at its first invalid UTF-8 byte while its frame is still arriving:
+//! tungstenite checks a frame only once all of it is in, so a client could otherwise stream
+//! the rest of a frame it has already spoiled (RFC 6455 §8.1 asks to fail fast).
+//!
+//! [`Utf8Watch`] follows the client's frames through the bytes read from the socket (it parses
+//! headers and counts payloads; it never changes a byte). A text frame that arrives whole in one
+//! read is left to tungstenite, which checks it at once anyway; only a text frame that spans
+//! reads is checked here, as its bytes come. Compressed messages (RSV1) are checked by
+//! tungstenite after inflating. What this misses tungstenite still finds: it is only ever
+//! earlier, never stricter.
+
+/// A frame header's most bytes: 2, 8 of extended length, 4 of mask.
+const MAX_HEADER: usize = 14;
+
+/// Where the client's frames are, and the UTF-8 state of a text frame that spans reads.
+#[derive(Debug, Default)]
+pub(crate) struct Utf8Watch {
+    /// Payload bytes of the current frame still to come (0: the next byte starts a header).
+    remaining: u64,
+    /// A header split across reads: its bytes so far.
+    head: [u8; MAX_HEADER],
+    head_len: u8,
+    mask: [u8; 4],
+    /// Where in the mask the next payload byte is.
+    mask_at: u8,
+    /// The current data message is uncompressed text.
+    text_message: bool,
+    /// The current frame is being checked (a text frame that spans reads).
+    watching: bool,
+    /// The check of the current frame has begun (a continuation frame may start inside a
+    /// character whose first bytes ended the previous frame: those bytes are skipped).
+    started: bool,
+    /// A character cut off by the end of a read, waiting for its other bytes.
+    pending: [u8; 4],
+    pending_len: u8,
+}
+
+/// A text frame holds invalid UTF-8.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct Invalid {
+    /// Where in the bytes just read that frame began (0 if it began in an earlier read): the
+    /// bytes before it are whole frames the reader may still have.
+    pub(crate) frame_start: usize,
+}
+
+/// A parsed header: its length, and the frame's facts.
+struct Header {
+    len: usize,
+    fin_opcode: u8,
+    payload: u64,
+    mask: [u8; 4],
+}
+
+/// The header at the start of `b`, if all of it is there.
+fn parse(b: &[u8]) -> Option<Header> {
+    if b.len() < 2 {
+        return None;
+    }
+    let masked = b[1] & 0x80 != 0;
+    let (payload, at) = match b[1] & 0x7f {
+        126 => (u64::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?])), 4),
+        127 => (u64::from_be_bytes(b.get(2..10)?.try_into().ok()?), 10),
+        n => (u64::from(n), 2),
+    };
+    let (mask, len) = if masked {
+        let m = b.get(at..at + 4)?;
+        ([m[0], m[1], m[2], m[3]], at + 4)
+    } else {
+        ([0; 4], at)
+    };
+    Some(Header {
+        len,
+        fin_opcode: b[0],
+        payload,
+        mask,
+    })
+}
+
+impl Utf8Watch {
+    /// Follows `data`, bytes just read from the socket, in order.
+    pub(crate) fn feed(&mut self, data: &[u8]) -> Result<(), Invalid> {
+        let mut i = 0;
+        while i < data.len() {
+            if self.remaining > 0 {
+                let n = usize::try_from(self.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len() - i);
+                if self.watching && !self.check(&data[i..i + n]) {
+                    return Err(Invalid { frame_start: 0 });
+                }
+                i += n;
+                self.remaining -= n as u64;
+                continue;
+            }
+            // A header: whole in `data`, or finished from bytes kept from earlier reads.
+            let frame_start = i;
+            let began_here = self.head_len == 0;
+            let header = if began_here { parse(&data[i..]) } else { None };
+            let header = match header {
+                Some(h) => {
+                    i += h.len;
+                    h
+                }
+                None => {
+                    // Keep what there is, up to a header's length, and try again with it.
+                    let had = usize::from(self.head_len);
+                    let take = (MAX_HEADER - had).min(data.len() - i);
+                    self.head[had..had + take].copy_from_slice(&data[i..i + take]);
+                    match parse(&self.head[..had + take]) {
+                        Some(h) => {
+                            i += h.len - had;
+                            self.head_len = 0;
+                            h
+                        }
+                        None => {
+                            self.head_len = (had + take) as u8;
+                            i += take;
+                            continue;
+                        }
+                    }
+                }
+            };
+            self.start_frame(&header);
+            if self.remaining == 0 {
+                continue;
+            }
+            // A frame whole in this read is tungstenite's to check (it does so at once).
+            if self.watching && began_here && (data.len() - i) as u64 >= self.remaining {
+                self.watching = false;
+            }
+            if self.watching {
+                let n = usize::try_from(self.remaining)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len() - i);
+                if !self.check(&data[i..i + n]) {
+                    let frame_start = if began_here { frame_start } else { 0 };
+                    return Err(Invalid { frame_start });
+                }
+                i += n;
+                self.remaining -= n as u64;
+            }
+        }
+        Ok(())
+    }
+
+    fn start_frame(&mut self, h: &Header) {
+        let opcode = h.fin_opcode & 0x0f;
+        let rsv1 = h.fin_opcode & 0x40 != 0;
+        match opcode {
+            1 => self.text_message = !rsv1,
+            2 => self.text_message = false,
+            _ => {}
+        }
+        self.watching = (opcode == 1 || opcode == 0) && self.text_message;
+        // A continuation frame may begin inside a character.
+        self.started = opcode == 1;
+        self.remaining = h.payload;
+        self.mask = h.mask;
+        self.mask_at = 0;
+        self.pending_len = 0;
+    }
+
+    /// Checks the next payload bytes of the watched frame; false at invalid UTF-8.
+    fn check(&mut self, masked: &[u8]) -> bool {
+        const PIECE: usize = 4096;
+        let mut buf = [0u8; PIECE + 4];
+        for piece in masked.chunks(PIECE) {
+            let p = usize::from(self.pending_len);
+            buf[..p].copy_from_slice(&self.pending[..p]);
+            let at = usize::from(self.mask_at);
+            for (j, (out, b)) in buf[p..p + piece.len()].iter_mut().zip(piece).enumerate() {
+                *out = b ^ self.mask[(at + j) & 3];
+            }
+            self.mask_at = ((at + piece.len()) & 3) as u8;
+            let mut s = &buf[..p + piece.len()];
+            if !self.started {
+                // Up to three bytes that end a character the previous frame began.
+                let skip = s.iter().take(3).take_while(|b| *b & 0xc0 == 0x80).count();
+                s = &s[skip..];
+                self.started = true;
+            }
+            match std::str::from_utf8(s) {
+                Ok(_) => self.pending_len = 0,
+                Err(e) if e.error_len().is_some() => return false,
+                Err(e) => {
+                    let rest = &s[e.valid_up_to()..];
+                    self.pending[..rest.len()].copy_from_slice(rest);
+                    self.pending_len = rest.len() as u8;
+                }
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client frame: FIN and opcode byte, masked payload.
+    fn frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+        let mut out = vec![first];
+        let n = payload.len();
+        if n < 126 {
+            out.push(0x80 | n as u8);
+        } else if n <= 0xffff {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
+        out
+    }
+
+    const M: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    /// Feeds `bytes` in reads of the given sizes (the last takes the rest).
+    fn feed_in(w: &mut Utf8Watch, bytes: &[u8], sizes: &[usize]) -> Result<(), Invalid> {
+        let mut rest = bytes;
+        for &n in sizes {
+            let n = n.min(rest.len());
+            w.feed(&rest[..n])?;
+            rest = &rest[n..];
+        }
+        w.feed(rest)
+    }
+
+    #[test]
+    fn invalid_bytes_in_the_middle_of_a_frame_fail_before_it_ends() {
+        // Autobahn 6.4.3's shape: a valid start, the invalid bytes, a valid end, each read
+        // separately.
+        let payload = ["κόσμε".as_bytes(), &[0xf4, 0x90, 0x80, 0x80], b"edited"].concat();
+        let bytes = frame(0x81, &payload, M);
+        let mut w = Utf8Watch::default();
+        let first = 2 + 4 + 11; // header and the valid start
+        w.feed(&bytes[..first]).unwrap();
+        assert_eq!(
+            w.feed(&bytes[first..first + 4]),
+            Err(Invalid { frame_start: 0 })
+        );
+    }
+
+    #[test]
+    fn the_frame_start_is_reported_when_it_began_in_the_same_read() {
+        let ok = frame(0x81, b"fine", M);
+        let bad = frame(0x81, &[b'a', 0xff, b'b', b'c', b'd', b'e'], M);
+        let bytes = [ok.clone(), bad].concat();
+        let mut w = Utf8Watch::default();
+        // The bad frame's last bytes are still to come.
+        assert_eq!(
+            w.feed(&bytes[..bytes.len() - 2]),
+            Err(Invalid {
+                frame_start: ok.len()
+            })
+        );
+    }
+
+    #[test]
+    fn a_whole_frame_in_one_read_is_left_to_tungstenite() {
+        let mut w = Utf8Watch::default();
+        w.feed(&frame(0x81, &[0xff, 0xfe], M)).unwrap();
+    }
+
+    #[test]
+    fn valid_text_split_anywhere_passes() {
+        let text = "añ€😀 plain ascii 𝄞 and more ümlauts — ".repeat(40);
+        let cut = text.len() / 3;
+        // Three fragments whose borders fall inside characters, a ping between them.
+        let (a, b, c) = (
+            &text.as_bytes()[..cut + 1],
+            &text.as_bytes()[cut + 1..2 * cut + 2],
+            &text.as_bytes()[2 * cut + 2..],
+        );
+        let bytes = [
+            frame(0x01, a, M),
+            frame(0x89, b"ping", M),
+            frame(0x00, b, [1, 2, 3, 4]),
+            frame(0x80, c, [9, 8, 7, 6]),
+            frame(0x81, text.as_bytes(), M),
+        ]
+        .concat();
+        for read in [1, 2, 3, 5, 7, 13, 64, 1000] {
+            let sizes = vec![read; bytes.len() / read + 1];
+            let mut w = Utf8Watch::default();
+            feed_in(&mut w, &bytes, &sizes).unwrap_or_else(|e| panic!("reads of {read}: {e:?}"));
+        }
+    }
+
+    #[test]
+    fn binary_compressed_and_control_frames_are_not_checked() {
+        let junk = [0xffu8; 300];
+        let bytes = [
+            frame(0x82, &junk, M),
+            frame(0xc1, &junk, M), // RSV1: compressed text
+            frame(0x80, &junk, M), // its continuation
+            frame(0x8a, &junk[..100], M),
+        ]
+        .concat();
+        let mut w = Utf8Watch::default();
+        feed_in(&mut w, &bytes, &[1; 2000]).unwrap();
+    }
+
+    #[test]
+    fn a_continuation_of_a_text_message_is_checked_too() {
+        let bytes = [
+            frame(0x01, b"hello ", M),
+            frame(
+                0x80,
+                &[b'x'; 200]
+                    .iter()
+                    .chain(&[0xc0, 0xaf])
+                    .copied()
+                    .collect::<Vec<_>>(),
+                M,
+            ),
+        ]
+        .concat();
+        let mut w = Utf8Watch::default();
+        assert!(feed_in(&mut w, &bytes, &[100; 3]).is_err());
+    }
+
+    #[test]
+    fn headers_split_across_reads_are_followed() {
+        let long = "é".repeat(40_000); // a 64-bit length
+        let bytes = [
+            frame(0x81, "a".repeat(300).as_bytes(), M), // a 16-bit length
+            frame(0x81, long.as_bytes(), M),
+            frame(
+                0x81,
+                &[b'z'; 50]
+                    .iter()
+                    .chain(&[0xed, 0xa0, 0x80])
+                    .copied()
+                    .collect::<Vec<_>>(),
+                M,
+            ),
+        ]
+        .concat();
+        let mut w = Utf8Watch::default();
+        // Reads of 3 cut every header; the last frame's surrogate is found.
+        assert!(feed_in(&mut w, &bytes, &vec![3; bytes.len() / 3]).is_err());
+        let mut w = Utf8Watch::default();
+        feed_in(
+            &mut w,
+            &bytes[..bytes.len() - 60],
+            &vec![3; bytes.len() / 3],
+        )
+        .unwrap();
+    }
+}
