@@ -168,9 +168,7 @@ impl Utf8Watch {
             let p = usize::from(self.pending_len);
             buf[..p].copy_from_slice(&self.pending[..p]);
             let at = usize::from(self.mask_at);
-            for (j, (out, b)) in buf[p..p + piece.len()].iter_mut().zip(piece).enumerate() {
-                *out = b ^ self.mask[(at + j) & 3];
-            }
+            unmask_into(&mut buf[p..p + piece.len()], piece, self.mask, at);
             self.mask_at = ((at + piece.len()) & 3) as u8;
             let mut s = &buf[..p + piece.len()];
             if !self.started {
@@ -193,12 +191,31 @@ impl Utf8Watch {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// `out` = `masked` unmasked with `mask`, whose byte `at` applies to the first byte; eight bytes
+/// at a time.
+fn unmask_into(out: &mut [u8], masked: &[u8], mask: [u8; 4], at: usize) {
+    let m: [u8; 4] = std::array::from_fn(|k| mask[(at + k) & 3]);
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut outs = out.chunks_exact_mut(8);
+    let mut ins = masked.chunks_exact(8);
+    for (o, i) in (&mut outs).zip(&mut ins) {
+        let v = u64::from_ne_bytes(i.try_into().expect("8 bytes")) ^ word;
+        o.copy_from_slice(&v.to_ne_bytes());
+    }
+    for (k, (o, i)) in outs
+        .into_remainder()
+        .iter_mut()
+        .zip(ins.remainder())
+        .enumerate()
+    {
+        *o = i ^ m[k & 3];
+    }
+}
 
+#[cfg(test)]
+mod tests_support {
     /// A client frame: FIN and opcode byte, masked payload.
-    fn frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    pub(super) fn frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
         let mut out = vec![first];
         let n = payload.len();
         if n < 126 {
@@ -214,6 +231,12 @@ mod tests {
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i & 3]));
         out
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tests_support::frame;
+    use super::*;
 
     const M: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 
@@ -256,6 +279,23 @@ mod tests {
                 frame_start: ok.len()
             })
         );
+    }
+
+    #[test]
+    fn unmasking_eight_at_a_time_matches_byte_by_byte() {
+        let data: Vec<u8> = (0..=255u8).cycle().take(1003).collect();
+        for at in 0..4 {
+            for len in [0, 1, 7, 8, 9, 15, 16, 17, 1003] {
+                let mut out = vec![0; len];
+                unmask_into(&mut out, &data[..len], M, at);
+                let want: Vec<u8> = data[..len]
+                    .iter()
+                    .enumerate()
+                    .map(|(j, b)| b ^ M[(at + j) & 3])
+                    .collect();
+                assert_eq!(out, want, "at {at}, {len} bytes");
+            }
+        }
     }
 
     #[test]
@@ -349,5 +389,46 @@ mod tests {
             &vec![3; bytes.len() / 3],
         )
         .unwrap();
+    }
+}
+
+#[cfg(test)]
+mod cost {
+    //! What following the frames costs per read (`cargo test --release -p wshost --lib
+    //! utf8_watch::cost -- --ignored --nocapture`); prints, asserts nothing about speed.
+    use super::tests_support::frame;
+    use super::*;
+
+    fn per_read(label: &str, read: &[u8], frames: usize) {
+        let mut w = Utf8Watch::default();
+        let n = 2_000_000 / frames.max(1);
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            w.feed(std::hint::black_box(read)).unwrap();
+        }
+        let ns = t.elapsed().as_nanos() as f64 / (n * frames) as f64;
+        println!("{label}: {ns:.1} ns per frame");
+    }
+
+    #[test]
+    #[ignore = "a measurement, run by hand"]
+    fn cost_per_frame() {
+        let m = [1, 2, 3, 4];
+        let small = frame(0x81, &[b'x'; 32], m);
+        per_read("32 B text, 8 frames per read", &small.repeat(8), 8);
+        per_read("32 B text, 1 frame per read", &small, 1);
+        let big = frame(0x81, &[b'x'; 16384], m);
+        per_read("16 KiB text, whole in one read", &big, 1);
+        // The same frame split in two reads: the second half is checked.
+        let mut w = Utf8Watch::default();
+        let (a, b) = big.split_at(big.len() / 2);
+        let n = 20_000;
+        let t = std::time::Instant::now();
+        for _ in 0..n {
+            w.feed(std::hint::black_box(a)).unwrap();
+            w.feed(std::hint::black_box(b)).unwrap();
+        }
+        let ns = t.elapsed().as_nanos() as f64 / n as f64;
+        println!("16 KiB text in two reads (half checked): {ns:.0} ns per frame");
     }
 }
