@@ -11,8 +11,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::registry::{is_plugin_file_name, Registry, ReloadReport};
 
-/// How long the directory must be quiet before a reload: a file still being written is not
-/// loaded half-way (and if it is, the ELF check refuses it until it changes again).
+/// How long the directory must be quiet before a reload after a change that may still be under
+/// way (a file being written, removed, created): a file still being written is not loaded
+/// half-way (and if it is, the ELF check refuses it until it changes again). A file renamed into
+/// place or closed after writing is complete: that reloads at once.
 pub const DEBOUNCE: Duration = Duration::from_millis(100);
 
 type Request = Option<oneshot::Sender<ReloadReport>>;
@@ -98,7 +100,7 @@ fn dir_identity(dir: &Path) -> Option<(u64, u64)> {
 pub(crate) async fn keep_watching(
     dir: PathBuf,
     reloader: Reloader,
-    first: Option<Debouncer<notify::RecommendedWatcher>>,
+    first: Option<Watch>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut current = first.map(|w| (dir_identity(&dir), w));
@@ -144,15 +146,33 @@ pub(crate) async fn keep_watching(
 }
 
 /// A watch on a directory: it lasts as long as this value.
-pub type Watch = Debouncer<notify::RecommendedWatcher>;
+#[derive(Debug)]
+pub struct Watch {
+    /// Every change, once the directory has been quiet for [`DEBOUNCE`].
+    _debounced: Debouncer<notify::RecommendedWatcher>,
+    /// Files that are complete (renamed into place, closed after writing), at once.
+    _complete: notify::RecommendedWatcher,
+}
+
+/// Whether `event` says that a plugin file is complete now: renamed into place, or closed
+/// after being written.
+fn completes_a_plugin_file(event: &notify::Event) -> bool {
+    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+    use notify::EventKind;
+    let complete = matches!(
+        event.kind,
+        EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    );
+    complete && event.paths.iter().any(|p| is_plugin_file_name(p))
+}
 
 /// Watches `dir`; keep the returned value alive to keep watching.
-pub(crate) fn watch(
-    dir: &Path,
-    reloader: Reloader,
-) -> notify::Result<Debouncer<notify::RecommendedWatcher>> {
+pub(crate) fn watch(dir: &Path, reloader: Reloader) -> notify::Result<Watch> {
+    let at_once = reloader.clone();
     let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| match res {
         Ok(events) => {
+            // After a reload at once this finds nothing changed (files are fingerprinted).
             if events.iter().any(|e| is_plugin_file_name(&e.path)) {
                 reloader.request();
             }
@@ -162,5 +182,65 @@ pub(crate) fn watch(
     debouncer
         .watcher()
         .watch(dir, RecursiveMode::NonRecursive)?;
-    Ok(debouncer)
+    let mut complete = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok_and(|e| completes_a_plugin_file(&e)) {
+            at_once.request();
+        }
+    })?;
+    notify::Watcher::watch(&mut complete, dir, RecursiveMode::NonRecursive)?;
+    Ok(Watch {
+        _debounced: debouncer,
+        _complete: complete,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RenameMode};
+    use notify::{Event, EventKind};
+
+    use super::completes_a_plugin_file;
+
+    fn event(kind: EventKind, paths: &[&str]) -> Event {
+        paths
+            .iter()
+            .fold(Event::new(kind), |e, p| e.add_path(p.into()))
+    }
+
+    #[test]
+    fn a_plugin_file_renamed_into_place_or_closed_after_writing_reloads_at_once() {
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        assert!(completes_a_plugin_file(&event(renamed, &["/p/libecho.so"])));
+        assert!(completes_a_plugin_file(&event(
+            both,
+            &["/p/.libecho.so.tmp", "/p/libecho.so"]
+        )));
+        assert!(completes_a_plugin_file(&event(closed, &["/p/libecho.so"])));
+    }
+
+    #[test]
+    fn changes_that_may_still_be_under_way_wait_for_the_debounce() {
+        let written = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let created = EventKind::Create(CreateKind::File);
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        let read = EventKind::Access(AccessKind::Close(AccessMode::Read));
+        assert!(!completes_a_plugin_file(&event(
+            written,
+            &["/p/libecho.so"]
+        )));
+        assert!(!completes_a_plugin_file(&event(
+            created,
+            &["/p/libecho.so"]
+        )));
+        // The host reading a plugin (to copy it) is no change.
+        assert!(!completes_a_plugin_file(&event(read, &["/p/libecho.so"])));
+        // Not plugin files: a temporary name, another extension.
+        assert!(!completes_a_plugin_file(&event(
+            renamed,
+            &["/p/.libecho.so.tmp"]
+        )));
+        assert!(!completes_a_plugin_file(&event(renamed, &["/p/notes.txt"])));
+    }
 }

@@ -118,6 +118,8 @@ pub async fn run(rounds: usize) -> anyhow::Result<()> {
     for (name, _, _, samples) in hosts {
         println!("{}", summary(name, samples));
     }
-    println!("\n(both include the 100 ms debounce of the directory watcher)");
+    println!(
+        "\n(a rename reloads at once; other changes wait for the directory to be quiet for 100 ms)"
+    );
     Ok(())
 }
