@@ -279,6 +279,56 @@ async fn private_copies_do_not_pile_up_and_sigterm_retires_every_generation() {
     );
 }
 
+#[tokio::test]
+async fn a_killed_hosts_private_folder_is_removed_by_the_next_host() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tmpdir = tmp.path().display().to_string();
+    let private = |tmp: &Path| -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(tmp)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("wshost-plugins-")
+            })
+            .collect()
+    };
+    let mut killed = Host::builder()
+        .plugin("echo")
+        .env("TMPDIR", &tmpdir)
+        .start();
+    connect(&killed.url("/echo")).await;
+    let left = private(tmp.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    killed.signal("KILL");
+    killed.wait_exit();
+    assert!(
+        left[0].exists(),
+        "a killed host cannot clean up after itself"
+    );
+
+    let running = Host::builder()
+        .plugin("echo")
+        .env("TMPDIR", &tmpdir)
+        .start();
+    running.wait_for_log(&["removed private plugin folders", "count=1"]);
+    assert!(!left[0].exists());
+    // Its own folder, and nothing else, is there; a third host leaves it alone.
+    let now = private(tmp.path());
+    assert_eq!(now.len(), 1, "{now:?}");
+    let third = Host::builder()
+        .plugin("echo")
+        .env("TMPDIR", &tmpdir)
+        .start();
+    connect(&third.url("/echo")).await;
+    assert!(now[0].exists());
+    assert!(!third.log().contains("removed private plugin folders"));
+    connect(&running.url("/echo")).await;
+}
+
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for e in std::fs::read_dir(dir).unwrap().flatten() {

@@ -134,6 +134,8 @@ pub struct Registry {
     table: ArcSwap<RouteTable>,
     hub: Arc<Hub>,
     private_dir: tempfile::TempDir,
+    /// Held while this host runs: a later host sweeps the folder only once it is free.
+    _private_lock: std::fs::File,
     probe: Option<Probe>,
     state: Mutex<State>,
     /// Replaced generations that may still serve open connections (locked only briefly).
@@ -173,6 +175,49 @@ impl std::fmt::Debug for SectionReader {
     }
 }
 
+/// The start of a host's private folder's name (its copies of the plugin files).
+const PRIVATE_PREFIX: &str = "wshost-plugins-";
+
+/// The file in a private folder its host holds locked while it runs.
+const PRIVATE_LOCK: &str = ".host.lock";
+
+/// Locks the private folder `dir` as this host's for as long as the returned file is open.
+fn lock_private_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::create(dir.join(PRIVATE_LOCK))?;
+    file.try_lock().map_err(|e| match e {
+        std::fs::TryLockError::Error(e) => e,
+        std::fs::TryLockError::WouldBlock => std::io::Error::other("locked by another process"),
+    })?;
+    Ok(file)
+}
+
+/// Removes the private folders in `temp` of hosts that no longer run (killed with SIGKILL, a
+/// host cannot remove its own); returns how many. A folder is stale when its lock file can be
+/// locked: a running host holds it (a lock, unlike a pid, means the same across containers
+/// that share the folder). A folder without a lock file is left alone.
+fn sweep_stale_private_dirs(temp: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(temp) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for entry in entries.flatten() {
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(PRIVATE_PREFIX));
+        if !ours || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        let Ok(lock) = std::fs::File::open(entry.path().join(PRIVATE_LOCK)) else {
+            continue;
+        };
+        if lock.try_lock().is_ok() && std::fs::remove_dir_all(entry.path()).is_ok() {
+            swept += 1;
+        }
+    }
+    swept
+}
+
 /// The default of `--max-plugin-size`: 256 MiB.
 pub const DEFAULT_MAX_PLUGIN_SIZE: u64 = 256 << 20;
 
@@ -180,13 +225,20 @@ impl Registry {
     /// An empty registry whose mapped copies go into a new private temporary directory. With
     /// `probe`, each file is loaded in a child process before the host maps it.
     pub fn new(hub: Arc<Hub>, probe: Option<Probe>) -> std::io::Result<Self> {
-        let private_dir = tempfile::Builder::new()
-            .prefix("wshost-plugins-")
-            .tempdir()?;
+        let private_dir = tempfile::Builder::new().prefix(PRIVATE_PREFIX).tempdir()?;
+        let private_lock = lock_private_dir(private_dir.path())?;
+        if let Some(parent) = private_dir.path().parent() {
+            let swept = sweep_stale_private_dirs(parent);
+            if swept > 0 {
+                tracing::info!(count = swept, dir = %parent.display(),
+                    "removed private plugin folders of hosts that are gone");
+            }
+        }
         Ok(Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
             hub,
             private_dir,
+            _private_lock: private_lock,
             probe,
             state: Mutex::new(State::default()),
             retired: Mutex::new(Vec::new()),
@@ -764,5 +816,26 @@ mod tests {
         assert!(!is_plugin_file_name(Path::new("plugins/libecho.so.tmp")));
         assert!(!is_plugin_file_name(Path::new("plugins/README")));
         assert!(!is_plugin_file_name(Path::new("plugins/.so")));
+    }
+
+    #[test]
+    fn private_folders_of_hosts_that_are_gone_are_swept() {
+        let temp = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let p = temp.path().join(name);
+            std::fs::create_dir(&p).unwrap();
+            std::fs::write(p.join("libecho.so"), b"copy").unwrap();
+            p
+        };
+        let gone = dir("wshost-plugins-gone01");
+        drop(lock_private_dir(&gone).unwrap()); // its host ended
+        let running = dir("wshost-plugins-live01");
+        let _held = lock_private_dir(&running).unwrap();
+        let unlocked = dir("wshost-plugins-old001"); // no lock file: an older host's
+        let other = dir("something-else");
+        std::fs::write(other.join(PRIVATE_LOCK), b"").unwrap();
+        assert_eq!(sweep_stale_private_dirs(temp.path()), 1);
+        assert!(!gone.exists());
+        assert!(running.exists() && unlocked.exists() && other.exists());
     }
 }
