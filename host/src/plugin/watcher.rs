@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::RecursiveMode;
-use notify_debouncer_mini::{new_debouncer, DebounceEventResult, Debouncer};
 use tokio::sync::{mpsc, oneshot};
 
 use super::registry::{is_plugin_file_name, Registry, ReloadReport};
@@ -145,61 +144,82 @@ pub(crate) async fn keep_watching(
     }
 }
 
-/// A watch on a directory: it lasts as long as this value.
+/// A watch on a directory: it lasts as long as this value (its debounce thread ends with it).
 #[derive(Debug)]
 pub struct Watch {
-    /// Every change, once the directory has been quiet for [`DEBOUNCE`].
-    _debounced: Debouncer<notify::RecommendedWatcher>,
-    /// Files that are complete (renamed into place, closed after writing), at once.
-    _complete: notify::RecommendedWatcher,
+    _watcher: notify::RecommendedWatcher,
 }
 
-/// Whether `event` says that a plugin file is complete now: renamed into place, or closed
-/// after being written.
-fn completes_a_plugin_file(event: &notify::Event) -> bool {
+/// What an event in the plugins directory asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Reaction {
+    /// A plugin file is complete (renamed into place, closed after writing): reload now.
+    Now,
+    /// A plugin file changed and may still be changing (created, written, removed): reload once
+    /// the directory has been quiet for [`DEBOUNCE`].
+    WhenQuiet,
+    /// Nothing to do: not a plugin file, or only read (the host reads the files it loads).
+    Nothing,
+}
+
+fn reaction(event: &notify::Event) -> Reaction {
     use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
     use notify::EventKind;
-    let complete = matches!(
-        event.kind,
+    if !event.paths.iter().any(|p| is_plugin_file_name(p)) {
+        return Reaction::Nothing;
+    }
+    match event.kind {
         EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
-            | EventKind::Access(AccessKind::Close(AccessMode::Write))
-    );
-    complete && event.paths.iter().any(|p| is_plugin_file_name(p))
+        | EventKind::Access(AccessKind::Close(AccessMode::Write)) => Reaction::Now,
+        EventKind::Access(_) => Reaction::Nothing,
+        _ => Reaction::WhenQuiet,
+    }
 }
 
 /// Watches `dir`; keep the returned value alive to keep watching.
 pub(crate) fn watch(dir: &Path, reloader: Reloader) -> notify::Result<Watch> {
-    let at_once = reloader.clone();
-    let mut debouncer = new_debouncer(DEBOUNCE, move |res: DebounceEventResult| match res {
-        Ok(events) => {
-            // After a reload at once this finds nothing changed (files are fingerprinted).
-            if events.iter().any(|e| is_plugin_file_name(&e.path)) {
-                reloader.request();
+    let (changed, quiet) = std::sync::mpsc::channel::<()>();
+    let debounced = reloader.clone();
+    std::thread::Builder::new()
+        .name("wshost-watch".into())
+        .spawn(move || {
+            use std::sync::mpsc::RecvTimeoutError;
+            // Each change restarts the wait; the watcher's end (its sender dropped) ends this.
+            while quiet.recv().is_ok() {
+                loop {
+                    match quiet.recv_timeout(DEBOUNCE) {
+                        Ok(()) => {}
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => return,
+                    }
+                }
+                debounced.request();
             }
-        }
-        Err(e) => tracing::warn!(error = %e, "watching the plugins directory failed"),
-    })?;
-    debouncer
-        .watcher()
-        .watch(dir, RecursiveMode::NonRecursive)?;
-    let mut complete = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok_and(|e| completes_a_plugin_file(&e)) {
-            at_once.request();
-        }
-    })?;
-    notify::Watcher::watch(&mut complete, dir, RecursiveMode::NonRecursive)?;
-    Ok(Watch {
-        _debounced: debouncer,
-        _complete: complete,
-    })
+        })
+        .map_err(notify::Error::io)?;
+    let mut watcher =
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) => match reaction(&event) {
+                Reaction::Now => reloader.request(),
+                Reaction::WhenQuiet => {
+                    let _ = changed.send(());
+                }
+                Reaction::Nothing => {}
+            },
+            Err(e) => tracing::warn!(error = %e, "watching the plugins directory failed"),
+        })?;
+    notify::Watcher::watch(&mut watcher, dir, RecursiveMode::NonRecursive)?;
+    Ok(Watch { _watcher: watcher })
 }
 
 #[cfg(test)]
 mod tests {
-    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RenameMode};
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode,
+    };
     use notify::{Event, EventKind};
 
-    use super::completes_a_plugin_file;
+    use super::{reaction, Reaction};
 
     fn event(kind: EventKind, paths: &[&str]) -> Event {
         paths
@@ -212,35 +232,49 @@ mod tests {
         let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
         let both = EventKind::Modify(ModifyKind::Name(RenameMode::Both));
         let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
-        assert!(completes_a_plugin_file(&event(renamed, &["/p/libecho.so"])));
-        assert!(completes_a_plugin_file(&event(
-            both,
-            &["/p/.libecho.so.tmp", "/p/libecho.so"]
-        )));
-        assert!(completes_a_plugin_file(&event(closed, &["/p/libecho.so"])));
+        assert_eq!(reaction(&event(renamed, &["/p/libecho.so"])), Reaction::Now);
+        assert_eq!(
+            reaction(&event(both, &["/p/.libecho.so.tmp", "/p/libecho.so"])),
+            Reaction::Now
+        );
+        assert_eq!(reaction(&event(closed, &["/p/libecho.so"])), Reaction::Now);
     }
 
     #[test]
     fn changes_that_may_still_be_under_way_wait_for_the_debounce() {
-        let written = EventKind::Modify(ModifyKind::Data(DataChange::Any));
-        let created = EventKind::Create(CreateKind::File);
-        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
-        let read = EventKind::Access(AccessKind::Close(AccessMode::Read));
-        assert!(!completes_a_plugin_file(&event(
-            written,
-            &["/p/libecho.so"]
-        )));
-        assert!(!completes_a_plugin_file(&event(
-            created,
-            &["/p/libecho.so"]
-        )));
+        for kind in [
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Create(CreateKind::File),
+            EventKind::Remove(RemoveKind::File),
+        ] {
+            assert_eq!(
+                reaction(&event(kind, &["/p/libecho.so"])),
+                Reaction::WhenQuiet
+            );
+        }
+    }
+
+    #[test]
+    fn reads_and_other_files_change_nothing() {
         // The host reading a plugin (to copy it) is no change.
-        assert!(!completes_a_plugin_file(&event(read, &["/p/libecho.so"])));
-        // Not plugin files: a temporary name, another extension.
-        assert!(!completes_a_plugin_file(&event(
-            renamed,
-            &["/p/.libecho.so.tmp"]
-        )));
-        assert!(!completes_a_plugin_file(&event(renamed, &["/p/notes.txt"])));
+        for kind in [
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Read),
+        ] {
+            assert_eq!(
+                reaction(&event(kind, &["/p/libecho.so"])),
+                Reaction::Nothing
+            );
+        }
+        let renamed = EventKind::Modify(ModifyKind::Name(RenameMode::To));
+        assert_eq!(
+            reaction(&event(renamed, &["/p/.libecho.so.tmp"])),
+            Reaction::Nothing
+        );
+        assert_eq!(
+            reaction(&event(renamed, &["/p/notes.txt"])),
+            Reaction::Nothing
+        );
     }
 }
