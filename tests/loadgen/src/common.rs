@@ -77,8 +77,10 @@ impl Server {
     }
 }
 
-/// `wshost serve` arguments: a free port, `plugins`, and no limits that a benchmark from one
-/// address would trip.
+/// `wshost serve` arguments at the defaults: a free port, `plugins`, and no admin endpoint (its
+/// default port would clash between hosts running side by side; it serves no traffic). Every
+/// limit stays at its default: the load generator spreads its connections over source addresses
+/// so that no address passes the per-address cap ([`source`]).
 pub fn wshost_args(plugins: &Path, extra: &[&str]) -> Vec<std::ffi::OsString> {
     let mut args: Vec<std::ffi::OsString> = [
         "serve",
@@ -86,10 +88,6 @@ pub fn wshost_args(plugins: &Path, extra: &[&str]) -> Vec<std::ffi::OsString> {
         "127.0.0.1:0",
         "--admin-listen",
         "off",
-        "--max-connections-per-ip",
-        "0",
-        "--max-message-rate",
-        "0",
         "--plugins",
     ]
     .iter()
@@ -100,12 +98,33 @@ pub fn wshost_args(plugins: &Path, extra: &[&str]) -> Vec<std::ffi::OsString> {
     args
 }
 
-/// A `wshost serve` command (see [`wshost_args`]).
+/// A `wshost serve` command (see [`wshost_args`]), logging at its default level.
 pub fn wshost(exe: &Path, plugins: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(exe);
-    cmd.args(wshost_args(plugins, extra))
-        .env("RUST_LOG", "warn");
+    cmd.args(wshost_args(plugins, extra));
     cmd
+}
+
+/// How a command runs, for a report: program (file name only) and arguments, with temporary
+/// paths shortened and the environment it sets in front.
+pub fn describe(cmd: &Command) -> String {
+    let short = |s: &std::ffi::OsStr| {
+        let s = s.to_string_lossy();
+        if s.starts_with('/') {
+            std::path::Path::new(&*s)
+                .file_name()
+                .map_or_else(|| s.to_string(), |f| f.to_string_lossy().into_owned())
+        } else {
+            s.into_owned()
+        }
+    };
+    let mut parts: Vec<String> = cmd
+        .get_envs()
+        .filter_map(|(k, v)| Some(format!("{}={}", k.to_string_lossy(), v?.to_string_lossy())))
+        .collect();
+    parts.push(short(cmd.get_program()));
+    parts.extend(cmd.get_args().map(short));
+    parts.join(" ")
 }
 
 /// Resident memory of process `pid`, in bytes.
@@ -198,7 +217,8 @@ pub fn pin_self(cpu: usize) -> anyhow::Result<()> {
 /// The `i`th client source address: 127.0.0.2, .3, …, a new one every 5,000 connections, so
 /// that ~20k connections do not exhaust one address's ephemeral ports.
 pub fn source(i: usize) -> Ipv4Addr {
-    let n = i / 5000;
+    // 1,000 per address: wshost's default cap per client address (`--max-connections-per-ip`).
+    let n = i / 1000;
     Ipv4Addr::new(127, 0, (n / 250) as u8, 2 + (n % 250) as u8)
 }
 
