@@ -50,7 +50,8 @@ async fn open_one(url: &str, i: usize) -> anyhow::Result<Ws> {
 /// connections stay open until the returned guard is dropped.
 pub async fn measure(url: &str, pid: u32, conns: usize) -> anyhow::Result<(Outcome, Vec<Ws>)> {
     // Warm up: one connection, so lazily allocated runtime state is in the baseline.
-    let warm = open_one(url, 0).await?;
+    // From the address after the others' (each address stays under the per-address cap).
+    let warm = open_one(url, conns).await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = rss_tree(pid)?;
     let mut held = Vec::with_capacity(conns + 1);
