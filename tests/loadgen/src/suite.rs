@@ -671,7 +671,7 @@ fn fanout_table(report: &mut String, s: &Samples, delivered: (u64, u64)) -> std:
     )?;
     writeln!(
         report,
-        "\nThe generator receives every delivery on one CPU: near 100% busy, its own speed limits the latencies above."
+        "\nThe generator receives every delivery on one CPU: where its CPU nears 100%, its own speed, not the server's, limits the latencies above."
     )
 }
 
