@@ -324,7 +324,12 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     )?;
 
     // Closed-loop echo throughput.
-    let loads = workloads();
+    // The smoke run (debug builds, sub-second windows) keeps one shape per size and depth:
+    // 16 KiB with 4 and 8 in flight over 100 connections can finish no round trip in its window.
+    let loads: Vec<Workload> = workloads()
+        .into_iter()
+        .filter(|w| !args.smoke || w.payload.size == 32 || w.inflight == 1)
+        .collect();
     let mut results: BTreeMap<(usize, usize), Samples> = BTreeMap::new();
     for round in 0..rounds {
         for (wi, w) in loads.iter().enumerate() {
