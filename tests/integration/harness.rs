@@ -174,7 +174,6 @@ fn api_copy(root: &Path, base: &Path, version: &str) -> PathBuf {
 /// plugin hand each other — what a later 1.x does to the interface.
 fn grow_vtables(abi: &str) -> String {
     let mut out = abi.to_owned();
-    let mut grown = 0;
     let objects = [
         "HostFfi",
         "ConnFfi",
@@ -198,9 +197,7 @@ fn grow_vtables(abi: &str) -> String {
                  fn later_{lower}(&self) -> u64 {{\n        7\n    }}"
             ),
         );
-        grown += 1;
     }
-    assert_eq!(grown, objects.len());
     out
 }
 

@@ -206,15 +206,16 @@ fn check_layout(lib_header: &abi_stable::library::LibHeader) -> Result<(), Strin
     // An earlier 1.x: theirs is the prefix.
     match check_layout_compatibility(theirs, ours) {
         Ok(()) => Ok(()),
-        Err(_) => Err(layout_error_text(&same_or_later.to_string())),
+        Err(_) => Err(error_text(&same_or_later.to_string())),
     }
 }
 
-/// abi_stable's layout errors run to thousands of lines; keep their first line and the first
-/// concrete mismatch.
-fn layout_error_text(text: &str) -> String {
+/// abi_stable's errors, readable in one log line: their layout errors run to thousands of lines.
+/// Keeps the first line and the first concrete mismatch (`Error:` and what follows), or else the
+/// second line.
+fn error_text(text: &str) -> String {
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let first = lines.next().unwrap_or("").to_owned();
+    let first = lines.next().unwrap_or("");
     let mismatch: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -222,20 +223,13 @@ fn layout_error_text(text: &str) -> String {
         .take(5)
         .filter(|l| !l.is_empty())
         .collect();
-    if mismatch.is_empty() {
-        first
-    } else {
-        format!("{first} {}", mismatch.join(" "))
+    match (mismatch.is_empty(), lines.next()) {
+        (false, _) => format!("{first} {}", mismatch.join(" ")),
+        (true, Some(second)) => format!("{first} {second}"),
+        (true, None) => first.to_owned(),
     }
 }
 
 fn library_error_text(e: &LibraryError) -> String {
-    // abi_stable's layout errors span many lines; keep the log line readable.
-    let text = e.to_string();
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let first = lines.next().unwrap_or("").trim().to_owned();
-    match lines.next() {
-        Some(second) => format!("{first} {}", second.trim()),
-        None => first,
-    }
+    error_text(&e.to_string())
 }

@@ -38,6 +38,10 @@ pub(crate) struct BudgetExhausted;
 #[error("invalid UTF-8 in a text frame")]
 pub(crate) struct InvalidUtf8;
 
+fn invalid_utf8() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, InvalidUtf8)
+}
+
 /// Whether an I/O error is [`InvalidUtf8`].
 pub(crate) fn is_invalid_utf8(e: &io::Error) -> bool {
     e.get_ref().is_some_and(|inner| inner.is::<InvalidUtf8>())
@@ -164,7 +168,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         if this.spoiled && this.ahead.is_empty() {
-            return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, InvalidUtf8)));
+            return Poll::Ready(Err(invalid_utf8()));
         }
         if !this.ahead.is_empty() {
             let n = this.ahead.len().min(buf.remaining());
@@ -183,7 +187,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             let keep = this.watched(&buf.filled()[before..]);
             buf.set_filled(before + keep);
             if this.spoiled && keep == 0 {
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, InvalidUtf8)));
+                return Poll::Ready(Err(invalid_utf8()));
             }
             return result;
         }
@@ -196,10 +200,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
                     this.charge(data.len() as u64)?;
                     let data = &data[..this.watched(data)];
                     if this.spoiled && data.is_empty() {
-                        return Poll::Ready(Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            InvalidUtf8,
-                        )));
+                        return Poll::Ready(Err(invalid_utf8()));
                     }
                     let n = data.len().min(buf.remaining());
                     buf.put_slice(&data[..n]);

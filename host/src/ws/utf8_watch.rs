@@ -79,6 +79,8 @@ fn parse(b: &[u8]) -> Option<Header> {
 impl Utf8Watch {
     /// Follows `data`, bytes just read from the socket, in order.
     pub(crate) fn feed(&mut self, data: &[u8]) -> Result<(), Invalid> {
+        // Where the current frame began in `data` (0: in an earlier read).
+        let mut frame_start = 0;
         let mut i = 0;
         while i < data.len() {
             if self.remaining > 0 {
@@ -86,58 +88,39 @@ impl Utf8Watch {
                     .unwrap_or(usize::MAX)
                     .min(data.len() - i);
                 if self.watching && !self.check(&data[i..i + n]) {
-                    return Err(Invalid { frame_start: 0 });
+                    return Err(Invalid { frame_start });
                 }
                 i += n;
                 self.remaining -= n as u64;
                 continue;
             }
             // A header: whole in `data`, or finished from bytes kept from earlier reads.
-            let frame_start = i;
-            let began_here = self.head_len == 0;
-            let header = if began_here { parse(&data[i..]) } else { None };
-            let header = match header {
+            let had = usize::from(self.head_len);
+            frame_start = if had == 0 { i } else { 0 };
+            let whole = if had == 0 { parse(&data[i..]) } else { None };
+            let header = match whole {
                 Some(h) => {
                     i += h.len;
                     h
                 }
                 None => {
                     // Keep what there is, up to a header's length, and try again with it.
-                    let had = usize::from(self.head_len);
                     let take = (MAX_HEADER - had).min(data.len() - i);
                     self.head[had..had + take].copy_from_slice(&data[i..i + take]);
-                    match parse(&self.head[..had + take]) {
-                        Some(h) => {
-                            i += h.len - had;
-                            self.head_len = 0;
-                            h
-                        }
-                        None => {
-                            self.head_len = (had + take) as u8;
-                            i += take;
-                            continue;
-                        }
-                    }
+                    let Some(h) = parse(&self.head[..had + take]) else {
+                        self.head_len = (had + take) as u8;
+                        i += take;
+                        continue;
+                    };
+                    i += h.len - had;
+                    self.head_len = 0;
+                    h
                 }
             };
             self.start_frame(&header);
-            if self.remaining == 0 {
-                continue;
-            }
             // A frame whole in this read is tungstenite's to check (it does so at once).
-            if self.watching && began_here && (data.len() - i) as u64 >= self.remaining {
+            if (data.len() - i) as u64 >= self.remaining {
                 self.watching = false;
-            }
-            if self.watching {
-                let n = usize::try_from(self.remaining)
-                    .unwrap_or(usize::MAX)
-                    .min(data.len() - i);
-                if !self.check(&data[i..i + n]) {
-                    let frame_start = if began_here { frame_start } else { 0 };
-                    return Err(Invalid { frame_start });
-                }
-                i += n;
-                self.remaining -= n as u64;
             }
         }
         Ok(())
