@@ -74,21 +74,28 @@ pub(crate) fn run(
 ) -> impl std::future::Future<Output = ()> + Send {
     let span = tracing::info_span!("conn", conn_id = start.id, peer = %start.peer,
         plugin = %start.plugin.name, generation = start.plugin.generation);
-    serve(Socket::Upgrade(on_upgrade), start, config).instrument(span)
+    serve(Socket::Upgrade(on_upgrade), Box::new(start), config).instrument(span)
 }
 
 /// Where a session's socket comes from.
 enum Socket {
     /// hyper's upgrade, once it completes.
     Upgrade(hyper::upgrade::OnUpgrade),
-    /// A socket already past the handshake (in-process tests).
+    /// A socket already past the handshake (in-process tests; boxed, so that the future's size
+    /// in tests is its size in the binary).
     #[cfg(test)]
-    Ready(SessionIo),
+    Ready(Box<SessionIo>),
 }
 
 /// Runs the session until the connection closes. One `async fn` for all of it (the upgrade
 /// included), not one that awaits another: the task's future is the connection's memory.
-async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
+///
+/// Its size is kept down on purpose (a unit test bounds it): an async function keeps its
+/// arguments for its whole life and every local that is in scope across an `.await`, so `start`
+/// comes boxed (8 bytes, freed once taken apart) and the setup runs in [`open`], a plain
+/// function, whose temporaries (the limits, the upgrade's facts, the read-ahead bytes) never
+/// become part of the future.
+async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
     // The socket moves to this runtime (the plugin's) with what hyper read past the handshake.
     // (The bytes are copied out, and hyper's read buffer, which they may share, freed now: the
     // session must not keep it for its lifetime.)
@@ -101,9 +108,84 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
             }
         },
         #[cfg(test)]
-        Socket::Ready(io) => (io, bytes::Bytes::new()),
+        Socket::Ready(io) => (*io, bytes::Bytes::new()),
     };
     let config = &*config;
+    let Opened {
+        mut ws,
+        mut out,
+        mut s,
+        mut timing,
+        partial,
+        plugin,
+        admission,
+        shutdown,
+    } = open(io, read_ahead, *start, config);
+    let (code, reason) = s
+        .read_loop(
+            &mut ws,
+            &mut out,
+            &shutdown,
+            plugin.restarting(),
+            &mut timing,
+            &partial,
+        )
+        .await;
+    partial.delivered();
+    let metrics = Arc::clone(&s.metrics);
+    s.counts.flush_in(&metrics);
+    s.conn.finish();
+    // Every tracked send is reported once: written, or never written (before on_close).
+    let (written, unwritten) = s.conn.take_all_tracked();
+    for (tag, ok) in written
+        .into_iter()
+        .map(|t| (t, true))
+        .chain(unwritten.into_iter().map(|t| (t, false)))
+    {
+        s.call("on_sent", |cb| cb.on_sent(tag, ok));
+    }
+    s.call_always("on_close", |cb| cb.on_close(code, &reason));
+    s.durations.flush_into(&metrics.callback_seconds);
+    // The handler's drop is plugin code too: on the watchdog's books.
+    crate::plugin::exec::enter(
+        crate::plugin::exec::call_index("drop"),
+        s.conn.id,
+        std::time::Instant::now(),
+    );
+    let Session { callbacks, .. } = s;
+    drop(callbacks);
+    crate::plugin::exec::leave();
+    plugin.connection_closed();
+    drop(admission);
+    tracing::debug!(code, %reason, "connection closed");
+    // Write what is still queued (an answer, a close frame), bounded by the close timeout;
+    // then the socket closes as `ws` is dropped.
+    let _ = tokio::time::timeout(
+        timing.close_timeout,
+        std::future::poll_fn(|cx| out.poll_final(cx, &mut ws, &s.conn)),
+    )
+    .await;
+    s.conn.release_queued();
+    out.counts.flush_out(&metrics);
+    // Last, so that a scraper that sees the close also sees every count of the connection.
+    metrics.closes.get_or_create(&CodeLabel { code }).inc();
+}
+
+/// What a session keeps while it runs, made by [`open`].
+struct Opened {
+    ws: Ws,
+    out: Writer,
+    s: Session,
+    timing: Timing,
+    partial: Arc<Partial>,
+    plugin: Arc<LoadedPlugin>,
+    admission: crate::context::Admission,
+    shutdown: CancellationToken,
+}
+
+/// Sets the session up on its socket and runs `on_connect`. A plain function: nothing it uses
+/// only here stays in the session's future.
+fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &Config) -> Opened {
     let Start {
         id,
         peer: _,
@@ -147,7 +229,7 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
     // Freed now, not at the end: it may share hyper's read buffer (measured: 4 KiB more an
     // idle connection while it was kept).
     drop(read_ahead);
-    let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+    let ws = raw_socket(io, ws_config);
     let max_send_queue = limits.max_send_queue.unwrap_or(u64::MAX);
     let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
     let conn = ConnShared::new(
@@ -161,8 +243,6 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
         facts,
     );
     let callbacks = crate::plugin::Callbacks::new(handler, Arc::clone(&conn));
-    let mut ws = ws;
-    let mut out = Writer::default();
 
     tracing::debug!("connection open");
     plugin.connection_opened();
@@ -172,59 +252,38 @@ async fn serve(socket: Socket, start: Start, config: Arc<Config>) {
         slow: config.slow_callback,
         failed: false,
         host_close: None,
-        metrics: Arc::clone(&metrics),
+        metrics,
         counts: Counts::default(),
         durations: Default::default(),
     };
     s.call("on_connect", |cb| cb.on_connect());
-    let timing = Timing::new(config, &limits);
-    let (code, reason) = s
-        .read_loop(
-            &mut ws,
-            &mut out,
-            &shutdown,
-            plugin.restarting(),
-            timing,
-            &partial,
-        )
-        .await;
-    partial.delivered();
-    s.counts.flush_in(&metrics);
-    s.conn.finish();
-    // Every tracked send is reported once: written, or never written (before on_close).
-    let (written, unwritten) = s.conn.take_all_tracked();
-    for (tag, ok) in written
-        .into_iter()
-        .map(|t| (t, true))
-        .chain(unwritten.into_iter().map(|t| (t, false)))
-    {
-        s.call("on_sent", |cb| cb.on_sent(tag, ok));
+    Opened {
+        ws,
+        out: Writer::default(),
+        s,
+        timing: Timing::new(config, &limits),
+        partial,
+        plugin,
+        admission,
+        shutdown,
     }
-    s.call_always("on_close", |cb| cb.on_close(code, &reason));
-    s.durations.flush_into(&metrics.callback_seconds);
-    // The handler's drop is plugin code too: on the watchdog's books.
-    crate::plugin::exec::enter(
-        crate::plugin::exec::call_index("drop"),
-        s.conn.id,
-        std::time::Instant::now(),
-    );
-    let Session { callbacks, .. } = s;
-    drop(callbacks);
-    crate::plugin::exec::leave();
-    plugin.connection_closed();
-    drop(admission);
-    tracing::debug!(code, %reason, "connection closed");
-    // Write what is still queued (an answer, a close frame), bounded by the close timeout;
-    // then the socket closes as `ws` is dropped.
-    let _ = tokio::time::timeout(
-        config.close_timeout,
-        std::future::poll_fn(|cx| out.poll_final(cx, &mut ws, &s.conn)),
-    )
-    .await;
-    s.conn.release_queued();
-    out.counts.flush_out(&metrics);
-    // Last, so that a scraper that sees the close also sees every count of the connection.
-    metrics.closes.get_or_create(&CodeLabel { code }).inc();
+}
+
+/// tokio-tungstenite's stream over a socket past the handshake. Its constructor is `async` but
+/// finishes on its first poll (it only stores the waker); polled here, so that its 680-byte
+/// future never becomes part of the session's.
+fn raw_socket(io: super::deflate::Deflate<Counted<SessionIo>>, config: WebSocketConfig) -> Ws {
+    let made = WebSocketStream::from_raw_socket(io, Role::Server, Some(config));
+    let made = std::pin::pin!(made);
+    match std::future::Future::poll(
+        made,
+        &mut std::task::Context::from_waker(std::task::Waker::noop()),
+    ) {
+        std::task::Poll::Ready(ws) => ws,
+        // tokio-tungstenite's `from_raw_socket` awaits nothing (its skipped handshake returns
+        // on the first poll); a version that did would be a change to adopt knowingly.
+        std::task::Poll::Pending => unreachable!("WebSocketStream::from_raw_socket waited"),
+    }
 }
 
 fn clamp_usize(v: u64) -> usize {
@@ -294,7 +353,7 @@ impl Session {
         out: &mut Writer,
         shutdown: &CancellationToken,
         restart: &std::sync::atomic::AtomicBool,
-        mut timing: Timing,
+        timing: &mut Timing,
         partial: &Partial,
     ) -> (u16, String) {
         let mut peer_close: Option<(u16, String)> = None;
@@ -309,7 +368,7 @@ impl Session {
         let far = Duration::from_secs(86_400 * 365);
         let timer = tokio::time::sleep(far);
         tokio::pin!(timer);
-        let mut wake = self.next_wake(&timing, next_ping, awaiting_pong, last_data_in, far);
+        let mut wake = self.next_wake(timing, next_ping, awaiting_pong, last_data_in, far);
         timer.as_mut().reset(wake);
         // Made once, not per message: a waiting cancellation future takes a lock to register and
         // another to leave.
@@ -332,7 +391,7 @@ impl Session {
             // A timer the plugin armed may be due before the session's next wake-up.
             if idle_change.is_some() | conn.take_timers_changed() {
                 wake = self.next_wake(
-                    &timing,
+                    timing,
                     next_ping,
                     awaiting_pong,
                     last_data_in.max(conn.last_data_out()),
@@ -468,7 +527,7 @@ impl Session {
                             self.call("on_timer", |cb| cb.on_timer(tag));
                         }
                     }
-                    wake = self.next_wake(&timing, next_ping, awaiting_pong,
+                    wake = self.next_wake(timing, next_ping, awaiting_pong,
                         last_data_in.max(conn.last_data_out()), far);
                     if let Some(d) = close_deadline {
                         wake = wake.min(d);
