@@ -1,6 +1,7 @@
 //! Broadcast fan-out: one publisher at a fixed rate, N subscribers of one channel of the
 //! `pubsub` plugin (on one host, or spread over several hosts that share a Redis). Latency is
-//! from each publish's intended send time to its delivery.
+//! from each publish's intended send time to its delivery; a publish's sweep is the time from
+//! its intended send time to its last delivery.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,6 +20,8 @@ pub struct Outcome {
     pub expected: u64,
     pub seconds: f64,
     pub latency: Histogram<u64>,
+    /// For each publish inside the window, the time to its last delivery (ns).
+    pub sweep: Histogram<u64>,
 }
 
 impl Outcome {
@@ -49,15 +52,18 @@ pub async fn run(
         start + warmup.as_nanos() as u64,
         start + (warmup + measure).as_nanos() as u64,
     );
-    let latency = Arc::new(Mutex::new(histogram()));
+    let seen = Arc::new(Mutex::new(Seen {
+        latency: histogram(),
+        last_delivery: std::collections::HashMap::new(),
+    }));
     let deliveries = Arc::new(AtomicU64::new(0));
     // The last intended publish time, once the publisher is done.
     let last = Arc::new(AtomicU64::new(u64::MAX));
     let subs = members.len() as u64;
     let mut readers = Vec::new();
     for ws in members {
-        let (latency, deliveries, last) = (
-            Arc::clone(&latency),
+        let (seen, deliveries, last) = (
+            Arc::clone(&seen),
             Arc::clone(&deliveries),
             Arc::clone(&last),
         );
@@ -76,10 +82,11 @@ pub async fn run(
                 };
                 if intended >= w_start && intended < w_end {
                     deliveries.fetch_add(1, Ordering::Relaxed);
-                    latency
-                        .lock()
-                        .expect("not poisoned")
-                        .saturating_record(now_ns().saturating_sub(intended).max(1_000));
+                    let took = now_ns().saturating_sub(intended).max(1_000);
+                    let mut seen = seen.lock().expect("not poisoned");
+                    seen.latency.saturating_record(took);
+                    let last = seen.last_delivery.entry(intended).or_default();
+                    *last = (*last).max(took);
                 }
                 newest = newest.max(intended);
             }
@@ -127,14 +134,26 @@ pub async fn run(
     for r in readers {
         r.await?;
     }
-    let latency = Arc::try_unwrap(latency)
+    let seen = Arc::try_unwrap(seen)
         .map_err(|_| anyhow::anyhow!("readers still hold the histogram"))?
         .into_inner()
         .expect("not poisoned");
+    let mut sweep = histogram();
+    for took in seen.last_delivery.values() {
+        sweep.saturating_record(*took);
+    }
     Ok(Outcome {
         deliveries: deliveries.load(Ordering::Relaxed),
         expected: published * subs,
         seconds: measure.as_secs_f64(),
-        latency,
+        latency: seen.latency,
+        sweep,
     })
+}
+
+/// What the subscribers saw of the publishes made inside the window.
+struct Seen {
+    latency: Histogram<u64>,
+    /// Each publish (by its intended send time) and the latency of its last delivery so far.
+    last_delivery: std::collections::HashMap<u64, u64>,
 }

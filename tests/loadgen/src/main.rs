@@ -209,8 +209,9 @@ fn main() -> anyhow::Result<()> {
                 .await?;
                 let (p50, p99, p999) = quantiles_ms(&o.latency);
                 println!(
-                    "{:.0} deliveries/s, p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, {} of {} delivered",
+                    "{:.0} deliveries/s, p50 {p50:.2} ms, p99 {p99:.2} ms, p99.9 {p999:.2} ms, publish to last delivery {:.2} ms (median), {} of {} delivered",
                     o.rate(),
+                    o.sweep.value_at_quantile(0.5) as f64 / 1e6,
                     o.deliveries,
                     o.expected
                 );

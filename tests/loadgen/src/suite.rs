@@ -116,6 +116,8 @@ struct Samples {
     p999: Vec<f64>,
     /// How busy the load generator itself was (fan-out), 0 to 1 per CPU it has.
     generator: Vec<f64>,
+    /// Fan-out: the median time from a publish to its last delivery, ms.
+    sweep: Vec<f64>,
 }
 
 struct Servers {
@@ -592,8 +594,9 @@ struct FanOut {
 
 impl FanOut {
     /// Runs the rounds: subscribers spread over `sub_urls`, the publisher on `pub_url`; `pids`
-    /// are the server processes whose CPU time is counted. Returns the samples (`per_cpu` holds
-    /// how busy the servers were) and (delivered, expected).
+    /// are the server processes whose CPU time is counted over the measuring window (after the
+    /// warm-up, as the deliveries are). Returns the samples (`per_cpu` holds how busy the servers
+    /// were) and (delivered, expected).
     async fn rounds(
         &self,
         sub_urls: &[String],
@@ -601,9 +604,9 @@ impl FanOut {
         pids: &[u32],
         label: &str,
     ) -> anyhow::Result<(Samples, (u64, u64))> {
-        let cpu = |pids: &[u32]| -> anyhow::Result<f64> {
+        fn cpu(pids: &[u32]) -> anyhow::Result<f64> {
             pids.iter().map(|p| Ok(cpu_time(*p)?.as_secs_f64())).sum()
-        };
+        }
         let payload = Payload {
             size: 32,
             binary: false,
@@ -614,11 +617,22 @@ impl FanOut {
             let members = fanout::subscribers(sub_urls, self.subs).await?;
             let publisher = common::connect(pub_url, common::source(0)).await?;
             let me = std::process::id();
-            let (cpu0, gen0, t0) = (
-                cpu(pids)?,
-                cpu_time(me)?.as_secs_f64(),
-                std::time::Instant::now(),
-            );
+            // Both CPUs over the measuring window only: it starts when the run's warm-up ends.
+            let (warmup, window, servers) = (self.warmup, self.window, pids.to_vec());
+            let busy = tokio::spawn(async move {
+                tokio::time::sleep(warmup).await;
+                let (cpu0, gen0, t0) = (
+                    cpu(&servers)?,
+                    cpu_time(me)?.as_secs_f64(),
+                    std::time::Instant::now(),
+                );
+                tokio::time::sleep(window).await;
+                let wall = t0.elapsed().as_secs_f64();
+                anyhow::Ok((
+                    (cpu(&servers)? - cpu0) / wall,
+                    (cpu_time(me)?.as_secs_f64() - gen0) / wall,
+                ))
+            });
             let o = fanout::run(
                 publisher,
                 members,
@@ -628,14 +642,14 @@ impl FanOut {
                 self.window,
             )
             .await?;
-            let wall = t0.elapsed().as_secs_f64();
-            let busy = (cpu(pids)? - cpu0) / wall;
-            let generator = (cpu_time(me)?.as_secs_f64() - gen0) / wall;
+            let (busy, generator) = busy.await??;
             let (p50, p99, p999) = quantiles_ms(&o.latency);
             eprintln!(
-                "fan-out, {label}, {} subscribers: {:.0} deliveries/s, p99 {p99:.2} ms, {} of {} delivered, server CPU {:.0}%",
+                "fan-out, {label}, {} subscribers: {:.0} deliveries/s, {:.0} per server CPU-second, publish to last delivery {:.1} ms (median), p99 {p99:.2} ms, {} of {} delivered, server CPU {:.0}%",
                 self.subs,
                 o.rate(),
+                o.rate() / busy.max(1e-6),
+                o.sweep.value_at_quantile(0.5) as f64 / 1e6,
                 o.deliveries,
                 o.expected,
                 busy * 100.0
@@ -646,6 +660,7 @@ impl FanOut {
             samples.p50.push(p50);
             samples.p99.push(p99);
             samples.p999.push(p999);
+            samples.sweep.push(o.sweep.value_at_quantile(0.5) as f64 / 1e6);
             delivered.0 += o.deliveries;
             delivered.1 += o.expected;
         }
@@ -657,15 +672,23 @@ impl FanOut {
 fn fanout_table(report: &mut String, s: &Samples, delivered: (u64, u64)) -> std::fmt::Result {
     writeln!(
         report,
-        "| deliveries/s | p50 ms | p99 ms | p99.9 ms | delivered | server CPU busy | generator CPU busy |"
+        "| deliveries/s | deliveries per server CPU-second | publish to last delivery, median ms | p50 ms | p99 ms | p99.9 ms | delivered | server CPU busy | generator CPU busy |"
     )?;
-    writeln!(report, "| --- | --- | --- | --- | --- | --- | --- |")?;
+    writeln!(report, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")?;
     let pct: Vec<f64> = s.per_cpu.iter().map(|b| b * 100.0).collect();
     let gen: Vec<f64> = s.generator.iter().map(|b| b * 100.0).collect();
+    let per_cpu_second: Vec<f64> = s
+        .rate
+        .iter()
+        .zip(&s.per_cpu)
+        .map(|(rate, busy)| rate / busy.max(1e-6))
+        .collect();
     writeln!(
         report,
-        "| {} | {} | {} | {} | {} of {} | {}% | {}% |",
+        "| {} | {} | {} | {} | {} | {} | {} of {} | {}% | {}% |",
         spread(&s.rate, 0),
+        spread(&per_cpu_second, 0),
+        spread(&s.sweep, 1),
         spread(&s.p50, 2),
         spread(&s.p99, 2),
         spread(&s.p999, 2),
