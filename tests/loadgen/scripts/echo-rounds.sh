@@ -18,7 +18,7 @@ ticks() { awk '{print $14+$15}' /proc/$1/stat; }
 for r in $(seq 1 $ROUNDS); do
  for load in "$@"; do
   for s in new old bare; do
-    out=$(mktemp); RUST_LOG=warn taskset -c 1 ${CMD[$s]} > $out 2>/dev/null & pid=$!
+    out=$(mktemp); taskset -c 1 ${CMD[$s]} > $out 2>/dev/null & pid=$!
     for i in $(seq 100); do grep -q listening $out && break; sleep 0.05; done
     addr=$(grep -o 'ws://[0-9.:]*' $out | head -1); path=/echo; [ $s = bare ] && path=/
     t0=$(ticks $pid)
