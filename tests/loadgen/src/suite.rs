@@ -660,7 +660,9 @@ impl FanOut {
             samples.p50.push(p50);
             samples.p99.push(p99);
             samples.p999.push(p999);
-            samples.sweep.push(o.sweep.value_at_quantile(0.5) as f64 / 1e6);
+            samples
+                .sweep
+                .push(o.sweep.value_at_quantile(0.5) as f64 / 1e6);
             delivered.0 += o.deliveries;
             delivered.1 += o.expected;
         }
@@ -674,7 +676,10 @@ fn fanout_table(report: &mut String, s: &Samples, delivered: (u64, u64)) -> std:
         report,
         "| deliveries/s | deliveries per server CPU-second | publish to last delivery, median ms | p50 ms | p99 ms | p99.9 ms | delivered | server CPU busy | generator CPU busy |"
     )?;
-    writeln!(report, "| --- | --- | --- | --- | --- | --- | --- | --- | --- |")?;
+    writeln!(
+        report,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    )?;
     let pct: Vec<f64> = s.per_cpu.iter().map(|b| b * 100.0).collect();
     let gen: Vec<f64> = s.generator.iter().map(|b| b * 100.0).collect();
     let per_cpu_second: Vec<f64> = s

@@ -112,7 +112,10 @@ async fn the_sessions_future_stays_small() {
         Arc::new(config),
     );
     let size = std::mem::size_of_val(&session);
-    assert!(size <= SESSION_FUTURE_MAX, "the session's future is {size} bytes");
+    assert!(
+        size <= SESSION_FUTURE_MAX,
+        "the session's future is {size} bytes"
+    );
 }
 
 /// The bound [`the_sessions_future_stays_small`] holds the session's future to.
