@@ -27,6 +27,7 @@ for s in wshost bare; do
   kill $pid; wait $pid 2>/dev/null || true
   perf script -i "$OUT/$s.perf" 2>/dev/null | inferno-collapse-perf > "$OUT/$s.folded"
   inferno-flamegraph --minwidth 0.2 --title "$s: echo $LOAD (CPU 0)" < "$OUT/$s.folded" > "$OUT/$s.svg"
-  rm -f "$OUT/$s.perf"
+  rm -f "$OUT/$s.perf" "$log"
 done
+rm -rf "$PLUGINS"
 python3 "$ROOT/tests/loadgen/scripts/profile-categories.py" "$OUT/wshost.folded" "$OUT/bare.folded"

@@ -644,12 +644,12 @@ impl FanOut {
             .await?;
             let (busy, generator) = busy.await??;
             let (p50, p99, p999) = quantiles_ms(&o.latency);
+            let sweep = o.sweep.value_at_quantile(0.5) as f64 / 1e6;
             eprintln!(
-                "fan-out, {label}, {} subscribers: {:.0} deliveries/s, {:.0} per server CPU-second, publish to last delivery {:.1} ms (median), p99 {p99:.2} ms, {} of {} delivered, server CPU {:.0}%",
+                "fan-out, {label}, {} subscribers: {:.0} deliveries/s, {:.0} per server CPU-second, publish to last delivery {sweep:.1} ms (median), p99 {p99:.2} ms, {} of {} delivered, server CPU {:.0}%",
                 self.subs,
                 o.rate(),
                 o.rate() / busy.max(1e-6),
-                o.sweep.value_at_quantile(0.5) as f64 / 1e6,
                 o.deliveries,
                 o.expected,
                 busy * 100.0
@@ -660,9 +660,7 @@ impl FanOut {
             samples.p50.push(p50);
             samples.p99.push(p99);
             samples.p999.push(p999);
-            samples
-                .sweep
-                .push(o.sweep.value_at_quantile(0.5) as f64 / 1e6);
+            samples.sweep.push(sweep);
             delivered.0 += o.deliveries;
             delivered.1 += o.expected;
         }

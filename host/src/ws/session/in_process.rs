@@ -99,8 +99,8 @@ fn fake_start(
 /// The session's future is the memory of every idle connection (it is the largest part of it),
 /// so its size is bounded here: a local that comes to live across an `.await`, or an argument
 /// passed unboxed, shows up as a failure rather than as a quiet kilobyte per connection.
-/// (2,760 bytes before the setup moved into `open`, 1,624 after; the rest is the socket's stream, the
-/// writer, the session's state and the read loop's timers.)
+/// (2,760 bytes before the setup moved into `open`, 1,624 after; the rest is the socket's
+/// stream, the writer, the session's state and the read loop's timers.)
 #[tokio::test]
 async fn the_sessions_future_stays_small() {
     let config = quiet();

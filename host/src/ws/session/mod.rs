@@ -92,9 +92,9 @@ enum Socket {
 ///
 /// Its size is kept down on purpose (a unit test bounds it): an async function keeps its
 /// arguments for its whole life and every local that is in scope across an `.await`, so `start`
-/// comes boxed (8 bytes, freed once taken apart) and the setup runs in [`open`], a plain
-/// function, whose temporaries (the limits, the upgrade's facts, the read-ahead bytes) never
-/// become part of the future.
+/// comes boxed (8 bytes here; the box is taken apart and freed in [`open`], a plain function,
+/// whose temporaries — the limits, the upgrade's facts, the read-ahead bytes — never become part
+/// of the future).
 async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
     // The socket moves to this runtime (the plugin's) with what hyper read past the handshake.
     // (The bytes are copied out, and hyper's read buffer, which they may share, freed now: the
@@ -120,7 +120,7 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
         plugin,
         admission,
         shutdown,
-    } = open(io, read_ahead, *start, config);
+    } = open(io, read_ahead, start, config);
     let (code, reason) = s
         .read_loop(
             &mut ws,
@@ -184,8 +184,9 @@ struct Opened {
 }
 
 /// Sets the session up on its socket and runs `on_connect`. A plain function: nothing it uses
-/// only here stays in the session's future.
-fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &Config) -> Opened {
+/// only here stays in the session's future, and `start`'s box is freed when it returns (moved
+/// out of in the caller, the box would live as long as the connection).
+fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: &Config) -> Opened {
     let Start {
         id,
         peer: _,
@@ -200,7 +201,7 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &Config) 
         budget,
         metrics,
         shutdown,
-    } = start;
+    } = *start;
     // Every limit is set: the host's defaults are the last source merged.
     let limits = own_limits.over(config.limits);
     let max_message = limits.max_message_size.map_or(usize::MAX, clamp_usize);
@@ -273,17 +274,12 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Start, config: &Config) 
 /// finishes on its first poll (it only stores the waker); polled here, so that its 680-byte
 /// future never becomes part of the session's.
 fn raw_socket(io: super::deflate::Deflate<Counted<SessionIo>>, config: WebSocketConfig) -> Ws {
-    let made = WebSocketStream::from_raw_socket(io, Role::Server, Some(config));
-    let made = std::pin::pin!(made);
-    match std::future::Future::poll(
-        made,
-        &mut std::task::Context::from_waker(std::task::Waker::noop()),
-    ) {
-        std::task::Poll::Ready(ws) => ws,
-        // tokio-tungstenite's `from_raw_socket` awaits nothing (its skipped handshake returns
-        // on the first poll); a version that did would be a change to adopt knowingly.
-        std::task::Poll::Pending => unreachable!("WebSocketStream::from_raw_socket waited"),
-    }
+    use futures_util::FutureExt as _;
+    WebSocketStream::from_raw_socket(io, Role::Server, Some(config))
+        .now_or_never()
+        // tokio-tungstenite's skipped handshake returns on the first poll; a version that
+        // waited would be a change to adopt knowingly.
+        .expect("WebSocketStream::from_raw_socket is ready at once")
 }
 
 fn clamp_usize(v: u64) -> usize {
