@@ -73,11 +73,15 @@ struct Shared {
     sum_ns: AtomicU64,
 }
 
-/// One session's observations since its last flush.
+/// Observations a session keeps before it adds them to the shared histogram.
+const LOCAL_FLUSH_AT: u16 = 1024;
+
+/// One session's observations since its last flush. Its counts are `u16` (flushed at
+/// [`LOCAL_FLUSH_AT`], they cannot overflow): it lives in every connection's task.
 #[derive(Debug, Default)]
 pub(crate) struct LocalHistogram {
-    buckets: [u32; BUCKETS],
-    count: u32,
+    buckets: [u16; BUCKETS],
+    count: u16,
     sum_ns: u64,
 }
 
@@ -87,7 +91,7 @@ impl LocalHistogram {
         self.buckets[bucket_of(d)] += 1;
         self.count += 1;
         self.sum_ns += d.as_nanos() as u64;
-        self.count >= 1024
+        self.count >= LOCAL_FLUSH_AT
     }
 
     pub(crate) fn flush_into(&mut self, h: &CallbackHistogram) {

@@ -89,35 +89,42 @@ pub(crate) struct ConnShared {
     closing: AtomicBool,
     /// The plugin paused reading (`Conn::pause`).
     paused: AtomicBool,
-    channels: Mutex<Vec<String>>,
     started: tokio::time::Instant,
     /// When the session last sent a data message, in milliseconds since `started`.
     last_out_ms: AtomicU64,
     /// The plugin failed the connection: 1 a callback panicked, 2 its worker process died.
     failed: AtomicU8,
-    /// Runs whenever the send queue empties (a worker's credit).
-    on_empty: std::sync::OnceLock<EmptyHook>,
     /// What the upgrade was (local address, TLS, path, query).
     facts: crate::plugin::ConnFacts,
     /// An idle timeout the plugin set, in milliseconds (`u64::MAX`: none set since last
     /// taken).
     idle_change: AtomicU64,
-    /// The plugin's armed timers (`Conn::set_timer`): tag and when it is due. Allocates
-    /// nothing until the first timer.
-    timers: Mutex<Vec<(u64, tokio::time::Instant)>>,
     /// A timer was armed since the session last looked: its wake-up may be earlier.
     timers_changed: AtomicBool,
     /// The send queue's low-water mark (`Conn::set_low_water`; 0: none).
     low_water: AtomicU64,
     /// The queue is above the low-water mark: `on_drain` runs when it falls to it.
     above_low: AtomicBool,
+    /// What few connections use (channels, timers, a label, tracked sends, a worker's hook),
+    /// allocated on first use: an idle connection that uses none of it does not pay for it.
+    rare: std::sync::OnceLock<Box<Rare>>,
+    /// Tracked sends were written: the session reports them.
+    sent_ready: AtomicBool,
+}
+
+/// The parts of a connection's state that most connections never use (see `ConnShared::rare`).
+#[derive(Debug, Default)]
+struct Rare {
+    channels: Mutex<Vec<String>>,
+    /// The plugin's armed timers (`Conn::set_timer`): tag and when it is due.
+    timers: Mutex<Vec<(u64, tokio::time::Instant)>>,
     /// The label member lists show (`Conn::set_label`).
     label: Mutex<Option<Box<str>>>,
     /// Tags of tracked sends queued and not yet written, in queue order; and those written,
     /// for the session to report (`on_sent`).
     tracked: Mutex<TrackedSends>,
-    /// Tracked sends were written: the session reports them.
-    sent_ready: AtomicBool,
+    /// Runs whenever the send queue empties (a worker's credit).
+    on_empty: std::sync::OnceLock<EmptyHook>,
 }
 
 /// Tracked sends of a connection.
@@ -169,21 +176,27 @@ impl ConnShared {
             drained: AtomicBool::new(false),
             closing: AtomicBool::new(false),
             paused: AtomicBool::new(false),
-            channels: Mutex::new(Vec::new()),
             started: tokio::time::Instant::now(),
             last_out_ms: AtomicU64::new(0),
             failed: AtomicU8::new(0),
-            on_empty: std::sync::OnceLock::new(),
             facts,
             idle_change: AtomicU64::new(u64::MAX),
-            timers: Mutex::new(Vec::new()),
             timers_changed: AtomicBool::new(false),
             low_water: AtomicU64::new(0),
             above_low: AtomicBool::new(false),
-            label: Mutex::new(None),
-            tracked: Mutex::default(),
+            rare: std::sync::OnceLock::new(),
             sent_ready: AtomicBool::new(false),
         })
+    }
+
+    /// The host's metrics.
+    pub(crate) fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The rarely used parts, allocated now if they were not.
+    fn rare(&self) -> &Rare {
+        self.rare.get_or_init(Box::default)
     }
 
     fn push(&self, item: Outgoing) {
@@ -196,7 +209,8 @@ impl ConnShared {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(tag) = tag {
                 item.1 |= TRACKED;
-                self.tracked
+                self.rare()
+                    .tracked
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .queued
@@ -251,7 +265,11 @@ impl ConnShared {
 
     /// The writer wrote `n` tracked frames: the first `n` queued tags go to the session.
     pub(crate) fn tracked_written(&self, n: usize) {
-        let mut t = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut t = self
+            .rare()
+            .tracked
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         let n = n.min(t.queued.len());
         let done: Vec<u64> = t.queued.drain(..n).collect();
         t.written.extend(done);
@@ -269,6 +287,7 @@ impl ConnShared {
         }
         std::mem::take(
             &mut self
+                .rare()
                 .tracked
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -278,7 +297,10 @@ impl ConnShared {
 
     /// At the end: tracked sends written and not yet reported, and those never written.
     pub(crate) fn take_all_tracked(&self) -> (Vec<u64>, Vec<u64>) {
-        let mut t = self.tracked.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(rare) = self.rare.get() else {
+            return (Vec::new(), Vec::new());
+        };
+        let mut t = rare.tracked.lock().unwrap_or_else(PoisonError::into_inner);
         (
             std::mem::take(&mut t.written),
             std::mem::take(&mut t.queued).into(),
@@ -293,13 +315,21 @@ impl ConnShared {
 
     /// When the next timer is due, if one is armed.
     pub(crate) fn next_timer(&self) -> Option<tokio::time::Instant> {
-        let timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+        let timers = self
+            .rare
+            .get()?
+            .timers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         timers.iter().map(|(_, at)| *at).min()
     }
 
     /// Disarms and returns the timers due at `now`, earliest first.
     pub(crate) fn take_due_timers(&self, now: tokio::time::Instant) -> Vec<u64> {
-        let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(rare) = self.rare.get() else {
+            return Vec::new();
+        };
+        let mut timers = rare.timers.lock().unwrap_or_else(PoisonError::into_inner);
         if !timers.iter().any(|(_, at)| *at <= now) {
             return Vec::new();
         }
@@ -442,7 +472,7 @@ impl ConnShared {
             self.waker.wake();
         }
         if left == 0 {
-            if let Some(hook) = self.on_empty.get() {
+            if let Some(hook) = self.rare.get().and_then(|r| r.on_empty.get()) {
                 (hook.0)();
             }
         }
@@ -516,15 +546,26 @@ impl ConnShared {
     /// queued stays counted until the final write ([`ConnShared::release_queued`]).
     pub(crate) fn finish(&self) {
         self.state.store(CLOSED, Ordering::Release);
-        let channels =
-            std::mem::take(&mut *self.channels.lock().unwrap_or_else(PoisonError::into_inner));
+        // `rare()`, not `rare.get()`: a `subscribe` racing with this must meet it under the
+        // channels' lock (it checks the state there), whichever thread allocates the part.
+        let channels = std::mem::take(
+            &mut *self
+                .rare()
+                .channels
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
         for channel in channels {
             self.hub.unsubscribe(&self.plugin, &channel, self.id);
         }
     }
 
     fn subscribe(self: &Arc<Self>, channel: &str) -> Result<(), SendError> {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut channels = self
+            .rare()
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         // Checked under the lock that `finish` takes, so a closed connection never stays
         // subscribed.
         if self.state.load(Ordering::Acquire) == CLOSED {
@@ -538,7 +579,10 @@ impl ConnShared {
     }
 
     fn unsubscribe(&self, channel: &str) -> bool {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(rare) = self.rare.get() else {
+            return false;
+        };
+        let mut channels = rare.channels.lock().unwrap_or_else(PoisonError::into_inner);
         channels.retain(|c| c != channel);
         self.hub.unsubscribe(&self.plugin, channel, self.id)
     }
@@ -553,12 +597,16 @@ impl crate::channels::Subscriber for ConnShared {
             id: self.id,
             remote_addr: self.remote.clone(),
             label: self
-                .label
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_deref()
-                .unwrap_or("")
-                .to_owned(),
+                .rare
+                .get()
+                .and_then(|r| {
+                    r.label
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .as_deref()
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -618,7 +666,11 @@ impl crate::plugin::ConnOps for ConnShared {
         }
         let at = tokio::time::Instant::now() + after.min(crate::config::MAX_DURATION);
         {
-            let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut timers = self
+                .rare()
+                .timers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             timers.retain(|(t, _)| *t != tag);
             if timers.len() >= plugin_api::MAX_TIMERS {
                 return Err(SendError::Limit);
@@ -632,7 +684,10 @@ impl crate::plugin::ConnOps for ConnShared {
         Ok(())
     }
     fn cancel_timer(&self, tag: u64) -> bool {
-        let mut timers = self.timers.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(rare) = self.rare.get() else {
+            return false;
+        };
+        let mut timers = rare.timers.lock().unwrap_or_else(PoisonError::into_inner);
         let before = timers.len();
         timers.retain(|(t, _)| *t != tag);
         timers.len() != before
@@ -644,7 +699,11 @@ impl crate::plugin::ConnOps for ConnShared {
     fn set_label(&self, label: &str) {
         // Bounded: a label is for a member list, not a store.
         let label: String = label.chars().take(256).collect();
-        *self.label.lock().unwrap_or_else(PoisonError::into_inner) =
+        *self
+            .rare()
+            .label
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) =
             (!label.is_empty()).then(|| label.into_boxed_str());
     }
 }
@@ -657,7 +716,8 @@ impl crate::plugin::SessionConn for ConnShared {
         if !self.is_open() {
             if let Some(tag) = tag {
                 // Never written: reported as such with the connection's end.
-                self.tracked
+                self.rare()
+                    .tracked
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .queued
@@ -685,7 +745,7 @@ impl crate::plugin::SessionConn for ConnShared {
         self.waker.wake();
     }
     fn on_queue_empty(&self, hook: Box<dyn Fn() + Send + Sync>) {
-        let _ = self.on_empty.set(EmptyHook(hook));
+        let _ = self.rare().on_empty.set(EmptyHook(hook));
     }
     fn max_send_queue(&self) -> u64 {
         self.max_send_queue

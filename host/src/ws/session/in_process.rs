@@ -99,8 +99,10 @@ fn fake_start(
 /// The session's future is the memory of every idle connection (it is the largest part of it),
 /// so its size is bounded here: a local that comes to live across an `.await`, or an argument
 /// passed unboxed, shows up as a failure rather than as a quiet kilobyte per connection.
-/// (2,760 bytes before the setup moved into `open`, 1,624 after; the rest is the socket's
-/// stream, the writer, the session's state and the read loop's timers.)
+/// (2,760 bytes before the setup moved into `open`, 1,624 after; 1,400 once the read loop took
+/// the socket's parts behind one reference and the host-wide limits stayed in the config. tokio
+/// allocates a task in steps of 128 bytes, about 160 more than the future in the binary, where
+/// it is wrapped in its span: at this bound the task is 1,536 bytes, 128 more past it.)
 #[tokio::test]
 async fn the_sessions_future_stays_small() {
     let config = quiet();
@@ -119,7 +121,7 @@ async fn the_sessions_future_stays_small() {
 }
 
 /// The bound [`the_sessions_future_stays_small`] holds the session's future to.
-const SESSION_FUTURE_MAX: usize = 1_700;
+const SESSION_FUTURE_MAX: usize = 1_400;
 
 /// The defaults, without the host's pings.
 fn quiet() -> Config {

@@ -42,6 +42,8 @@ const MAX_BATCH: u64 = 256 << 10;
 /// Most messages read (and answered) before the answers are flushed, so that a client that
 /// keeps sending still gets its answers.
 const MAX_READS_BEFORE_FLUSH: u32 = 64;
+/// The session's timer when nothing is due: a year away.
+const FAR: Duration = Duration::from_secs(86_400 * 365);
 
 /// Everything a session needs besides its socket.
 pub(crate) struct Start {
@@ -110,29 +112,16 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
         #[cfg(test)]
         Socket::Ready(io) => (*io, bytes::Bytes::new()),
     };
-    let config = &*config;
     let Opened {
-        mut ws,
-        mut out,
+        mut w,
         mut s,
-        mut timing,
-        partial,
         plugin,
         admission,
-        shutdown,
     } = open(io, read_ahead, start, config);
-    let (code, reason) = s
-        .read_loop(
-            &mut ws,
-            &mut out,
-            &shutdown,
-            plugin.restarting(),
-            &mut timing,
-            &partial,
-        )
-        .await;
-    partial.delivered();
-    let metrics = Arc::clone(&s.metrics);
+    let (code, reason) = s.read_loop(&mut w, plugin.restarting()).await;
+    // (Used in place from here on: moved out into locals, its parts would be stored twice.)
+    w.partial.delivered();
+    let metrics = Arc::clone(s.conn.metrics());
     s.counts.flush_in(&metrics);
     s.conn.finish();
     // Every tracked send is reported once: written, or never written (before on_close).
@@ -161,32 +150,37 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
     // Write what is still queued (an answer, a close frame), bounded by the close timeout;
     // then the socket closes as `ws` is dropped.
     let _ = tokio::time::timeout(
-        timing.close_timeout,
-        std::future::poll_fn(|cx| out.poll_final(cx, &mut ws, &s.conn)),
+        s.host.close_timeout,
+        std::future::poll_fn(|cx| w.out.poll_final(cx, &mut w.ws, &s.conn)),
     )
     .await;
     s.conn.release_queued();
-    out.counts.flush_out(&metrics);
+    w.out.counts.flush_out(&metrics);
     // Last, so that a scraper that sees the close also sees every count of the connection.
     metrics.closes.get_or_create(&CodeLabel { code }).inc();
 }
 
 /// What a session keeps while it runs, made by [`open`].
 struct Opened {
-    ws: Ws,
-    out: Writer,
+    w: Wire,
     s: Session,
-    timing: Timing,
-    partial: Arc<Partial>,
     plugin: Arc<LoadedPlugin>,
     admission: crate::context::Admission,
+}
+
+/// The socket's side of a session, handed to its read loop behind one reference.
+struct Wire {
+    ws: Ws,
+    out: Writer,
+    timing: Timing,
+    partial: Arc<Partial>,
     shutdown: CancellationToken,
 }
 
 /// Sets the session up on its socket and runs `on_connect`. A plain function: nothing it uses
 /// only here stays in the session's future, and `start`'s box is freed when it returns (moved
 /// out of in the caller, the box would live as long as the connection).
-fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: &Config) -> Opened {
+fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<Config>) -> Opened {
     let Start {
         id,
         peer: _,
@@ -239,7 +233,7 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: &Con
         plugin_name,
         hub,
         budget,
-        Arc::clone(&metrics),
+        metrics,
         max_send_queue,
         facts,
     );
@@ -248,25 +242,26 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: &Con
     tracing::debug!("connection open");
     plugin.connection_opened();
     let mut s = Session {
+        host: config,
         callbacks,
         conn,
-        slow: config.slow_callback,
         failed: false,
         host_close: None,
-        metrics,
         counts: Counts::default(),
         durations: Default::default(),
     };
     s.call("on_connect", |cb| cb.on_connect());
     Opened {
-        ws,
-        out: Writer::default(),
+        w: Wire {
+            ws,
+            out: Writer::default(),
+            timing: Timing::new(&limits),
+            partial,
+            shutdown,
+        },
         s,
-        timing: Timing::new(config, &limits),
-        partial,
         plugin,
         admission,
-        shutdown,
     }
 }
 
@@ -290,13 +285,13 @@ struct Session {
     /// The plugin's callbacks, bound to this connection.
     callbacks: crate::plugin::Callbacks,
     conn: Arc<ConnShared>,
-    slow: Duration,
+    /// The host's settings (the session reads its host-wide limits here).
+    host: Arc<Config>,
     /// A callback panicked: no more callbacks but `on_close`.
     failed: bool,
     /// The close frame the host itself started the close handshake with (a limit, an error,
     /// shutdown): `on_close` is told this code rather than the peer's echo of it.
     host_close: Option<(u16, String)>,
-    metrics: Arc<Metrics>,
     /// Messages and bytes received since they were last added to the metrics.
     counts: Counts,
     /// Callback durations since they were last added to the metrics.
@@ -343,62 +338,67 @@ impl Session {
 
     /// Reads until the connection ends; returns the code and reason `on_close` gets: the
     /// host's if it started the close, else the peer's (1006 if the peer sent none).
+    ///
+    /// Its locals are the session future's largest part: the socket's parts come behind one
+    /// reference, and what is used only at the start or per iteration is scoped so that it is
+    /// not kept across the `.await`.
     async fn read_loop(
         &mut self,
-        ws: &mut Ws,
-        out: &mut Writer,
-        shutdown: &CancellationToken,
+        w: &mut Wire,
         restart: &std::sync::atomic::AtomicBool,
-        timing: &mut Timing,
-        partial: &Partial,
     ) -> (u16, String) {
         let mut peer_close: Option<(u16, String)> = None;
         let mut close_deadline: Option<Instant> = None;
         let mut shutting_down = false;
-        let conn = Arc::clone(&self.conn);
-        let started = Instant::now();
-        let mut last_data_in = started;
-        let mut next_ping = timing.ping_interval.map(|i| started + i);
+        let (mut last_data_in, mut next_ping, mut rate) = {
+            let started = Instant::now();
+            (
+                started,
+                w.timing.ping_interval.map(|i| started + i),
+                RateLimit::new(self.host.max_message_rate, started),
+            )
+        };
         let mut awaiting_pong: Option<Instant> = None;
-        let mut rate = RateLimit::new(timing.max_message_rate, started);
-        let far = Duration::from_secs(86_400 * 365);
-        let timer = tokio::time::sleep(far);
+        let timer = tokio::time::sleep(FAR);
         tokio::pin!(timer);
-        let mut wake = self.next_wake(timing, next_ping, awaiting_pong, last_data_in, far);
+        let mut wake = self.next_wake(&w.timing, next_ping, awaiting_pong, last_data_in, FAR);
         timer.as_mut().reset(wake);
         // Made once, not per message: a waiting cancellation future takes a lock to register and
         // another to leave.
-        let cancelled = shutdown.cancelled();
+        let cancelled = w.shutdown.cancelled();
         tokio::pin!(cancelled);
         loop {
             // Flags the connection's handle set (and woke this task for): a send that was
             // refused has drained; a close was queued (its handshake has a deadline).
-            if conn.take_drained() {
+            if self.conn.take_drained() {
                 self.call("on_drain", |cb| cb.on_drain());
             }
-            for tag in conn.take_sent() {
+            for tag in self.conn.take_sent() {
                 self.call("on_sent", |cb| cb.on_sent(tag, true));
             }
-            let idle_change = conn.take_idle_change();
-            if let Some(idle) = idle_change {
-                timing.idle_timeout =
-                    (!idle.is_zero()).then_some(idle.min(crate::config::MAX_DURATION));
-            }
+            let idle_changed = match self.conn.take_idle_change() {
+                Some(idle) => {
+                    w.timing.idle_timeout =
+                        (!idle.is_zero()).then_some(idle.min(crate::config::MAX_DURATION));
+                    true
+                }
+                None => false,
+            };
             // A timer the plugin armed may be due before the session's next wake-up.
-            if idle_change.is_some() | conn.take_timers_changed() {
+            if idle_changed | self.conn.take_timers_changed() {
                 wake = self.next_wake(
-                    timing,
+                    &w.timing,
                     next_ping,
                     awaiting_pong,
-                    last_data_in.max(conn.last_data_out()),
-                    far,
+                    last_data_in.max(self.conn.last_data_out()),
+                    FAR,
                 );
                 if let Some(d) = close_deadline {
                     wake = wake.min(d);
                 }
                 timer.as_mut().reset(wake);
             }
-            if let Some(crashed) = conn.take_failed() {
+            if let Some(crashed) = self.conn.take_failed() {
                 if !self.failed {
                     self.failed = true;
                     self.close_by_host(if crashed {
@@ -408,8 +408,8 @@ impl Session {
                     });
                 }
             }
-            if conn.take_closing() && close_deadline.is_none() {
-                close_deadline = Some(Instant::now() + timing.close_timeout);
+            if self.conn.take_closing() && close_deadline.is_none() {
+                close_deadline = Some(Instant::now() + self.host.close_timeout);
                 if close_deadline < Some(wake) {
                     wake = close_deadline.unwrap_or(wake);
                     timer.as_mut().reset(wake);
@@ -421,16 +421,16 @@ impl Session {
             // branches still get their turn.
             tokio::select! {
                 biased;
-                item = std::future::poll_fn(|cx| out.poll_io(cx, ws, &conn, &self.metrics)) => match item {
+                item = std::future::poll_fn(|cx| w.out.poll_io(cx, &mut w.ws, &self.conn)) => match item {
                     IoEvent::End => break,
                     IoEvent::Flags => {}
                     IoEvent::WriteFailed => {
-                        conn.peer_closed();
+                        self.conn.peer_closed();
                         tracing::debug!("write failed; the connection is gone");
                         break;
                     }
                     IoEvent::Read(Ok(msg)) => {
-                    partial.delivered();
+                    w.partial.delivered();
                     match msg {
                         Message::Text(t) => {
                             if self.data_in(t.len(), &mut last_data_in, rate.as_mut()) {
@@ -451,9 +451,9 @@ impl Session {
                             peer_close = Some(frame.map_or((1005, String::new()), |f| {
                                 (u16::from(f.code), f.reason.as_str().to_owned())
                             }));
-                            conn.peer_closed();
+                            self.conn.peer_closed();
                             if close_deadline.is_none() {
-                                let d = Instant::now() + timing.close_timeout;
+                                let d = Instant::now() + self.host.close_timeout;
                                 close_deadline = Some(d);
                                 if d < wake {
                                     wake = d;
@@ -483,48 +483,48 @@ impl Session {
                         break;
                     }
                     // A paused connection is not read, so its pongs cannot arrive: no pings then.
-                    let paused = conn.is_paused();
-                    if !paused && awaiting_pong.is_some_and(|sent| now >= sent + timing.pong_timeout) {
-                        tracing::info!(pong_timeout = ?timing.pong_timeout,
+                    let paused = self.conn.is_paused();
+                    if !paused && awaiting_pong.is_some_and(|sent| now >= sent + w.timing.pong_timeout) {
+                        tracing::info!(pong_timeout = ?w.timing.pong_timeout,
                             "no pong in time; dropping the connection");
                         let why = CloseReason::PingTimeout;
-                        let _ = conn.close_unchecked(why.code(), why.reason());
+                        let _ = self.conn.close_unchecked(why.code(), why.reason());
                         // The peer is gone: it sent no close frame.
                         return (1006, String::new());
                     }
-                    if let (Some(at), Some(interval)) = (next_ping, timing.ping_interval) {
+                    if let (Some(at), Some(interval)) = (next_ping, w.timing.ping_interval) {
                         if now >= at {
                             if awaiting_pong.is_none() && !paused {
                                 // A ping that cannot be queued still starts the pong clock:
                                 // a peer that does not read gets dropped all the same.
-                                let _ = conn.enqueue(Message::Ping(bytes::Bytes::new()));
+                                let _ = self.conn.enqueue(Message::Ping(bytes::Bytes::new()));
                                 awaiting_pong = Some(now);
                             }
                             next_ping = Some(now + interval);
                         }
                     }
-                    if let Some(limit) = timing.message_timeout {
-                        if partial.pending_for(now).is_some_and(|d| d >= limit) && conn.is_open() {
+                    if let Some(limit) = timing::nonzero(self.host.message_timeout) {
+                        if w.partial.pending_for(now).is_some_and(|d| d >= limit) && self.conn.is_open() {
                             tracing::info!(message_timeout = ?limit,
                                 "a message took too long to arrive; closing with 1008");
                             self.close_by_host(CloseReason::MessageTimeout);
                         }
                     }
-                    if let Some(idle) = timing.idle_timeout {
-                        let last = last_data_in.max(conn.last_data_out());
-                        if now >= last + idle && conn.is_open() {
+                    if let Some(idle) = w.timing.idle_timeout {
+                        let last = last_data_in.max(self.conn.last_data_out());
+                        if now >= last + idle && self.conn.is_open() {
                             tracing::info!(idle_timeout = ?idle, "idle connection closed");
                             self.close_by_host(CloseReason::IdleTimeout);
                         }
                     }
                     // The plugin's timers, in the connection's event order; they end with it.
-                    for tag in conn.take_due_timers(now) {
-                        if conn.is_open() {
+                    for tag in self.conn.take_due_timers(now) {
+                        if self.conn.is_open() {
                             self.call("on_timer", |cb| cb.on_timer(tag));
                         }
                     }
-                    wake = self.next_wake(timing, next_ping, awaiting_pong,
-                        last_data_in.max(conn.last_data_out()), far);
+                    wake = self.next_wake(&w.timing, next_ping, awaiting_pong,
+                        last_data_in.max(self.conn.last_data_out()), FAR);
                     if let Some(d) = close_deadline {
                         wake = wake.min(d);
                     }
@@ -562,7 +562,7 @@ impl Session {
         if let Some(at) = self.conn.next_timer() {
             wake = wake.min(at);
         }
-        if let Some(limit) = timing.message_timeout {
+        if let Some(limit) = timing::nonzero(self.host.message_timeout) {
             // Look at least this often, so a message that starts arriving between two looks is
             // caught within twice the limit.
             wake = wake.min(Instant::now() + limit);
@@ -581,7 +581,7 @@ impl Session {
         let now = Instant::now();
         *last_data_in = now;
         if self.counts.add(len) {
-            self.counts.flush_in(&self.metrics);
+            self.counts.flush_in(self.conn.metrics());
         }
         self.within_rate(rate, now)
     }
@@ -677,9 +677,10 @@ impl Session {
         self.conn.set_in_callback(false);
         let elapsed = started.elapsed();
         if self.durations.observe(elapsed) {
-            self.durations.flush_into(&self.metrics.callback_seconds);
+            self.durations
+                .flush_into(&self.conn.metrics().callback_seconds);
         }
-        if elapsed >= self.slow {
+        if elapsed >= self.host.slow_callback {
             tracing::warn!(
                 callback = name,
                 elapsed_ms = elapsed.as_secs_f64() * 1e3,

@@ -5,35 +5,35 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::config::Config;
 use crate::limits::ConnLimits;
 
-/// The connection's timers and limits, from the host's config and the plugin's 101.
+/// The connection's own timers, from the plugin's 101 over the host's defaults (the host-wide
+/// ones — close timeout, message timeout, rate — are read from the config, not copied into every
+/// connection).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timing {
     pub(crate) ping_interval: Option<Duration>,
     pub(crate) pong_timeout: Duration,
     pub(crate) idle_timeout: Option<Duration>,
-    pub(crate) close_timeout: Duration,
-    pub(crate) max_message_rate: u32,
-    pub(crate) message_timeout: Option<Duration>,
 }
 
 impl Timing {
-    pub(super) fn new(config: &Config, limits: &ConnLimits) -> Self {
+    /// `limits` has every value set (the host's defaults merged last).
+    pub(super) fn new(limits: &ConnLimits) -> Self {
         // A plugin's 101 may carry any number of milliseconds: bounded, so that no deadline
         // overflows the clock.
         let bounded = |v: Option<Duration>| v.unwrap_or_default().min(crate::config::MAX_DURATION);
-        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
         Self {
             ping_interval: nonzero(bounded(limits.ping_interval)),
             pong_timeout: bounded(limits.pong_timeout),
             idle_timeout: nonzero(bounded(limits.idle_timeout)),
-            close_timeout: config.close_timeout,
-            max_message_rate: config.max_message_rate,
-            message_timeout: nonzero(config.message_timeout),
         }
     }
+}
+
+/// `None` for zero (a timer that is off).
+pub(crate) fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
 }
 
 /// Why the host closes a connection itself, each with the code (RFC 6455 §7.4.1) and the reason
@@ -166,7 +166,7 @@ mod tests {
             idle_timeout: Some(Duration::from_millis(u64::MAX)),
             ..ConnLimits::default()
         };
-        let t = Timing::new(&Config::default(), &settings);
+        let t = Timing::new(&settings);
         let max = crate::config::MAX_DURATION;
         assert_eq!(t.ping_interval, Some(max));
         assert_eq!(t.pong_timeout, max);

@@ -9,7 +9,6 @@ use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::{Counts, Ws, COUNT_BATCH, MAX_BATCH, MAX_READS_BEFORE_FLUSH};
-use crate::metrics::Metrics;
 use crate::ws::conn::ConnShared;
 
 pub(super) fn count_out(counts: &mut Counts, m: &Message) {
@@ -98,7 +97,6 @@ impl Writer {
         cx: &mut Context<'_>,
         ws: &mut Ws,
         conn: &ConnShared,
-        metrics: &Metrics,
     ) -> Poll<Result<(), ()>> {
         if !self.dirty {
             return Poll::Ready(Ok(()));
@@ -117,7 +115,7 @@ impl Writer {
                     conn.sent_data();
                 }
                 if self.counts.messages >= COUNT_BATCH {
-                    self.counts.flush_out(metrics);
+                    self.counts.flush_out(conn.metrics());
                 }
                 Poll::Ready(Ok(()))
             }
@@ -133,7 +131,6 @@ impl Writer {
         cx: &mut Context<'_>,
         ws: &mut Ws,
         conn: &ConnShared,
-        metrics: &Metrics,
     ) -> Poll<IoEvent> {
         conn.register(cx.waker());
         if conn.has_flags() {
@@ -157,7 +154,7 @@ impl Writer {
                     Poll::Pending => {}
                 }
             }
-            match self.flush(cx, ws, conn, metrics) {
+            match self.flush(cx, ws, conn) {
                 Poll::Ready(Ok(())) => {
                     // Done unless reading was skipped for this flush, or more was queued (or
                     // held back by MAX_BATCH) meanwhile.
