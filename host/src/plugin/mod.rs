@@ -145,6 +145,8 @@ fn host_major() -> u64 {
 pub struct LoadedPlugin {
     /// The plugin's name.
     pub name: String,
+    /// The same, shared by its connections' handles (their channels' key): not a copy each.
+    pub(crate) shared_name: Arc<str>,
     /// The plugin's own version.
     pub version: String,
     /// The route prefixes it serves.
@@ -352,6 +354,7 @@ impl Candidate {
         let handle = HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque);
         let instance = self.create_instance(handle)?;
         Ok(LoadedPlugin {
+            shared_name: Arc::from(self.name.as_str()),
             name: self.name,
             version: self.version,
             routes: self.routes,
@@ -408,6 +411,7 @@ impl LoadedPlugin {
         route_limits: BTreeMap<String, ConnLimits>,
     ) -> Self {
         Self {
+            shared_name: Arc::from(identity.name.as_str()),
             name: identity.name,
             version: identity.version,
             routes,
@@ -429,6 +433,7 @@ impl LoadedPlugin {
     #[cfg(test)]
     pub(crate) fn fake(name: &str) -> Self {
         Self {
+            shared_name: Arc::from(name),
             name: name.to_owned(),
             version: "0".into(),
             routes: vec![format!("/{name}")],

@@ -115,6 +115,16 @@ async fn closed_conn(
                 Some(m) => m?,
                 None => bail!("the server closed the connection"),
             };
+            if let Message::Close(frame) = &msg {
+                match frame {
+                    Some(f) => bail!(
+                        "the server closed the connection: {} {}",
+                        u16::from(f.code),
+                        f.reason
+                    ),
+                    None => bail!("the server closed the connection without a code"),
+                }
+            }
             if !(msg.is_text() || msg.is_binary()) {
                 continue 'run;
             }

@@ -226,11 +226,10 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
     drop(read_ahead);
     let ws = raw_socket(io, ws_config);
     let max_send_queue = limits.max_send_queue.unwrap_or(u64::MAX);
-    let plugin_name: Arc<str> = Arc::from(plugin.name.as_str());
     let conn = ConnShared::new(
         id,
         remote,
-        plugin_name,
+        Arc::clone(&plugin.shared_name),
         hub,
         budget,
         metrics,
