@@ -4,6 +4,7 @@
 //! queue without waking anyone) before it flushes once: an echo of a burst is one write.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 // The runtime's clock (the OS clock, unless a test paused it): the session's timers are tested
@@ -31,7 +32,7 @@ mod in_process;
 mod timing;
 mod writer;
 
-use timing::RateLimit;
+use timing::{Alarm, Alarms, RateLimit};
 pub(crate) use timing::{CloseReason, Timing};
 use writer::{IoEvent, Writer};
 
@@ -348,7 +349,6 @@ impl Session {
     ) -> (u16, String) {
         let mut peer_close: Option<(u16, String)> = None;
         let mut close_deadline: Option<Instant> = None;
-        let mut shutting_down = false;
         let (mut last_data_in, mut next_ping, mut rate) = {
             let started = Instant::now();
             (
@@ -360,12 +360,13 @@ impl Session {
         let mut awaiting_pong: Option<Instant> = None;
         let timer = tokio::time::sleep(FAR);
         tokio::pin!(timer);
-        let mut wake = self.next_wake(&w.timing, next_ping, awaiting_pong, last_data_in, FAR);
-        timer.as_mut().reset(wake);
         // Made once, not per message: a waiting cancellation future takes a lock to register and
         // another to leave.
         let cancelled = w.shutdown.cancelled();
         tokio::pin!(cancelled);
+        let mut alarms = Alarms::new(timer, cancelled, &w.shutdown);
+        let mut wake = self.next_wake(&w.timing, next_ping, awaiting_pong, last_data_in, FAR);
+        alarms.reset(wake);
         loop {
             // Flags the connection's handle set (and woke this task for): a send that was
             // refused has drained; a close was queued (its handshake has a deadline).
@@ -395,7 +396,7 @@ impl Session {
                 if let Some(d) = close_deadline {
                     wake = wake.min(d);
                 }
-                timer.as_mut().reset(wake);
+                alarms.reset(wake);
             }
             if let Some(crashed) = self.conn.take_failed() {
                 if !self.failed {
@@ -411,16 +412,22 @@ impl Session {
                 close_deadline = Some(Instant::now() + self.host.close_timeout);
                 if close_deadline < Some(wake) {
                     wake = close_deadline.unwrap_or(wake);
-                    timer.as_mut().reset(wake);
+                    alarms.reset(wake);
                 }
             }
-            // Biased, I/O first: while messages are ready nothing else is polled (the timer and
-            // the cancellation future each take a lock or a clock read when polled). Tokio's
-            // cooperative budget makes a busy socket return Pending now and then, so the other
-            // branches still get their turn.
-            tokio::select! {
-                biased;
-                item = std::future::poll_fn(|cx| w.out.poll_io(cx, &mut w.ws, &self.conn)) => match item {
+            // The socket first (`Ok`), then the alarms (`Err`): while messages are ready nothing
+            // else is looked at. Tokio's cooperative budget makes a busy socket return Pending
+            // now and then, so the alarms still get their turn; looking at them is an atomic
+            // load each unless they were just set (`Alarms`).
+            let woke = std::future::poll_fn(|cx| {
+                if let Poll::Ready(item) = w.out.poll_io(cx, &mut w.ws, &self.conn) {
+                    return Poll::Ready(Ok(item));
+                }
+                alarms.poll(cx).map(Err)
+            })
+            .await;
+            match woke {
+                Ok(item) => match item {
                     IoEvent::End => break,
                     IoEvent::Flags => {}
                     IoEvent::WriteFailed => {
@@ -429,53 +436,56 @@ impl Session {
                         break;
                     }
                     IoEvent::Read(Ok(msg)) => {
-                    w.partial.delivered();
-                    match msg {
-                        Message::Text(t) => {
-                            if self.data_in(t.len(), &mut last_data_in, rate.as_mut()) {
-                                self.call_at(last_data_in, "on_text", |cb| cb.on_text(t.as_str()));
-                            }
-                        }
-                        Message::Binary(b) => {
-                            if self.data_in(b.len(), &mut last_data_in, rate.as_mut()) {
-                                self.call_at(last_data_in, "on_binary", |cb| cb.on_binary(&b));
-                            }
-                        }
-                        Message::Ping(p) => self.call("on_ping", |cb| cb.on_ping(&p)),
-                        Message::Pong(p) => {
-                            awaiting_pong = None;
-                            self.call("on_pong", |cb| cb.on_pong(&p));
-                        }
-                        Message::Close(frame) => {
-                            peer_close = Some(frame.map_or((1005, String::new()), |f| {
-                                (u16::from(f.code), f.reason.as_str().to_owned())
-                            }));
-                            self.conn.peer_closed();
-                            if close_deadline.is_none() {
-                                let d = Instant::now() + self.host.close_timeout;
-                                close_deadline = Some(d);
-                                if d < wake {
-                                    wake = d;
-                                    timer.as_mut().reset(wake);
+                        w.partial.delivered();
+                        match msg {
+                            Message::Text(t) => {
+                                if self.data_in(t.len(), &mut last_data_in, rate.as_mut()) {
+                                    self.call_at(last_data_in, "on_text", |cb| {
+                                        cb.on_text(t.as_str())
+                                    });
                                 }
                             }
+                            Message::Binary(b) => {
+                                if self.data_in(b.len(), &mut last_data_in, rate.as_mut()) {
+                                    self.call_at(last_data_in, "on_binary", |cb| cb.on_binary(&b));
+                                }
+                            }
+                            Message::Ping(p) => self.call("on_ping", |cb| cb.on_ping(&p)),
+                            Message::Pong(p) => {
+                                awaiting_pong = None;
+                                self.call("on_pong", |cb| cb.on_pong(&p));
+                            }
+                            Message::Close(frame) => {
+                                peer_close = Some(frame.map_or((1005, String::new()), |f| {
+                                    (u16::from(f.code), f.reason.as_str().to_owned())
+                                }));
+                                self.conn.peer_closed();
+                                if close_deadline.is_none() {
+                                    let d = Instant::now() + self.host.close_timeout;
+                                    close_deadline = Some(d);
+                                    if d < wake {
+                                        wake = d;
+                                        alarms.reset(wake);
+                                    }
+                                }
+                            }
+                            Message::Frame(_) => {}
                         }
-                        Message::Frame(_) => {}
-                    }},
+                    }
                     IoEvent::Read(Err(e)) => {
                         self.read_error(e);
                         break;
                     }
                 },
-                () = &mut cancelled, if !shutting_down => {
-                    shutting_down = true;
+                Err(Alarm::Shutdown) => {
+                    alarms.shutting_down = true;
                     self.close_by_host(if restart.load(std::sync::atomic::Ordering::Acquire) {
                         CloseReason::ServiceRestart
                     } else {
                         CloseReason::ShuttingDown
                     });
                 }
-                () = &mut timer => {
+                Err(Alarm::Timer) => {
                     let now = Instant::now();
                     if close_deadline.is_some_and(|d| now >= d) {
                         tracing::debug!("close handshake timed out; dropping the connection");
@@ -483,7 +493,9 @@ impl Session {
                     }
                     // A paused connection is not read, so its pongs cannot arrive: no pings then.
                     let paused = self.conn.is_paused();
-                    if !paused && awaiting_pong.is_some_and(|sent| now >= sent + w.timing.pong_timeout) {
+                    if !paused
+                        && awaiting_pong.is_some_and(|sent| now >= sent + w.timing.pong_timeout)
+                    {
                         tracing::info!(pong_timeout = ?w.timing.pong_timeout,
                             "no pong in time; dropping the connection");
                         let why = CloseReason::PingTimeout;
@@ -503,7 +515,9 @@ impl Session {
                         }
                     }
                     if let Some(limit) = timing::nonzero(self.host.message_timeout) {
-                        if w.partial.pending_for(now).is_some_and(|d| d >= limit) && self.conn.is_open() {
+                        if w.partial.pending_for(now).is_some_and(|d| d >= limit)
+                            && self.conn.is_open()
+                        {
                             tracing::info!(message_timeout = ?limit,
                                 "a message took too long to arrive; closing with 1008");
                             self.close_by_host(CloseReason::MessageTimeout);
@@ -522,12 +536,17 @@ impl Session {
                             self.call("on_timer", |cb| cb.on_timer(tag));
                         }
                     }
-                    wake = self.next_wake(&w.timing, next_ping, awaiting_pong,
-                        last_data_in.max(self.conn.last_data_out()), FAR);
+                    wake = self.next_wake(
+                        &w.timing,
+                        next_ping,
+                        awaiting_pong,
+                        last_data_in.max(self.conn.last_data_out()),
+                        FAR,
+                    );
                     if let Some(d) = close_deadline {
                         wake = wake.min(d);
                     }
-                    timer.as_mut().reset(wake);
+                    alarms.reset(wake);
                 }
             }
         }

@@ -1,9 +1,14 @@
 //! A session's clock-driven policy: its timers and limits (`Timing`), the message rate
-//! (`RateLimit`), and every close code the host itself sends (`CloseReason`).
+//! (`RateLimit`), the wake-ups besides its socket (`Alarms`), and every close code the host
+//! itself sends (`CloseReason`).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::limits::ConnLimits;
 
@@ -34,6 +39,79 @@ impl Timing {
 /// `None` for zero (a timer that is off).
 pub(crate) fn nonzero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
+}
+
+/// What woke a session besides its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Alarm {
+    /// The host is shutting down (or the plugin's generation was replaced).
+    Shutdown,
+    /// The session's timer is due.
+    Timer,
+}
+
+/// A session's timer and the host's shutdown, looked at after every socket event without
+/// polling them each time: a waiting cancellation future takes the token's lock (shared by
+/// every connection) whenever it is polled, and a timer takes the task's budget and
+/// re-registers its waker. Each is polled once to register the task's waker (the timer again
+/// after every reset); afterwards an atomic load tells whether it fired.
+pub(crate) struct Alarms<'a, 't> {
+    timer: Pin<&'a mut Sleep>,
+    cancelled: Pin<&'a mut WaitForCancellationFuture<'t>>,
+    shutdown: &'t CancellationToken,
+    /// The timer was set since it was last polled: its waker is not registered yet.
+    timer_fresh: bool,
+    /// The cancellation future was polled (its waker is registered).
+    cancel_armed: bool,
+    /// Shutdown was reported: it is not reported again.
+    pub(crate) shutting_down: bool,
+}
+
+impl<'a, 't> Alarms<'a, 't> {
+    pub(crate) fn new(
+        timer: Pin<&'a mut Sleep>,
+        cancelled: Pin<&'a mut WaitForCancellationFuture<'t>>,
+        shutdown: &'t CancellationToken,
+    ) -> Self {
+        Self {
+            timer,
+            cancelled,
+            shutdown,
+            timer_fresh: true,
+            cancel_armed: false,
+            shutting_down: false,
+        }
+    }
+
+    /// Sets the timer to `at`.
+    pub(crate) fn reset(&mut self, at: Instant) {
+        self.timer.as_mut().reset(at);
+        self.timer_fresh = true;
+    }
+
+    /// Whether shutdown started or the timer fired since the last look (shutdown first).
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Alarm> {
+        if !self.shutting_down {
+            if self.shutdown.is_cancelled() {
+                return Poll::Ready(Alarm::Shutdown);
+            }
+            if !self.cancel_armed {
+                self.cancel_armed = true;
+                if self.cancelled.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Alarm::Shutdown);
+                }
+            }
+        }
+        if self.timer_fresh {
+            self.timer_fresh = false;
+            if self.timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Alarm::Timer);
+            }
+        } else if self.timer.is_elapsed() {
+            return Poll::Ready(Alarm::Timer);
+        }
+        Poll::Pending
+    }
 }
 
 /// Why the host closes a connection itself, each with the code (RFC 6455 §7.4.1) and the reason
@@ -173,5 +251,70 @@ mod tests {
         assert_eq!(t.idle_timeout, Some(max));
         // The session adds these to the clock: that must not panic.
         let _ = Instant::now() + max + max;
+    }
+
+    /// The alarms register the task's waker once per reset and are then looked at with atomic
+    /// loads: the timer still wakes a task that was woken (and polled) by other events in
+    /// between, shutdown wakes it once, and a reset timer fires at its new deadline. (Paused
+    /// time: a waker that was not registered would let the clock run to the outer timeout.)
+    #[tokio::test(start_paused = true)]
+    async fn alarms_wake_the_task_after_other_wakeups_and_report_shutdown_once() {
+        let token = CancellationToken::new();
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
+        let cancelled = token.cancelled();
+        tokio::pin!(cancelled);
+        let mut alarms = Alarms::new(timer, cancelled, &token);
+        let t0 = Instant::now();
+        alarms.reset(t0 + Duration::from_secs(1));
+        // Three other wake-ups before the timer is due, each followed by a look at the alarms.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let _ = tx.send(());
+            }
+        });
+        let mut others = 0;
+        let first = tokio::time::timeout(
+            Duration::from_secs(86_400),
+            std::future::poll_fn(|cx| {
+                while let Poll::Ready(Some(())) = rx.poll_recv(cx) {
+                    others += 1;
+                }
+                alarms.poll(cx)
+            }),
+        )
+        .await
+        .expect("the timer wakes the task");
+        assert_eq!(first, Alarm::Timer);
+        assert_eq!(others, 3);
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(1));
+
+        alarms.reset(t0 + Duration::from_secs(10));
+        let canceller = token.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            canceller.cancel();
+        });
+        let second = tokio::time::timeout(
+            Duration::from_secs(86_400),
+            std::future::poll_fn(|cx| alarms.poll(cx)),
+        )
+        .await
+        .expect("shutdown wakes the task");
+        assert_eq!(second, Alarm::Shutdown);
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(3));
+
+        // Reported once: after it, the timer set before it still fires at its deadline.
+        alarms.shutting_down = true;
+        let third = tokio::time::timeout(
+            Duration::from_secs(86_400),
+            std::future::poll_fn(|cx| alarms.poll(cx)),
+        )
+        .await
+        .expect("the timer wakes the task");
+        assert_eq!(third, Alarm::Timer);
+        assert_eq!(Instant::now(), t0 + Duration::from_secs(10));
     }
 }
