@@ -101,9 +101,9 @@ fn fake_start(
 /// passed unboxed, shows up as a failure rather than as a quiet kilobyte per connection.
 /// (2,760 bytes before the setup moved into `open`, 1,624 after; 1,400 once the read loop took
 /// the socket's parts behind one reference and the host-wide limits stayed in the config; 1,392
-/// with `Alarms` in place of `select!`. tokio
-/// allocates a task in steps of 128 bytes, about 160 more than the future in the binary, where
-/// it is wrapped in its span: at this bound the task is 1,536 bytes, 128 more past it.)
+/// with `Alarms` in place of `select!`. tokio allocates a task in steps of 128 bytes, about 160
+/// more than the future in the binary, where it is wrapped in its span: at this bound the task is
+/// 1,536 bytes, 128 more past it.)
 #[tokio::test]
 async fn the_sessions_future_stays_small() {
     let config = quiet();

@@ -365,7 +365,7 @@ impl Session {
         let cancelled = w.shutdown.cancelled();
         tokio::pin!(cancelled);
         let mut alarms = Alarms::new(timer, cancelled, &w.shutdown);
-        let mut wake = self.next_wake(&w.timing, next_ping, awaiting_pong, last_data_in, FAR);
+        let mut wake = self.next_wake(&w.timing, next_ping, awaiting_pong, last_data_in, None);
         alarms.reset(wake);
         loop {
             // Flags the connection's handle set (and woke this task for): a send that was
@@ -390,12 +390,9 @@ impl Session {
                     &w.timing,
                     next_ping,
                     awaiting_pong,
-                    last_data_in.max(self.conn.last_data_out()),
-                    FAR,
+                    last_data_in,
+                    close_deadline,
                 );
-                if let Some(d) = close_deadline {
-                    wake = wake.min(d);
-                }
                 alarms.reset(wake);
             }
             if let Some(crashed) = self.conn.take_failed() {
@@ -540,12 +537,9 @@ impl Session {
                         &w.timing,
                         next_ping,
                         awaiting_pong,
-                        last_data_in.max(self.conn.last_data_out()),
-                        FAR,
+                        last_data_in,
+                        close_deadline,
                     );
-                    if let Some(d) = close_deadline {
-                        wake = wake.min(d);
-                    }
                     alarms.reset(wake);
                 }
             }
@@ -556,16 +550,19 @@ impl Session {
             .unwrap_or((1006, String::new()))
     }
 
-    /// When the timer must next look at the connection.
+    /// When the timer must next look at the connection: its next ping, pong deadline, idle
+    /// deadline (from the last data message either way), plugin timer, message-timeout look
+    /// and close deadline, whichever comes first (a year away if none).
     fn next_wake(
         &self,
         timing: &Timing,
         next_ping: Option<Instant>,
         awaiting_pong: Option<Instant>,
-        last_data: Instant,
-        far: Duration,
+        last_data_in: Instant,
+        close_deadline: Option<Instant>,
     ) -> Instant {
-        let mut wake = Instant::now() + far;
+        let now = Instant::now();
+        let mut wake = now + FAR;
         if let Some(p) = next_ping {
             wake = wake.min(p);
         }
@@ -574,7 +571,7 @@ impl Session {
         }
         if let Some(idle) = timing.idle_timeout {
             if self.conn.is_open() {
-                wake = wake.min(last_data + idle);
+                wake = wake.min(last_data_in.max(self.conn.last_data_out()) + idle);
             }
         }
         if let Some(at) = self.conn.next_timer() {
@@ -583,7 +580,10 @@ impl Session {
         if let Some(limit) = timing::nonzero(self.host.message_timeout) {
             // Look at least this often, so a message that starts arriving between two looks is
             // caught within twice the limit.
-            wake = wake.min(Instant::now() + limit);
+            wake = wake.min(now + limit);
+        }
+        if let Some(d) = close_deadline {
+            wake = wake.min(d);
         }
         wake
     }

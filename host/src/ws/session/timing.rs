@@ -253,6 +253,15 @@ mod tests {
         let _ = Instant::now() + max + max;
     }
 
+    /// The next alarm, or `Err` if none comes within a (paused-time) day.
+    async fn next_alarm(alarms: &mut Alarms<'_, '_>) -> Result<Alarm, tokio::time::error::Elapsed> {
+        tokio::time::timeout(
+            Duration::from_secs(86_400),
+            std::future::poll_fn(|cx| alarms.poll(cx)),
+        )
+        .await
+    }
+
     /// The alarms register the task's waker once per reset and are then looked at with atomic
     /// loads: the timer still wakes a task that was woken (and polled) by other events in
     /// between, shutdown wakes it once, and a reset timer fires at its new deadline. (Paused
@@ -297,23 +306,17 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(2)).await;
             canceller.cancel();
         });
-        let second = tokio::time::timeout(
-            Duration::from_secs(86_400),
-            std::future::poll_fn(|cx| alarms.poll(cx)),
-        )
-        .await
-        .expect("shutdown wakes the task");
+        let second = next_alarm(&mut alarms)
+            .await
+            .expect("shutdown wakes the task");
         assert_eq!(second, Alarm::Shutdown);
         assert_eq!(Instant::now(), t0 + Duration::from_secs(3));
 
         // Reported once: after it, the timer set before it still fires at its deadline.
         alarms.shutting_down = true;
-        let third = tokio::time::timeout(
-            Duration::from_secs(86_400),
-            std::future::poll_fn(|cx| alarms.poll(cx)),
-        )
-        .await
-        .expect("the timer wakes the task");
+        let third = next_alarm(&mut alarms)
+            .await
+            .expect("the timer wakes the task");
         assert_eq!(third, Alarm::Timer);
         assert_eq!(Instant::now(), t0 + Duration::from_secs(10));
     }
