@@ -42,6 +42,8 @@ pub struct Metrics {
     pub(crate) send_queue_overflows: Counter,
     /// WebSockets that negotiated permessage-deflate.
     pub(crate) deflate_connections: Counter,
+    /// Connections parked now (quiet: no stream or buffers of their own).
+    pub(crate) parked: prometheus_client::metrics::gauge::Gauge,
     /// Closed connections by the code `on_close` got.
     pub(crate) closes: Family<CodeLabel, Counter>,
     pub(crate) callback_seconds: CallbackHistogram,
@@ -161,6 +163,7 @@ impl Metrics {
             bytes_out: Counter::default(),
             send_queue_overflows: Counter::default(),
             deflate_connections: Counter::default(),
+            parked: Default::default(),
             closes: Family::default(),
             callback_seconds: CallbackHistogram::default(),
             prom: prometheus_client::registry::Registry::default(),
@@ -174,6 +177,12 @@ impl Metrics {
             "websockets_compressed",
             "WebSockets that negotiated permessage-deflate",
             m.deflate_connections.clone(),
+        );
+        prom.register(
+            "connections_parked",
+            "WebSocket connections parked: quiet for a second or more, they hold no stream, \
+             buffers or writer until something arrives or is sent",
+            m.parked.clone(),
         );
         prom.register(
             "messages_received",

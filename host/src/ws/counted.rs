@@ -132,6 +132,12 @@ impl<S> Counted<S> {
         self
     }
 
+    /// Whether nothing of the client's is held here or half-read: every byte read so far was
+    /// handed on and ends a whole frame outside a fragmented message.
+    pub(crate) fn at_rest(&self) -> bool {
+        self.ahead.is_empty() && !self.spoiled && self.watch.at_rest()
+    }
+
     /// Follows `data`, just read; how much of it to hand on (all, unless a text frame in it
     /// holds invalid UTF-8: then what comes before that frame, and the next read fails).
     fn watched(&mut self, data: &[u8]) -> usize {

@@ -190,6 +190,25 @@ impl<S> Deflate<S> {
     }
 }
 
+impl<S> Deflate<S> {
+    /// The socket underneath.
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Whether no frame is half-read, half-written or waiting here.
+    pub(crate) fn at_rest(&self) -> bool {
+        self.state.as_deref().is_none_or(|s| {
+            s.raw_in.is_empty()
+                && s.ready_in.is_empty()
+                && s.message.is_none()
+                && !s.eof
+                && s.raw_out.is_empty()
+                && s.ready_out.is_empty()
+        })
+    }
+}
+
 /// A frame's header, parsed.
 #[derive(Debug, Clone, Copy)]
 struct Header {

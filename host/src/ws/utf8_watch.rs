@@ -33,6 +33,9 @@ pub(crate) struct Utf8Watch {
     /// A character cut off by the end of a read, waiting for its other bytes.
     pending: [u8; 4],
     pending_len: u8,
+    /// A fragmented data message has begun and its last frame has not (control frames may
+    /// come between its fragments).
+    in_message: bool,
 }
 
 /// A text frame holds invalid UTF-8.
@@ -129,10 +132,14 @@ impl Utf8Watch {
     fn start_frame(&mut self, h: &Header) {
         let opcode = h.fin_opcode & 0x0f;
         let rsv1 = h.fin_opcode & 0x40 != 0;
+        let fin = h.fin_opcode & 0x80 != 0;
         match opcode {
             1 => self.text_message = !rsv1,
             2 => self.text_message = false,
             _ => {}
+        }
+        if opcode <= 2 {
+            self.in_message = !fin;
         }
         self.watching = (opcode == 1 || opcode == 0) && self.text_message;
         // A continuation frame may begin inside a character.
@@ -141,6 +148,12 @@ impl Utf8Watch {
         self.mask = h.mask;
         self.mask_at = 0;
         self.pending_len = 0;
+    }
+
+    /// Whether every byte so far ends a whole frame and no fragmented message is under way:
+    /// a reader that has taken every whole frame holds nothing of the client's.
+    pub(crate) fn at_rest(&self) -> bool {
+        self.remaining == 0 && self.head_len == 0 && !self.in_message
     }
 
     /// Checks the next payload bytes of the watched frame; false at invalid UTF-8.
@@ -262,6 +275,29 @@ mod tests {
                 frame_start: ok.len()
             })
         );
+    }
+
+    #[test]
+    fn at_rest_only_between_whole_frames_outside_a_fragmented_message() {
+        let mut w = Utf8Watch::default();
+        assert!(w.at_rest());
+        // A header cut short, then the rest of its frame.
+        let whole = frame(0x82, b"abcdef", M);
+        w.feed(&whole[..1]).unwrap();
+        assert!(!w.at_rest(), "inside a header");
+        w.feed(&whole[1..8]).unwrap();
+        assert!(!w.at_rest(), "inside a payload");
+        w.feed(&whole[8..]).unwrap();
+        assert!(w.at_rest());
+        // A fragmented message, with a ping between its fragments.
+        w.feed(&frame(0x01, b"part", M)).unwrap();
+        assert!(!w.at_rest(), "first fragment in");
+        w.feed(&frame(0x89, b"", M)).unwrap();
+        assert!(!w.at_rest(), "a ping between fragments");
+        w.feed(&frame(0x00, b"more", M)).unwrap();
+        assert!(!w.at_rest(), "a middle fragment");
+        w.feed(&frame(0x80, b"end", M)).unwrap();
+        assert!(w.at_rest(), "the last fragment ends the message");
     }
 
     #[test]

@@ -29,14 +29,18 @@ use crate::plugin::LoadedPlugin;
 
 #[cfg(test)]
 mod in_process;
+mod link;
 mod timing;
 mod writer;
 
+use link::Link;
 use timing::{Alarm, Alarms, RateLimit};
 pub(crate) use timing::{CloseReason, Timing};
-use writer::{IoEvent, Writer};
+use writer::IoEvent;
 
-type Ws = WebSocketStream<super::deflate::Deflate<Counted<SessionIo>>>;
+/// A session's socket with the wrappers that count its bytes and (if negotiated) deflate.
+type Io = super::deflate::Deflate<Counted<SessionIo>>;
+type Ws = WebSocketStream<Io>;
 
 /// Most bytes fed to the socket before a flush, so one flush never waits on an unbounded batch.
 const MAX_BATCH: u64 = 256 << 10;
@@ -45,6 +49,10 @@ const MAX_BATCH: u64 = 256 << 10;
 const MAX_READS_BEFORE_FLUSH: u32 = 64;
 /// The session's timer when nothing is due: a year away.
 const FAR: Duration = Duration::from_secs(86_400 * 365);
+/// How often an open connection is looked at to be parked: one that read and wrote nothing
+/// since the last look (so quiet for this long at least, twice this at most) gives up its
+/// stream's memory until it is busy again ([`Link`]).
+const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything a session needs besides its socket.
 pub(crate) struct Start {
@@ -152,11 +160,11 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
     // then the socket closes as `ws` is dropped.
     let _ = tokio::time::timeout(
         s.host.close_timeout,
-        std::future::poll_fn(|cx| w.out.poll_final(cx, &mut w.ws, &s.conn)),
+        std::future::poll_fn(|cx| w.link.poll_final(cx, &s.conn)),
     )
     .await;
     s.conn.release_queued();
-    w.out.counts.flush_out(&metrics);
+    w.link.finish(&metrics);
     // Last, so that a scraper that sees the close also sees every count of the connection.
     metrics.closes.get_or_create(&CodeLabel { code }).inc();
 }
@@ -171,8 +179,7 @@ struct Opened {
 
 /// The socket's side of a session, handed to its read loop behind one reference.
 struct Wire {
-    ws: Ws,
-    out: Writer,
+    link: Link,
     timing: Timing,
     partial: Arc<Partial>,
     shutdown: CancellationToken,
@@ -204,10 +211,11 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
         .max_frame_size
         .map_or(usize::MAX, clamp_usize)
         .min(max_message);
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(config.read_buffer_size)
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_frame));
+    let sizes = link::Sizes {
+        read_buffer: config.read_buffer_size,
+        max_message,
+        max_frame,
+    };
     let partial = Partial::new(Arc::clone(&budget));
     let io = Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead);
     let io = super::deflate::Deflate::new(
@@ -225,7 +233,7 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
     // Freed now, not at the end: it may share hyper's read buffer (measured: 4 KiB more an
     // idle connection while it was kept).
     drop(read_ahead);
-    let ws = raw_socket(io, ws_config);
+    let ws = raw_socket(io, sizes);
     let max_send_queue = limits.max_send_queue.unwrap_or(u64::MAX);
     let conn = ConnShared::new(
         id,
@@ -253,8 +261,7 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
     s.call("on_connect", |cb| cb.on_connect());
     Opened {
         w: Wire {
-            ws,
-            out: Writer::default(),
+            link: Link::open(ws, sizes),
             timing: Timing::new(&limits),
             partial,
             shutdown,
@@ -268,8 +275,12 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
 /// tokio-tungstenite's stream over a socket past the handshake. Its constructor is `async` but
 /// finishes on its first poll (it only stores the waker); polled here, so that its 680-byte
 /// future never becomes part of the session's.
-fn raw_socket(io: super::deflate::Deflate<Counted<SessionIo>>, config: WebSocketConfig) -> Ws {
+fn raw_socket(io: Io, sizes: link::Sizes) -> Ws {
     use futures_util::FutureExt as _;
+    let config = WebSocketConfig::default()
+        .read_buffer_size(sizes.read_buffer)
+        .max_message_size(Some(sizes.max_message))
+        .max_frame_size(Some(sizes.max_frame));
     WebSocketStream::from_raw_socket(io, Role::Server, Some(config))
         .now_or_never()
         // tokio-tungstenite's skipped handshake returns on the first poll; a version that
@@ -358,6 +369,8 @@ impl Session {
             )
         };
         let mut awaiting_pong: Option<Instant> = None;
+        // When the connection is next looked at to be parked (none while it is).
+        let mut park_at = Some(last_data_in + PARK_AFTER);
         let timer = tokio::time::sleep(FAR);
         tokio::pin!(timer);
         // Made once, not per message: a waiting cancellation future takes a lock to register and
@@ -365,7 +378,14 @@ impl Session {
         let cancelled = w.shutdown.cancelled();
         tokio::pin!(cancelled);
         let mut alarms = Alarms::new(timer, cancelled, &w.shutdown);
-        let mut wake = self.next_wake(&w.timing, next_ping, awaiting_pong, last_data_in, None);
+        let mut wake = self.next_wake(
+            &w.timing,
+            next_ping,
+            awaiting_pong,
+            last_data_in,
+            None,
+            park_at,
+        );
         alarms.reset(wake);
         loop {
             // Flags the connection's handle set (and woke this task for): a send that was
@@ -392,6 +412,7 @@ impl Session {
                     awaiting_pong,
                     last_data_in,
                     close_deadline,
+                    park_at,
                 );
                 alarms.reset(wake);
             }
@@ -416,13 +437,23 @@ impl Session {
             // else is looked at. Tokio's cooperative budget makes a busy socket return Pending
             // now and then, so the alarms still get their turn; looking at them is an atomic
             // load each unless they were just set (`Alarms`).
+            let was_parked = w.link.is_parked();
             let woke = std::future::poll_fn(|cx| {
-                if let Poll::Ready(item) = w.out.poll_io(cx, &mut w.ws, &self.conn) {
+                if let Poll::Ready(item) = w.link.poll_io(cx, &self.conn) {
                     return Poll::Ready(Ok(item));
                 }
                 alarms.poll(cx).map(Err)
             })
             .await;
+            if was_parked && !w.link.is_parked() {
+                // Busy again: looked at to be parked from now on.
+                let at = Instant::now() + PARK_AFTER;
+                park_at = Some(at);
+                if at < wake {
+                    wake = at;
+                    alarms.reset(wake);
+                }
+            }
             match woke {
                 Ok(item) => match item {
                     IoEvent::End => break,
@@ -533,12 +564,21 @@ impl Session {
                             self.call("on_timer", |cb| cb.on_timer(tag));
                         }
                     }
+                    if w.link.is_parked() {
+                        park_at = None;
+                    } else if park_at.is_some_and(|at| now >= at) {
+                        // Looked at in the next poll, after the socket's (and after the
+                        // plugin's timers above: what they queue keeps it open).
+                        w.link.look_to_park();
+                        park_at = Some(now + PARK_AFTER);
+                    }
                     wake = self.next_wake(
                         &w.timing,
                         next_ping,
                         awaiting_pong,
                         last_data_in,
                         close_deadline,
+                        park_at,
                     );
                     alarms.reset(wake);
                 }
@@ -551,8 +591,8 @@ impl Session {
     }
 
     /// When the timer must next look at the connection: its next ping, pong deadline, idle
-    /// deadline (from the last data message either way), plugin timer, message-timeout look
-    /// and close deadline, whichever comes first (a year away if none).
+    /// deadline (from the last data message either way), plugin timer, message-timeout look,
+    /// close deadline and look to park, whichever comes first (a year away if none).
     fn next_wake(
         &self,
         timing: &Timing,
@@ -560,6 +600,7 @@ impl Session {
         awaiting_pong: Option<Instant>,
         last_data_in: Instant,
         close_deadline: Option<Instant>,
+        park_at: Option<Instant>,
     ) -> Instant {
         let now = Instant::now();
         let mut wake = now + FAR;
@@ -582,8 +623,8 @@ impl Session {
             // caught within twice the limit.
             wake = wake.min(now + limit);
         }
-        if let Some(d) = close_deadline {
-            wake = wake.min(d);
+        for at in [close_deadline, park_at].into_iter().flatten() {
+            wake = wake.min(at);
         }
         wake
     }

@@ -52,6 +52,10 @@ pub(super) struct Writer {
     pub(super) counts: Counts,
     /// Tracked sends among the frames fed since the last flush.
     pub(super) tracked: usize,
+    /// The last `poll_io` ended with nothing to read, write or flush.
+    pub(super) rested: bool,
+    /// A message was read or fed since the session last looked (see `Link::try_park`).
+    pub(super) stirred: bool,
 }
 
 impl Writer {
@@ -87,6 +91,7 @@ impl Writer {
             ws.start_send_unpin(msg).map_err(|_| ())?;
             self.fed += n;
             self.dirty = true;
+            self.stirred = true;
         }
         Ok(())
     }
@@ -133,6 +138,7 @@ impl Writer {
         conn: &ConnShared,
     ) -> Poll<IoEvent> {
         conn.register(cx.waker());
+        self.rested = false;
         if conn.has_flags() {
             return Poll::Ready(IoEvent::Flags);
         }
@@ -148,6 +154,7 @@ impl Writer {
                 match ws.poll_next_unpin(cx) {
                     Poll::Ready(Some(msg)) => {
                         self.reads += 1;
+                        self.stirred = true;
                         return Poll::Ready(IoEvent::Read(msg));
                     }
                     Poll::Ready(None) => return Poll::Ready(IoEvent::End),
@@ -164,6 +171,7 @@ impl Writer {
                         return Poll::Ready(IoEvent::Flags);
                     }
                     if (read_polled || paused) && !more {
+                        self.rested = read_polled;
                         return Poll::Pending;
                     }
                 }

@@ -1,0 +1,180 @@
+//! A session's socket, open for messages or parked: a connection that has been quiet for a
+//! while gives up tungstenite's stream (its state, read buffer and wakers) and the writer, and
+//! keeps the bare socket until something arrives or something is to be sent. Most of a
+//! server's connections are idle most of the time; this is what each of them holds then.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::SinkExt as _;
+use tokio::io::{AsyncRead as _, ReadBuf};
+use tokio_tungstenite::tungstenite::error::Error as WsError;
+
+use super::writer::{IoEvent, Writer};
+use super::{Io, Ws};
+use crate::metrics::Metrics;
+use crate::ws::conn::ConnShared;
+
+/// The connection's socket.
+pub(super) enum Link {
+    /// Open for messages: boxed, so that a parked connection does not keep its room.
+    Open(Box<Active>),
+    /// Quiet: the socket with its wrappers (which hold nothing of the client's then), and the
+    /// sizes tungstenite's stream is made again with.
+    Parked(Io, Sizes),
+    /// Only for the moment of a change between the two.
+    Moving,
+}
+
+/// An open socket: tungstenite's stream and the writer that feeds it.
+pub(super) struct Active {
+    ws: Ws,
+    out: Writer,
+    sizes: Sizes,
+    /// The session asks to be parked if the connection is quiet ([`Link::look_to_park`]).
+    park_look: bool,
+}
+
+/// The sizes tungstenite's stream is configured with (its other settings are its defaults).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Sizes {
+    pub(super) read_buffer: usize,
+    pub(super) max_message: usize,
+    pub(super) max_frame: usize,
+}
+
+impl Link {
+    pub(super) fn open(ws: Ws, sizes: Sizes) -> Self {
+        Self::Open(Box::new(Active {
+            ws,
+            out: Writer::default(),
+            sizes,
+            park_look: false,
+        }))
+    }
+
+    /// Asks that the connection be parked at its next poll if it is quiet then
+    /// ([`Link::try_park`]): after the socket was looked at, so that what has arrived is read
+    /// first.
+    pub(super) fn look_to_park(&mut self) {
+        if let Self::Open(a) = self {
+            a.park_look = true;
+        }
+    }
+
+    pub(super) fn is_parked(&self) -> bool {
+        matches!(self, Self::Parked(..))
+    }
+
+    /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection waits for
+    /// its socket to be readable (reading nothing: what arrives stays in the socket's
+    /// wrappers) or for something to send, and is opened again then; the handle's flags
+    /// need no socket and are reported as they are.
+    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
+        if let Self::Parked(io, _) = self {
+            conn.register(cx.waker());
+            if conn.has_flags() {
+                return Poll::Ready(IoEvent::Flags);
+            }
+            let mut failed = None;
+            if !conn.has_queued() {
+                if conn.is_paused() {
+                    return Poll::Pending;
+                }
+                match Pin::new(io).poll_read(cx, &mut ReadBuf::new(&mut [])) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(())) => {}
+                    // (An error is what tungstenite's next read would have met.)
+                    Poll::Ready(Err(e)) => failed = Some(e),
+                }
+            }
+            self.unpark(conn);
+            if let Some(e) = failed {
+                return Poll::Ready(IoEvent::Read(Err(WsError::Io(e))));
+            }
+        }
+        let a = self.active(conn);
+        let polled = a.out.poll_io(cx, &mut a.ws, conn);
+        if polled.is_pending() && std::mem::take(&mut a.park_look) && self.try_park(cx, conn) {
+            // Parked: registered for the socket's next bytes.
+            return self.poll_io(cx, conn);
+        }
+        polled
+    }
+
+    /// Parks the connection if it is open, nothing was read or written since the last look,
+    /// and it holds nothing half-done: its last poll found nothing to read, write or flush,
+    /// no frame or fragmented message is part-way in, nothing is queued, it is neither closing
+    /// nor paused, and tungstenite has no answer (a pong) left to write. Whether it is
+    /// parked now.
+    fn try_park(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> bool {
+        let Self::Open(a) = self else {
+            return self.is_parked();
+        };
+        let stirred = std::mem::take(&mut a.out.stirred);
+        let at_rest = !stirred
+            && a.out.rested
+            && conn.is_open()
+            && !conn.is_paused()
+            && !conn.has_queued()
+            && !conn.has_flags()
+            && a.ws.get_ref().at_rest()
+            && a.ws.get_ref().get_ref().at_rest()
+            && matches!(a.ws.poll_flush_unpin(cx), Poll::Ready(Ok(())));
+        if !at_rest {
+            return false;
+        }
+        a.out.counts.flush_out(conn.metrics());
+        *self = match std::mem::replace(self, Self::Moving) {
+            Self::Open(a) => {
+                let Active { ws, sizes, .. } = *a;
+                Self::Parked(ws.into_inner(), sizes)
+            }
+            other => other,
+        };
+        conn.metrics().parked.inc();
+        tracing::trace!("parked");
+        true
+    }
+
+    /// Opens a parked connection again.
+    fn unpark(&mut self, conn: &ConnShared) {
+        *self = match std::mem::replace(self, Self::Moving) {
+            Self::Parked(io, sizes) => {
+                conn.metrics().parked.dec();
+                Self::open(super::raw_socket(io, sizes), sizes)
+            }
+            other => other,
+        };
+    }
+
+    fn active(&mut self, conn: &ConnShared) -> &mut Active {
+        self.unpark(conn);
+        match self {
+            Self::Open(a) => a,
+            Self::Parked(..) | Self::Moving => unreachable!("opened just above"),
+        }
+    }
+
+    /// After the session: writes out what is still queued (a parked connection opens for
+    /// it), then flushes.
+    pub(super) fn poll_final(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<()> {
+        if self.is_parked() && !conn.has_queued() {
+            return Poll::Ready(());
+        }
+        let a = self.active(conn);
+        a.out.poll_final(cx, &mut a.ws, conn)
+    }
+
+    /// At the session's end: adds the messages and bytes written to the metrics (a parked
+    /// connection did when it parked), and a parked one leaves the parked count.
+    pub(super) fn finish(&mut self, metrics: &Metrics) {
+        match self {
+            Self::Open(a) => a.out.counts.flush_out(metrics),
+            Self::Parked(..) => {
+                metrics.parked.dec();
+            }
+            Self::Moving => {}
+        }
+    }
+}
