@@ -35,7 +35,7 @@ pub(crate) fn handshake(addr: SocketAddr, path: &str, offer: &str) -> (TcpStream
     (s, ext)
 }
 
-fn deflate(data: &[u8]) -> Vec<u8> {
+pub(crate) fn deflate(data: &[u8]) -> Vec<u8> {
     let mut c = Compress::new(Compression::default(), false);
     let mut out = Vec::with_capacity(data.len() + 64);
     c.compress_vec(data, &mut out, FlushCompress::Sync).unwrap();
@@ -44,7 +44,7 @@ fn deflate(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn inflate(data: &[u8]) -> Vec<u8> {
+pub(crate) fn inflate(data: &[u8]) -> Vec<u8> {
     let mut d = Decompress::new(false);
     let mut input = data.to_vec();
     input.extend_from_slice(&[0, 0, 0xff, 0xff]);
@@ -96,7 +96,7 @@ pub(crate) fn recv(s: &mut TcpStream) -> (bool, u8, Vec<u8>) {
     (h[0] & 0x40 != 0, h[0] & 0x0f, payload)
 }
 
-const JSON: &str = r#"{"type":"update","items":[{"id":1,"name":"alpha","tags":["a","b"]},{"id":2,"name":"beta","tags":["a","b"]},{"id":3,"name":"gamma","tags":["a","b"]},{"id":4,"name":"delta","tags":["a","b"]}]}"#;
+pub(crate) const JSON: &str = r#"{"type":"update","items":[{"id":1,"name":"alpha","tags":["a","b"]},{"id":2,"name":"beta","tags":["a","b"]},{"id":3,"name":"gamma","tags":["a","b"]},{"id":4,"name":"delta","tags":["a","b"]}]}"#;
 
 #[test]
 fn deflate_is_negotiated_and_messages_are_compressed_both_ways() {

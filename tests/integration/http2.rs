@@ -20,7 +20,7 @@ type H2 = http2::SendRequest<Empty<Bytes>>;
 type H2Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 /// An HTTP/2 connection by prior knowledge.
-async fn h2(addr: SocketAddr) -> H2 {
+pub(crate) async fn h2(addr: SocketAddr) -> H2 {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
         .await
@@ -30,7 +30,7 @@ async fn h2(addr: SocketAddr) -> H2 {
 }
 
 /// Opens a WebSocket on `send`'s connection (extended CONNECT); the answer's headers too.
-async fn open(send: &mut H2, addr: SocketAddr, path: &str) -> (H2Ws, hyper::HeaderMap) {
+pub(crate) async fn open(send: &mut H2, addr: SocketAddr, path: &str) -> (H2Ws, hyper::HeaderMap) {
     let req = Request::builder()
         .method(Method::CONNECT)
         .version(Version::HTTP_2)
@@ -51,7 +51,7 @@ async fn open(send: &mut H2, addr: SocketAddr, path: &str) -> (H2Ws, hyper::Head
     (ws, headers)
 }
 
-async fn ask2(ws: &mut H2Ws, msg: &str) -> String {
+pub(crate) async fn ask2(ws: &mut H2Ws, msg: &str) -> String {
     ws.send(Message::text(msg)).await.unwrap();
     loop {
         match tokio::time::timeout(PATIENCE, ws.next()).await.unwrap() {

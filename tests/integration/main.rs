@@ -21,6 +21,7 @@ mod kv;
 mod limits;
 mod loading;
 mod observability;
+mod parking;
 mod reload;
 mod routing;
 mod scaffold;

@@ -509,6 +509,8 @@ async fn a_quiet_connection_parks_and_every_kind_of_event_opens_it_again() {
     parked(&metrics, 0).await;
     parked(&metrics, 1).await;
     assert_eq!(next_text(client.next().await), "tick");
+    // Opened by its own timer, it parks again (before the second timer, 5 s on).
+    parked(&metrics, 1).await;
     assert_eq!(close_of(&mut client).await, (4000, "done".into()));
     finish(client).await;
     ended(task).await;

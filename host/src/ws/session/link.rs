@@ -68,9 +68,11 @@ impl Link {
 
     /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection waits for
     /// its socket to be readable (reading nothing: what arrives stays in the socket's
-    /// wrappers) or for something to send, and is opened again then; the handle's flags
-    /// need no socket and are reported as they are.
+    /// wrappers) or for something to send, and is opened again then (and says so, with
+    /// `Flags` if nothing else: the session then looks to park it again later); the handle's
+    /// flags need no socket and are reported as they are.
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
+        let mut opened = false;
         if let Self::Parked(io, _) = self {
             conn.register(cx.waker());
             if conn.has_flags() {
@@ -89,6 +91,7 @@ impl Link {
                 }
             }
             self.unpark(conn);
+            opened = true;
             if let Some(e) = failed {
                 return Poll::Ready(IoEvent::Read(Err(WsError::Io(e))));
             }
@@ -98,6 +101,9 @@ impl Link {
         if polled.is_pending() && std::mem::take(&mut a.park_look) && self.try_park(cx, conn) {
             // Parked: registered for the socket's next bytes.
             return self.poll_io(cx, conn);
+        }
+        if opened && polled.is_pending() {
+            return Poll::Ready(IoEvent::Flags);
         }
         polled
     }

@@ -28,7 +28,7 @@ pub(super) enum IoEvent {
     /// The peer's side is over (after the close handshake, or the TCP connection ended).
     End,
     /// The connection's handle set a flag (the queue drained after a refusal, a close was
-    /// queued) for the session to act on.
+    /// queued) for the session to act on; or a parked connection was opened again.
     Flags,
     WriteFailed,
 }

@@ -1,0 +1,128 @@
+//! Parked connections against the real binary: a connection quiet for a second or two gives up
+//! its stream's memory (`wshost_connections_parked` counts it) and answers as before once
+//! something arrives or is sent — over TCP, TLS and HTTP/2, with permessage-deflate, with the
+//! plugin in a worker process, and when what wakes it is another connection's publish, the
+//! plugin's timer or a ping.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::harness::{ask, connect, eventually_async, text, Host, PATIENCE};
+
+/// Waits until exactly `n` connections are parked.
+async fn parked(host: &Host, n: u32) {
+    eventually_async(&format!("{n} connections parked"), || {
+        host.metric("wshost_connections_parked") == Some(f64::from(n))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn parked_connections_wake_for_messages_publishes_timers_and_pings() {
+    let host = Host::builder().plugin("testkit").start();
+    let mut a = connect(&host.url("/testkit")).await;
+    let mut b = connect(&host.url("/testkit")).await;
+    assert_eq!(ask(&mut a, "sub:room").await, "Ok(())");
+    assert!(ask(&mut b, "info").await.starts_with("id="));
+    parked(&host, 2).await;
+
+    // b's message opens b; its publish reaches a, parked, which opens for it.
+    assert_eq!(ask(&mut b, "pub:room:hello").await, "published 1");
+    assert_eq!(text(&mut a).await, "hello");
+    parked(&host, 2).await;
+
+    // The plugin's timer, armed to fire well after a parks: its event opens it.
+    assert_eq!(ask(&mut a, "timer:5:3000").await, "Ok(())");
+    parked(&host, 2).await;
+    assert_eq!(text(&mut a).await, "timer 5");
+    parked(&host, 2).await;
+
+    // A ping to a parked connection: the pong comes back.
+    a.send(Message::Ping("p".into())).await.unwrap();
+    let pong = tokio::time::timeout(PATIENCE, a.next()).await.unwrap();
+    assert_eq!(pong.unwrap().unwrap(), Message::Pong("p".into()));
+
+    // Closing a parked connection: the close handshake completes, the count falls.
+    parked(&host, 2).await;
+    b.close(None).await.unwrap();
+    while let Some(Ok(_)) = tokio::time::timeout(PATIENCE, b.next()).await.unwrap() {}
+    parked(&host, 1).await;
+    assert_eq!(ask(&mut a, "still").await, "still");
+}
+
+#[tokio::test]
+async fn over_tls_a_parked_connection_answers_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
+    let host = Host::builder()
+        .plugin("echo")
+        .arg("--tls-cert")
+        .arg(cert_path.to_str().unwrap())
+        .arg("--tls-key")
+        .arg(key_path.to_str().unwrap())
+        .start();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let url = format!("wss://localhost:{}/echo", host.addr.port());
+    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    for round in ["before", "after"] {
+        ws.send(Message::text(round)).await.unwrap();
+        let reply = tokio::time::timeout(PATIENCE, ws.next()).await.unwrap();
+        assert_eq!(reply.unwrap().unwrap(), Message::text(round));
+        parked(&host, 1).await;
+    }
+}
+
+#[tokio::test]
+async fn http2_websockets_park_and_answer_after() {
+    use crate::http2::{ask2, h2, open};
+    let host = Host::builder().plugin("echo").start();
+    let mut send = h2(host.addr).await;
+    let (mut a, _) = open(&mut send, host.addr, "/echo").await;
+    let (mut b, _) = open(&mut send, host.addr, "/echo").await;
+    for round in ["before", "after"] {
+        assert_eq!(ask2(&mut a, round).await, round);
+        assert_eq!(ask2(&mut b, round).await, round);
+        parked(&host, 2).await;
+    }
+}
+
+#[tokio::test]
+async fn a_parked_compressed_connection_still_inflates_and_deflates() {
+    use crate::compression::{deflate, handshake, inflate, recv, send, JSON};
+    let host = Host::builder().plugin("echo").start();
+    let (mut s, ext) = handshake(host.addr, "/echo", "permessage-deflate");
+    assert!(ext.is_some(), "permessage-deflate negotiated");
+    for _ in 0..2 {
+        send(&mut s, 1, true, &deflate(JSON.as_bytes()));
+        let (rsv1, opcode, payload) = recv(&mut s);
+        assert!(rsv1 && opcode == 1);
+        assert_eq!(inflate(&payload), JSON.as_bytes());
+        parked(&host, 1).await;
+    }
+}
+
+#[tokio::test]
+async fn with_the_plugin_in_a_worker_process_a_parked_connection_answers_after() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--isolation", "process"])
+        .start();
+    let mut ws = connect(&host.url("/echo")).await;
+    for round in ["before", "after"] {
+        assert_eq!(ask(&mut ws, round).await, round);
+        parked(&host, 1).await;
+    }
+}
