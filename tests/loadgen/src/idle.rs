@@ -1,6 +1,7 @@
 //! `loadgen idle`: server memory per idle connection. Opens N connections, exchanges one
-//! message on each (so every lazily allocated buffer exists), and compares the server's
-//! resident memory before and after.
+//! message on each (so every lazily allocated buffer exists), waits [`SETTLE`], and compares
+//! the server's resident memory before and after; [`measure_more`] then opens more beside
+//! them, for what the next connections cost once the first ones have been idle a while.
 
 use std::time::Duration;
 
@@ -35,6 +36,11 @@ impl Outcome {
     }
 }
 
+/// How long the connections stay idle before the server's memory is read: wshost parks a
+/// connection that was quiet for one to two seconds (it gives up its stream's buffers); a
+/// server that does not park is measured after the same wait.
+pub const SETTLE: Duration = Duration::from_secs(3);
+
 pub const HEADER: &str = "| server | idle connections | RSS before | after | per connection |\n| --- | --- | --- | --- | --- |";
 
 async fn open_one(url: &str, i: usize) -> anyhow::Result<Ws> {
@@ -59,7 +65,7 @@ pub async fn measure(url: &str, pid: u32, conns: usize) -> anyhow::Result<(Outco
     for i in 0..conns {
         held.push(open_one(url, i).await?);
     }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::time::sleep(SETTLE).await;
     let after = rss_tree(pid)?;
     Ok((
         Outcome {
@@ -69,4 +75,27 @@ pub async fn measure(url: &str, pid: u32, conns: usize) -> anyhow::Result<(Outco
         },
         held,
     ))
+}
+
+/// Opens `conns` more idle connections beside `held` (opened by [`measure`], idle since) and
+/// measures what they add: memory freed by connections that went idle may be reused by them.
+pub async fn measure_more(
+    url: &str,
+    pid: u32,
+    held: &mut Vec<Ws>,
+    conns: usize,
+) -> anyhow::Result<Outcome> {
+    let before = rss_tree(pid)?;
+    // From the addresses after those `measure` used (each stays under the per-address cap).
+    let first = held.len();
+    for i in first..first + conns {
+        held.push(open_one(url, i).await?);
+    }
+    tokio::time::sleep(SETTLE).await;
+    let after = rss_tree(pid)?;
+    Ok(Outcome {
+        conns,
+        before,
+        after,
+    })
 }

@@ -465,20 +465,59 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
     };
     writeln!(
         report,
-        "\n### Memory per idle connection (a fresh server process for each line)\n"
+        "\n### Memory per idle connection (a fresh server process for each line)\n\n\
+         Each connection exchanges one message; the server's resident memory is read {} s after \
+         the last one (wshost parks a connection quiet for 1–2 s: it gives up its stream's \
+         buffers).\n",
+        idle::SETTLE.as_secs()
     )?;
     writeln!(report, "{}", idle::HEADER)?;
-    for &n in &counts {
-        for kind in servers
+    let servers_but_again = || {
+        servers
             .list
             .iter()
             .map(|s| s.name.clone())
             .filter(|k| k != BARE_AGAIN)
             .collect::<Vec<_>>()
-        {
+    };
+    for &n in &counts {
+        for kind in servers_but_again() {
             let (server, _) = servers.spawn(&kind, pin.then_some(1))?;
             let (o, held) = idle::measure(&server.url("/echo"), server.pid(), n).await?;
             eprintln!("idle {}", o.row(&server.name));
+            writeln!(report, "{}", o.row(&server.name))?;
+            drop(held);
+            drop(server);
+        }
+    }
+    // The next connections, opened beside idle ones: memory a server freed when its first
+    // connections went idle is reused here; what each of these adds is what an idle
+    // connection costs a server that has been running a while.
+    let (first, more) = if args.smoke {
+        (200, 100)
+    } else {
+        let first = counts.first().copied().unwrap_or(10_000);
+        (
+            first,
+            counts
+                .last()
+                .copied()
+                .unwrap_or(first)
+                .saturating_sub(first),
+        )
+    };
+    if more > 0 {
+        writeln!(
+            report,
+            "\n### The next idle connections: {more} opened beside {first} that have been idle {} s (one server process each)\n",
+            idle::SETTLE.as_secs()
+        )?;
+        writeln!(report, "{}", idle::HEADER)?;
+        for kind in servers_but_again() {
+            let (server, _) = servers.spawn(&kind, pin.then_some(1))?;
+            let (_, mut held) = idle::measure(&server.url("/echo"), server.pid(), first).await?;
+            let o = idle::measure_more(&server.url("/echo"), server.pid(), &mut held, more).await?;
+            eprintln!("idle, the next {more}: {}", o.row(&server.name));
             writeln!(report, "{}", o.row(&server.name))?;
             drop(held);
             drop(server);

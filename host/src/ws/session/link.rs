@@ -145,6 +145,10 @@ impl Link {
 
     /// Opens a parked connection again.
     fn unpark(&mut self, conn: &ConnShared) {
+        if !self.is_parked() {
+            // (An open one is not moved out and back on every poll.)
+            return;
+        }
         *self = match std::mem::replace(self, Self::Moving) {
             Self::Parked(io, sizes) => {
                 conn.metrics().parked.dec();
