@@ -102,9 +102,10 @@ fn fake_start(
 /// (2,760 bytes before the setup moved into `open`, 1,624 after; 1,400 once the read loop took
 /// the socket's parts behind one reference and the host-wide limits stayed in the config; 1,392
 /// with `Alarms` in place of `select!`; 1,008 once tungstenite's stream and the writer were boxed
-/// apart so that a parked connection gives them up. tokio allocates a task in steps of 128
-/// bytes, about 150 more than the future in the binary, where it is wrapped in its span: at this
-/// bound the task is 1,152 bytes (heaptrack), 128 more past it.)
+/// apart so that a parked connection gives them up; 760 with the parked socket boxed too, the
+/// close frames boxed, the timings in nanoseconds and the plugin's generation in `Wire`. tokio
+/// allocates a task in steps of 128 bytes, about 140 more than the future in the binary, where
+/// it is wrapped in its span: at this bound the task is 896 bytes (heaptrack), 128 more past it.)
 #[tokio::test]
 async fn the_sessions_future_stays_small() {
     let config = quiet();
@@ -123,7 +124,7 @@ async fn the_sessions_future_stays_small() {
 }
 
 /// The bound [`the_sessions_future_stays_small`] holds the session's future to.
-const SESSION_FUTURE_MAX: usize = 1_008;
+const SESSION_FUTURE_MAX: usize = 760;
 
 /// The defaults, without the host's pings.
 fn quiet() -> Config {

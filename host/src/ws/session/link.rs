@@ -17,11 +17,11 @@ use crate::ws::conn::ConnShared;
 
 /// The connection's socket.
 pub(super) enum Link {
-    /// Open for messages: boxed, so that a parked connection does not keep its room.
+    /// Open for messages. (Both states are boxed: the session's future, which every connection
+    /// holds in either, keeps room for neither.)
     Open(Box<Active>),
-    /// Quiet: the socket with its wrappers (which hold nothing of the client's then), and the
-    /// sizes tungstenite's stream is made again with.
-    Parked(Io, Sizes),
+    /// Quiet: the socket with its wrappers (which hold nothing of the client's then).
+    Parked(Box<Parked>),
     /// Only for the moment of a change between the two.
     Moving,
 }
@@ -33,6 +33,12 @@ pub(super) struct Active {
     sizes: Sizes,
     /// The session asks to be parked if the connection is quiet ([`Link::look_to_park`]).
     park_look: bool,
+}
+
+/// A parked socket, and the sizes tungstenite's stream is made again with.
+pub(super) struct Parked {
+    io: Io,
+    sizes: Sizes,
 }
 
 /// The sizes tungstenite's stream is configured with (its other settings are its defaults).
@@ -63,7 +69,7 @@ impl Link {
     }
 
     pub(super) fn is_parked(&self) -> bool {
-        matches!(self, Self::Parked(..))
+        matches!(self, Self::Parked(_))
     }
 
     /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection waits for
@@ -73,7 +79,7 @@ impl Link {
     /// flags need no socket and are reported as they are.
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
         let mut opened = false;
-        if let Self::Parked(io, _) = self {
+        if let Self::Parked(p) = self {
             conn.register(cx.waker());
             if conn.has_flags() {
                 return Poll::Ready(IoEvent::Flags);
@@ -83,7 +89,7 @@ impl Link {
                 if conn.is_paused() {
                     return Poll::Pending;
                 }
-                match Pin::new(io).poll_read(cx, &mut ReadBuf::new(&mut [])) {
+                match Pin::new(&mut p.io).poll_read(cx, &mut ReadBuf::new(&mut [])) {
                     Poll::Pending => return Poll::Pending,
                     Poll::Ready(Ok(())) => {}
                     // (An error is what tungstenite's next read would have met.)
@@ -134,7 +140,10 @@ impl Link {
         *self = match std::mem::replace(self, Self::Moving) {
             Self::Open(a) => {
                 let Active { ws, sizes, .. } = *a;
-                Self::Parked(ws.into_inner(), sizes)
+                Self::Parked(Box::new(Parked {
+                    io: ws.into_inner(),
+                    sizes,
+                }))
             }
             other => other,
         };
@@ -150,8 +159,9 @@ impl Link {
             return;
         }
         *self = match std::mem::replace(self, Self::Moving) {
-            Self::Parked(io, sizes) => {
+            Self::Parked(p) => {
                 conn.metrics().parked.dec();
+                let Parked { io, sizes } = *p;
                 Self::open(super::raw_socket(io, sizes), sizes)
             }
             other => other,
@@ -162,7 +172,7 @@ impl Link {
         self.unpark(conn);
         match self {
             Self::Open(a) => a,
-            Self::Parked(..) | Self::Moving => unreachable!("opened just above"),
+            Self::Parked(_) | Self::Moving => unreachable!("opened just above"),
         }
     }
 
@@ -181,7 +191,7 @@ impl Link {
     pub(super) fn finish(&mut self, metrics: &Metrics) {
         match self {
             Self::Open(a) => a.out.counts.flush_out(metrics),
-            Self::Parked(..) => {
+            Self::Parked(_) => {
                 metrics.parked.dec();
             }
             Self::Moving => {}

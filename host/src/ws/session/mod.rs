@@ -124,10 +124,9 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
     let Opened {
         mut w,
         mut s,
-        plugin,
         admission,
     } = open(io, read_ahead, start, config);
-    let (code, reason) = s.read_loop(&mut w, plugin.restarting()).await;
+    let (code, reason) = s.read_loop(&mut w).await;
     // (Used in place from here on: moved out into locals, its parts would be stored twice.)
     w.partial.delivered();
     let metrics = Arc::clone(s.conn.metrics());
@@ -153,7 +152,7 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
     let Session { callbacks, .. } = s;
     drop(callbacks);
     crate::plugin::exec::leave();
-    plugin.connection_closed();
+    w.plugin.connection_closed();
     drop(admission);
     tracing::debug!(code, %reason, "connection closed");
     // Write what is still queued (an answer, a close frame), bounded by the close timeout;
@@ -173,7 +172,6 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
 struct Opened {
     w: Wire,
     s: Session,
-    plugin: Arc<LoadedPlugin>,
     admission: crate::context::Admission,
 }
 
@@ -183,6 +181,8 @@ struct Wire {
     timing: Timing,
     partial: Arc<Partial>,
     shutdown: CancellationToken,
+    /// The plugin's generation (whose replacement closes with 1012 rather than 1001).
+    plugin: Arc<LoadedPlugin>,
 }
 
 /// Sets the session up on its socket and runs `on_connect`. A plain function: nothing it uses
@@ -265,9 +265,9 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
             timing: Timing::new(&limits),
             partial,
             shutdown,
+            plugin,
         },
         s,
-        plugin,
         admission,
     }
 }
@@ -302,7 +302,8 @@ struct Session {
     failed: bool,
     /// The close frame the host itself started the close handshake with (a limit, an error,
     /// shutdown): `on_close` is told this code rather than the peer's echo of it.
-    host_close: Option<(u16, String)>,
+    /// (Boxed: set at most once; every connection's future keeps 8 bytes for it, not 32.)
+    host_close: Option<Box<(u16, String)>>,
     /// Messages and bytes received since they were last added to the metrics.
     counts: Counts,
     /// Callback durations since they were last added to the metrics.
@@ -343,7 +344,7 @@ impl Session {
     fn close_by_host(&mut self, why: CloseReason) {
         let (code, reason) = (why.code(), why.reason());
         if self.conn.close_unchecked(code, reason).is_ok() {
-            self.host_close = Some((code, reason.to_owned()));
+            self.host_close = Some(Box::new((code, reason.to_owned())));
         }
     }
 
@@ -353,18 +354,15 @@ impl Session {
     /// Its locals are the session future's largest part: the socket's parts come behind one
     /// reference, and what is used only at the start or per iteration is scoped so that it is
     /// not kept across the `.await`.
-    async fn read_loop(
-        &mut self,
-        w: &mut Wire,
-        restart: &std::sync::atomic::AtomicBool,
-    ) -> (u16, String) {
-        let mut peer_close: Option<(u16, String)> = None;
+    async fn read_loop(&mut self, w: &mut Wire) -> (u16, String) {
+        // (Boxed: set once, at the end; the future keeps 8 bytes for it, not 32.)
+        let mut peer_close: Option<Box<(u16, String)>> = None;
         let mut close_deadline: Option<Instant> = None;
         let (mut last_data_in, mut next_ping, mut rate) = {
             let started = Instant::now();
             (
                 started,
-                w.timing.ping_interval.map(|i| started + i),
+                w.timing.ping_interval().map(|i| started + i),
                 RateLimit::new(self.host.max_message_rate, started),
             )
         };
@@ -398,8 +396,7 @@ impl Session {
             }
             let idle_changed = match self.conn.take_idle_change() {
                 Some(idle) => {
-                    w.timing.idle_timeout =
-                        (!idle.is_zero()).then_some(idle.min(crate::config::MAX_DURATION));
+                    w.timing.set_idle_timeout(idle);
                     true
                 }
                 None => false,
@@ -484,9 +481,10 @@ impl Session {
                                 self.call("on_pong", |cb| cb.on_pong(&p));
                             }
                             Message::Close(frame) => {
-                                peer_close = Some(frame.map_or((1005, String::new()), |f| {
-                                    (u16::from(f.code), f.reason.as_str().to_owned())
-                                }));
+                                peer_close =
+                                    Some(Box::new(frame.map_or((1005, String::new()), |f| {
+                                        (u16::from(f.code), f.reason.as_str().to_owned())
+                                    })));
                                 self.conn.peer_closed();
                                 if close_deadline.is_none() {
                                     let d = Instant::now() + self.host.close_timeout;
@@ -507,6 +505,7 @@ impl Session {
                 },
                 Err(Alarm::Shutdown) => {
                     alarms.shutting_down = true;
+                    let restart = w.plugin.restarting();
                     self.close_by_host(if restart.load(std::sync::atomic::Ordering::Acquire) {
                         CloseReason::ServiceRestart
                     } else {
@@ -522,16 +521,16 @@ impl Session {
                     // A paused connection is not read, so its pongs cannot arrive: no pings then.
                     let paused = self.conn.is_paused();
                     if !paused
-                        && awaiting_pong.is_some_and(|sent| now >= sent + w.timing.pong_timeout)
+                        && awaiting_pong.is_some_and(|sent| now >= sent + w.timing.pong_timeout())
                     {
-                        tracing::info!(pong_timeout = ?w.timing.pong_timeout,
+                        tracing::info!(pong_timeout = ?w.timing.pong_timeout(),
                             "no pong in time; dropping the connection");
                         let why = CloseReason::PingTimeout;
                         let _ = self.conn.close_unchecked(why.code(), why.reason());
                         // The peer is gone: it sent no close frame.
                         return (1006, String::new());
                     }
-                    if let (Some(at), Some(interval)) = (next_ping, w.timing.ping_interval) {
+                    if let (Some(at), Some(interval)) = (next_ping, w.timing.ping_interval()) {
                         if now >= at {
                             if awaiting_pong.is_none() && !paused {
                                 // A ping that cannot be queued still starts the pong clock:
@@ -551,7 +550,7 @@ impl Session {
                             self.close_by_host(CloseReason::MessageTimeout);
                         }
                     }
-                    if let Some(idle) = w.timing.idle_timeout {
+                    if let Some(idle) = w.timing.idle_timeout() {
                         let last = last_data_in.max(self.conn.last_data_out());
                         if now >= last + idle && self.conn.is_open() {
                             tracing::info!(idle_timeout = ?idle, "idle connection closed");
@@ -584,10 +583,11 @@ impl Session {
                 }
             }
         }
-        self.host_close
+        *self
+            .host_close
             .take()
             .or(peer_close)
-            .unwrap_or((1006, String::new()))
+            .unwrap_or_else(|| Box::new((1006, String::new())))
     }
 
     /// When the timer must next look at the connection: its next ping, pong deadline, idle
@@ -608,9 +608,9 @@ impl Session {
             wake = wake.min(p);
         }
         if let Some(sent) = awaiting_pong.filter(|_| !self.conn.is_paused()) {
-            wake = wake.min(sent + timing.pong_timeout);
+            wake = wake.min(sent + timing.pong_timeout());
         }
-        if let Some(idle) = timing.idle_timeout {
+        if let Some(idle) = timing.idle_timeout() {
             if self.conn.is_open() {
                 wake = wake.min(last_data_in.max(self.conn.last_data_out()) + idle);
             }

@@ -15,24 +15,49 @@ use crate::limits::ConnLimits;
 /// The connection's own timers, from the plugin's 101 over the host's defaults (the host-wide
 /// ones — close timeout, message timeout, rate — are read from the config, not copied into every
 /// connection).
+///
+/// Each in nanoseconds (0: off), 8 bytes rather than a `Duration`'s 16: every connection's
+/// future holds them.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timing {
-    pub(crate) ping_interval: Option<Duration>,
-    pub(crate) pong_timeout: Duration,
-    pub(crate) idle_timeout: Option<Duration>,
+    ping_interval: u64,
+    pong_timeout: u64,
+    idle_timeout: u64,
+}
+
+/// `d` in nanoseconds, bounded by [`crate::config::MAX_DURATION`] (a year: 3.2e16 ns, far
+/// inside a `u64`), so that no deadline overflows the clock.
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.min(crate::config::MAX_DURATION).as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl Timing {
     /// `limits` has every value set (the host's defaults merged last).
     pub(super) fn new(limits: &ConnLimits) -> Self {
-        // A plugin's 101 may carry any number of milliseconds: bounded, so that no deadline
-        // overflows the clock.
-        let bounded = |v: Option<Duration>| v.unwrap_or_default().min(crate::config::MAX_DURATION);
+        // A plugin's 101 may carry any number of milliseconds: bounded.
+        let bounded = |v: Option<Duration>| nanos(v.unwrap_or_default());
         Self {
-            ping_interval: nonzero(bounded(limits.ping_interval)),
+            ping_interval: bounded(limits.ping_interval),
             pong_timeout: bounded(limits.pong_timeout),
-            idle_timeout: nonzero(bounded(limits.idle_timeout)),
+            idle_timeout: bounded(limits.idle_timeout),
         }
+    }
+
+    pub(crate) fn ping_interval(&self) -> Option<Duration> {
+        nonzero(Duration::from_nanos(self.ping_interval))
+    }
+
+    pub(crate) fn pong_timeout(&self) -> Duration {
+        Duration::from_nanos(self.pong_timeout)
+    }
+
+    pub(crate) fn idle_timeout(&self) -> Option<Duration> {
+        nonzero(Duration::from_nanos(self.idle_timeout))
+    }
+
+    /// The plugin changed the idle timeout (zero: off).
+    pub(crate) fn set_idle_timeout(&mut self, idle: Duration) {
+        self.idle_timeout = nanos(idle);
     }
 }
 
@@ -183,7 +208,8 @@ impl CloseReason {
 
 /// A token bucket: `rate` messages a second, bursts of as many.
 pub(super) struct RateLimit {
-    pub(super) rate: f64,
+    /// Messages a second (an integer: 24 bytes in all, not 32, in every connection's future).
+    pub(super) rate: u32,
     pub(super) tokens: f64,
     pub(super) at: Instant,
 }
@@ -191,7 +217,7 @@ pub(super) struct RateLimit {
 impl RateLimit {
     pub(super) fn new(rate: u32, now: Instant) -> Option<Self> {
         (rate > 0).then(|| Self {
-            rate: f64::from(rate),
+            rate,
             tokens: f64::from(rate),
             at: now,
         })
@@ -199,8 +225,9 @@ impl RateLimit {
 
     /// Takes one token; false if there is none.
     pub(super) fn take(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.rate);
+        let rate = f64::from(self.rate);
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * rate;
+        self.tokens = (self.tokens + refill).min(rate);
         self.at = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -246,9 +273,9 @@ mod tests {
         };
         let t = Timing::new(&settings);
         let max = crate::config::MAX_DURATION;
-        assert_eq!(t.ping_interval, Some(max));
-        assert_eq!(t.pong_timeout, max);
-        assert_eq!(t.idle_timeout, Some(max));
+        assert_eq!(t.ping_interval(), Some(max));
+        assert_eq!(t.pong_timeout(), max);
+        assert_eq!(t.idle_timeout(), Some(max));
         // The session adds these to the clock: that must not panic.
         let _ = Instant::now() + max + max;
     }
