@@ -77,7 +77,18 @@ impl Link {
     /// wrappers) or for something to send, and is opened again then (and says so, with
     /// `Flags` if nothing else: the session then looks to park it again later); the handle's
     /// flags need no socket and are reported as they are.
+    #[inline]
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
+        match self {
+            // The path of every message: open, and no look to park due.
+            Self::Open(a) if !a.park_look => a.out.poll_io(cx, &mut a.ws, conn),
+            _ => self.poll_io_moving(cx, conn),
+        }
+    }
+
+    /// [`Link::poll_io`] when the connection is parked, or is to be looked at to park.
+    #[cold]
+    fn poll_io_moving(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
         let mut opened = false;
         if let Self::Parked(p) = self {
             conn.register(cx.waker());

@@ -91,7 +91,6 @@ impl Writer {
             ws.start_send_unpin(msg).map_err(|_| ())?;
             self.fed += n;
             self.dirty = true;
-            self.stirred = true;
         }
         Ok(())
     }
@@ -109,6 +108,7 @@ impl Writer {
         match ws.poll_flush_unpin(cx) {
             Poll::Ready(Ok(())) => {
                 self.dirty = false;
+                self.stirred = true;
                 self.reads = 0;
                 // An idle connection keeps no queue memory.
                 self.local.shrink_if_empty();
