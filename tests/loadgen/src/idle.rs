@@ -37,9 +37,9 @@ impl Outcome {
 }
 
 /// How long the connections stay idle before the server's memory is read: wshost parks a
-/// connection that was quiet for one to two seconds (it gives up its stream's buffers); a
-/// server that does not park is measured after the same wait.
-pub const SETTLE: Duration = Duration::from_secs(3);
+/// connection that exchanged one message within three seconds of opening (it gives up its
+/// stream's buffers); a server that does not park is measured after the same wait.
+pub const SETTLE: Duration = Duration::from_secs(5);
 
 pub const HEADER: &str = "| server | idle connections | RSS before | after | per connection |\n| --- | --- | --- | --- | --- |";
 

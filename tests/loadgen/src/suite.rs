@@ -467,8 +467,8 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         report,
         "\n### Memory per idle connection (a fresh server process for each line)\n\n\
          Each connection exchanges one message; the server's resident memory is read {} s after \
-         the last one (wshost parks a connection quiet for 1–2 s: it gives up its stream's \
-         buffers).\n",
+         the last one (wshost parks a connection that exchanged one message within 3 s of \
+         opening: it gives up its stream's buffers).\n",
         idle::SETTLE.as_secs()
     )?;
     writeln!(report, "{}", idle::HEADER)?;

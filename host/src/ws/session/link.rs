@@ -33,6 +33,8 @@ pub(super) struct Active {
     sizes: Sizes,
     /// The session asks to be parked if the connection is quiet ([`Link::look_to_park`]).
     park_look: bool,
+    /// Opened from parked, not yet told to the session ([`Link::take_reopened`]).
+    reopened: bool,
 }
 
 /// A parked socket, and the sizes tungstenite's stream is made again with.
@@ -56,7 +58,17 @@ impl Link {
             out: Writer::default(),
             sizes,
             park_look: false,
+            reopened: false,
         }))
+    }
+
+    /// Whether the connection was opened from parked since the last call (it may have
+    /// parked and opened again within one poll of the session).
+    pub(super) fn take_reopened(&mut self) -> bool {
+        match self {
+            Self::Open(a) => std::mem::take(&mut a.reopened),
+            _ => false,
+        }
     }
 
     /// Asks that the connection be parked at its next poll if it is quiet then
@@ -173,7 +185,11 @@ impl Link {
             Self::Parked(p) => {
                 conn.metrics().parked.dec();
                 let Parked { io, sizes } = *p;
-                Self::open(super::raw_socket(io, sizes), sizes)
+                let mut open = Self::open(super::raw_socket(io, sizes), sizes);
+                if let Self::Open(a) = &mut open {
+                    a.reopened = true;
+                }
+                open
             }
             other => other,
         };

@@ -49,10 +49,14 @@ const MAX_BATCH: u64 = 256 << 10;
 const MAX_READS_BEFORE_FLUSH: u32 = 64;
 /// The session's timer when nothing is due: a year away.
 const FAR: Duration = Duration::from_secs(86_400 * 365);
-/// How often an open connection is looked at to be parked: one that read and wrote nothing
-/// since the last look (so quiet for this long at least, twice this at most) gives up its
-/// stream's memory until it is busy again ([`Link`]).
+/// When an open connection is first looked at to be parked (after it opens, or wakes from
+/// parking): one that read and wrote nothing since the last look gives up its stream's memory
+/// until it is busy again ([`Link`]). Each look that finds it busy doubles the wait for the
+/// next, up to [`PARK_AFTER`] × 2^[`PARK_BACKOFF_MAX`] (32 s): a busy connection costs a timer
+/// wake-up now and then, not one a second (measured: one a second added 12% to the CPU of a
+/// fan-out to 10,000 connections that each get a message every 100 ms).
 const PARK_AFTER: Duration = Duration::from_secs(1);
+const PARK_BACKOFF_MAX: u8 = 5;
 
 /// Everything a session needs besides its socket.
 pub(crate) struct Start {
@@ -369,6 +373,8 @@ impl Session {
         let mut awaiting_pong: Option<Instant> = None;
         // When the connection is next looked at to be parked (none while it is).
         let mut park_at = Some(last_data_in + PARK_AFTER);
+        // Looks that found the connection busy since it opened or woke (capped).
+        let mut park_backoff: u8 = 0;
         let timer = tokio::time::sleep(FAR);
         tokio::pin!(timer);
         // Made once, not per message: a waiting cancellation future takes a lock to register and
@@ -434,7 +440,6 @@ impl Session {
             // else is looked at. Tokio's cooperative budget makes a busy socket return Pending
             // now and then, so the alarms still get their turn; looking at them is an atomic
             // load each unless they were just set (`Alarms`).
-            let was_parked = w.link.is_parked();
             let woke = std::future::poll_fn(|cx| {
                 if let Poll::Ready(item) = w.link.poll_io(cx, &self.conn) {
                     return Poll::Ready(Ok(item));
@@ -442,10 +447,11 @@ impl Session {
                 alarms.poll(cx).map(Err)
             })
             .await;
-            if was_parked && !w.link.is_parked() {
+            if w.link.take_reopened() {
                 // Busy again: looked at to be parked from now on.
                 let at = Instant::now() + PARK_AFTER;
                 park_at = Some(at);
+                park_backoff = 0;
                 if at < wake {
                     wake = at;
                     alarms.reset(wake);
@@ -569,7 +575,8 @@ impl Session {
                         // Looked at in the next poll, after the socket's (and after the
                         // plugin's timers above: what they queue keeps it open).
                         w.link.look_to_park();
-                        park_at = Some(now + PARK_AFTER);
+                        park_backoff = (park_backoff + 1).min(PARK_BACKOFF_MAX);
+                        park_at = Some(now + PARK_AFTER * (1 << park_backoff));
                     }
                     wake = self.next_wake(
                         &w.timing,
