@@ -180,8 +180,8 @@ impl Metrics {
         );
         prom.register(
             "connections_parked",
-            "WebSocket connections parked: quiet for a second or more, they hold no stream, \
-             buffers or writer until something arrives or is sent",
+            "WebSocket connections parked: gone quiet, they hold no stream, buffers or writer \
+             until something arrives or is sent",
             m.parked.clone(),
         );
         prom.register(
