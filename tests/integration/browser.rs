@@ -67,10 +67,7 @@ fn over_https_the_browser_opens_its_websockets_over_http2() {
     let (_, cert_path, key_path) = crate::harness::self_signed(tmp.path());
     let host = Host::builder()
         .plugin("chat")
-        .arg("--tls-cert")
-        .arg(cert_path.to_str().unwrap())
-        .arg("--tls-key")
-        .arg(key_path.to_str().unwrap())
+        .tls(&cert_path, &key_path)
         .start();
     let screenshot = tmp.path().join("chat-h2.png");
     let out = Command::new("node")

@@ -260,6 +260,14 @@ impl HostBuilder {
         self
     }
 
+    /// Serves TLS with the certificate and key in these files (`--tls-cert`, `--tls-key`).
+    pub fn tls(self, cert: &Path, key: &Path) -> Self {
+        self.arg("--tls-cert")
+            .arg(cert.to_str().unwrap())
+            .arg("--tls-key")
+            .arg(key.to_str().unwrap())
+    }
+
     pub fn args(mut self, args: &[&str]) -> Self {
         self.args.extend(args.iter().map(|a| (*a).to_owned()));
         self
@@ -695,4 +703,18 @@ pub fn self_signed(dir: &Path) -> (rcgen::CertifiedKey, PathBuf, PathBuf) {
     std::fs::write(&cert_path, cert.cert.pem()).unwrap();
     std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
     (cert, cert_path, key_path)
+}
+
+/// A client's TLS connector that trusts `cert` alone and offers the ALPN protocols `alpn`.
+pub fn tls_connector(cert: &rcgen::CertifiedKey, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }

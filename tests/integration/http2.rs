@@ -2,7 +2,6 @@
 //! same port as HTTP/1.1, with TLS (ALPN `h2`) and without (prior knowledge).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Empty};
@@ -146,23 +145,10 @@ async fn with_tls_http2_is_chosen_by_alpn() {
     let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
     let host = Host::builder()
         .plugin("echo")
-        .arg("--tls-cert")
-        .arg(cert_path.to_str().unwrap())
-        .arg("--tls-key")
-        .arg(key_path.to_str().unwrap())
+        .tls(&cert_path, &key_path)
         .start();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let tls = crate::harness::tls_connector(&cert, &[b"h2", b"http/1.1"])
         .connect(
             rustls::pki_types::ServerName::try_from("localhost").unwrap(),
             tcp,

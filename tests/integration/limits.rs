@@ -3,7 +3,6 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -293,21 +292,10 @@ async fn wss_with_a_generated_certificate() {
     let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
     let host = Host::builder()
         .plugin("testkit")
-        .arg("--tls-cert")
-        .arg(cert_path.to_str().unwrap())
-        .arg("--tls-key")
-        .arg(key_path.to_str().unwrap())
+        .tls(&cert_path, &key_path)
         .start();
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = crate::harness::tls_connector(&cert, &[]);
     let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();

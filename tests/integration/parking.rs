@@ -1,10 +1,8 @@
-//! Parked connections against the real binary: a connection quiet for a second or two gives up
+//! Parked connections against the real binary: a connection quiet for a few seconds gives up
 //! its stream's memory (`wshost_connections_parked` counts it) and answers as before once
 //! something arrives or is sent — over TCP, TLS and HTTP/2, with permessage-deflate, with the
 //! plugin in a worker process, and when what wakes it is another connection's publish, the
 //! plugin's timer or a ping.
-
-use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -58,20 +56,9 @@ async fn over_tls_a_parked_connection_answers_after() {
     let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
     let host = Host::builder()
         .plugin("echo")
-        .arg("--tls-cert")
-        .arg(cert_path.to_str().unwrap())
-        .arg("--tls-key")
-        .arg(key_path.to_str().unwrap())
+        .tls(&cert_path, &key_path)
         .start();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = crate::harness::tls_connector(&cert, &[]);
     let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();

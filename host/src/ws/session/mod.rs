@@ -34,7 +34,9 @@ mod timing;
 mod writer;
 
 use link::Link;
-use timing::{Alarm, Alarms, RateLimit};
+#[cfg(test)]
+use timing::PARK_AFTER;
+use timing::{Alarm, Alarms, Deadlines, RateLimit};
 pub(crate) use timing::{CloseReason, Timing};
 use writer::IoEvent;
 
@@ -49,14 +51,6 @@ const MAX_BATCH: u64 = 256 << 10;
 const MAX_READS_BEFORE_FLUSH: u32 = 64;
 /// The session's timer when nothing is due: a year away.
 const FAR: Duration = Duration::from_secs(86_400 * 365);
-/// When an open connection is first looked at to be parked (after it opens, or wakes from
-/// parking): one that read and wrote nothing since the last look gives up its stream's memory
-/// until it is busy again ([`Link`]). Each look that finds it busy doubles the wait for the
-/// next, up to [`PARK_AFTER`] × 2^[`PARK_BACKOFF_MAX`] (32 s): a busy connection costs a timer
-/// wake-up now and then, not one a second (measured: one a second added 12% to the CPU of a
-/// fan-out to 10,000 connections that each get a message every 100 ms).
-const PARK_AFTER: Duration = Duration::from_secs(1);
-const PARK_BACKOFF_MAX: u8 = 5;
 
 /// Everything a session needs besides its socket.
 pub(crate) struct Start {
@@ -361,20 +355,13 @@ impl Session {
     async fn read_loop(&mut self, w: &mut Wire) -> (u16, String) {
         // (Boxed: set once, at the end; the future keeps 8 bytes for it, not 32.)
         let mut peer_close: Option<Box<(u16, String)>> = None;
-        let mut close_deadline: Option<Instant> = None;
-        let (mut last_data_in, mut next_ping, mut rate) = {
+        let (mut d, mut rate) = {
             let started = Instant::now();
             (
-                started,
-                w.timing.ping_interval().map(|i| started + i),
+                Deadlines::new(started, &w.timing),
                 RateLimit::new(self.host.max_message_rate, started),
             )
         };
-        let mut awaiting_pong: Option<Instant> = None;
-        // When the connection is next looked at to be parked (none while it is).
-        let mut park_at = Some(last_data_in + PARK_AFTER);
-        // Looks that found the connection busy since it opened or woke (capped).
-        let mut park_backoff: u8 = 0;
         let timer = tokio::time::sleep(FAR);
         tokio::pin!(timer);
         // Made once, not per message: a waiting cancellation future takes a lock to register and
@@ -382,15 +369,7 @@ impl Session {
         let cancelled = w.shutdown.cancelled();
         tokio::pin!(cancelled);
         let mut alarms = Alarms::new(timer, cancelled, &w.shutdown);
-        let mut wake = self.next_wake(
-            &w.timing,
-            next_ping,
-            awaiting_pong,
-            last_data_in,
-            None,
-            park_at,
-        );
-        alarms.reset(wake);
+        alarms.reset(self.next_wake(&w.timing, &d));
         loop {
             // Flags the connection's handle set (and woke this task for): a send that was
             // refused has drained; a close was queued (its handshake has a deadline).
@@ -409,15 +388,7 @@ impl Session {
             };
             // A timer the plugin armed may be due before the session's next wake-up.
             if idle_changed | self.conn.take_timers_changed() {
-                wake = self.next_wake(
-                    &w.timing,
-                    next_ping,
-                    awaiting_pong,
-                    last_data_in,
-                    close_deadline,
-                    park_at,
-                );
-                alarms.reset(wake);
+                alarms.reset(self.next_wake(&w.timing, &d));
             }
             if let Some(crashed) = self.conn.take_failed() {
                 if !self.failed {
@@ -429,11 +400,9 @@ impl Session {
                     });
                 }
             }
-            if self.conn.take_closing() && close_deadline.is_none() {
-                close_deadline = Some(Instant::now() + self.host.close_timeout);
-                if close_deadline < Some(wake) {
-                    wake = close_deadline.unwrap_or(wake);
-                    alarms.reset(wake);
+            if self.conn.take_closing() {
+                if let Some(at) = d.start_close(self.host.close_timeout) {
+                    alarms.pull_in(at);
                 }
             }
             // The socket first (`Ok`), then the alarms (`Err`): while messages are ready nothing
@@ -449,13 +418,7 @@ impl Session {
             .await;
             if w.link.take_reopened() {
                 // Busy again: looked at to be parked from now on.
-                let at = Instant::now() + PARK_AFTER;
-                park_at = Some(at);
-                park_backoff = 0;
-                if at < wake {
-                    wake = at;
-                    alarms.reset(wake);
-                }
+                alarms.pull_in(d.woke());
             }
             match woke {
                 Ok(item) => match item {
@@ -470,20 +433,22 @@ impl Session {
                         w.partial.delivered();
                         match msg {
                             Message::Text(t) => {
-                                if self.data_in(t.len(), &mut last_data_in, rate.as_mut()) {
-                                    self.call_at(last_data_in, "on_text", |cb| {
+                                if self.data_in(t.len(), &mut d.last_data_in, rate.as_mut()) {
+                                    self.call_at(d.last_data_in, "on_text", |cb| {
                                         cb.on_text(t.as_str())
                                     });
                                 }
                             }
                             Message::Binary(b) => {
-                                if self.data_in(b.len(), &mut last_data_in, rate.as_mut()) {
-                                    self.call_at(last_data_in, "on_binary", |cb| cb.on_binary(&b));
+                                if self.data_in(b.len(), &mut d.last_data_in, rate.as_mut()) {
+                                    self.call_at(d.last_data_in, "on_binary", |cb| {
+                                        cb.on_binary(&b)
+                                    });
                                 }
                             }
                             Message::Ping(p) => self.call("on_ping", |cb| cb.on_ping(&p)),
                             Message::Pong(p) => {
-                                awaiting_pong = None;
+                                d.awaiting_pong = None;
                                 self.call("on_pong", |cb| cb.on_pong(&p));
                             }
                             Message::Close(frame) => {
@@ -492,13 +457,8 @@ impl Session {
                                         (u16::from(f.code), f.reason.as_str().to_owned())
                                     })));
                                 self.conn.peer_closed();
-                                if close_deadline.is_none() {
-                                    let d = Instant::now() + self.host.close_timeout;
-                                    close_deadline = Some(d);
-                                    if d < wake {
-                                        wake = d;
-                                        alarms.reset(wake);
-                                    }
+                                if let Some(at) = d.start_close(self.host.close_timeout) {
+                                    alarms.pull_in(at);
                                 }
                             }
                             Message::Frame(_) => {}
@@ -520,14 +480,15 @@ impl Session {
                 }
                 Err(Alarm::Timer) => {
                     let now = Instant::now();
-                    if close_deadline.is_some_and(|d| now >= d) {
+                    if d.close.is_some_and(|at| now >= at) {
                         tracing::debug!("close handshake timed out; dropping the connection");
                         break;
                     }
                     // A paused connection is not read, so its pongs cannot arrive: no pings then.
                     let paused = self.conn.is_paused();
                     if !paused
-                        && awaiting_pong.is_some_and(|sent| now >= sent + w.timing.pong_timeout())
+                        && d.awaiting_pong
+                            .is_some_and(|sent| now >= sent + w.timing.pong_timeout())
                     {
                         tracing::info!(pong_timeout = ?w.timing.pong_timeout(),
                             "no pong in time; dropping the connection");
@@ -536,15 +497,15 @@ impl Session {
                         // The peer is gone: it sent no close frame.
                         return (1006, String::new());
                     }
-                    if let (Some(at), Some(interval)) = (next_ping, w.timing.ping_interval()) {
+                    if let (Some(at), Some(interval)) = (d.next_ping, w.timing.ping_interval()) {
                         if now >= at {
-                            if awaiting_pong.is_none() && !paused {
+                            if d.awaiting_pong.is_none() && !paused {
                                 // A ping that cannot be queued still starts the pong clock:
                                 // a peer that does not read gets dropped all the same.
                                 let _ = self.conn.enqueue(Message::Ping(bytes::Bytes::new()));
-                                awaiting_pong = Some(now);
+                                d.awaiting_pong = Some(now);
                             }
-                            next_ping = Some(now + interval);
+                            d.next_ping = Some(now + interval);
                         }
                     }
                     if let Some(limit) = timing::nonzero(self.host.message_timeout) {
@@ -557,7 +518,7 @@ impl Session {
                         }
                     }
                     if let Some(idle) = w.timing.idle_timeout() {
-                        let last = last_data_in.max(self.conn.last_data_out());
+                        let last = d.last_data_in.max(self.conn.last_data_out());
                         if now >= last + idle && self.conn.is_open() {
                             tracing::info!(idle_timeout = ?idle, "idle connection closed");
                             self.close_by_host(CloseReason::IdleTimeout);
@@ -569,24 +530,12 @@ impl Session {
                             self.call("on_timer", |cb| cb.on_timer(tag));
                         }
                     }
-                    if w.link.is_parked() {
-                        park_at = None;
-                    } else if park_at.is_some_and(|at| now >= at) {
+                    if d.look_to_park(now, w.link.is_parked()) {
                         // Looked at in the next poll, after the socket's (and after the
                         // plugin's timers above: what they queue keeps it open).
                         w.link.look_to_park();
-                        park_backoff = (park_backoff + 1).min(PARK_BACKOFF_MAX);
-                        park_at = Some(now + PARK_AFTER * (1 << park_backoff));
                     }
-                    wake = self.next_wake(
-                        &w.timing,
-                        next_ping,
-                        awaiting_pong,
-                        last_data_in,
-                        close_deadline,
-                        park_at,
-                    );
-                    alarms.reset(wake);
+                    alarms.reset(self.next_wake(&w.timing, &d));
                 }
             }
         }
@@ -600,26 +549,15 @@ impl Session {
     /// When the timer must next look at the connection: its next ping, pong deadline, idle
     /// deadline (from the last data message either way), plugin timer, message-timeout look,
     /// close deadline and look to park, whichever comes first (a year away if none).
-    fn next_wake(
-        &self,
-        timing: &Timing,
-        next_ping: Option<Instant>,
-        awaiting_pong: Option<Instant>,
-        last_data_in: Instant,
-        close_deadline: Option<Instant>,
-        park_at: Option<Instant>,
-    ) -> Instant {
+    fn next_wake(&self, timing: &Timing, d: &Deadlines) -> Instant {
         let now = Instant::now();
         let mut wake = now + FAR;
-        if let Some(p) = next_ping {
-            wake = wake.min(p);
-        }
-        if let Some(sent) = awaiting_pong.filter(|_| !self.conn.is_paused()) {
+        if let Some(sent) = d.awaiting_pong.filter(|_| !self.conn.is_paused()) {
             wake = wake.min(sent + timing.pong_timeout());
         }
         if let Some(idle) = timing.idle_timeout() {
             if self.conn.is_open() {
-                wake = wake.min(last_data_in.max(self.conn.last_data_out()) + idle);
+                wake = wake.min(d.last_data_in.max(self.conn.last_data_out()) + idle);
             }
         }
         if let Some(at) = self.conn.next_timer() {
@@ -630,7 +568,7 @@ impl Session {
             // caught within twice the limit.
             wake = wake.min(now + limit);
         }
-        for at in [close_deadline, park_at].into_iter().flatten() {
+        for at in [d.next_ping, d.close, d.park_at].into_iter().flatten() {
             wake = wake.min(at);
         }
         wake
