@@ -6,18 +6,22 @@
 #   parked: the heap once every connection has parked (wshost killed then, the heap it held read
 #           as heaptrack's "leaked")
 #   cargo build --release -p wshost -p echo -p loadgen   (heaptrack from the distribution)
+#   (wshost is built again here without jemalloc, into target/heaptrack: heaptrack sees only the
+#   system allocator's calls)
 #   tests/loadgen/scripts/idle-breakdown.sh [N] [peak|parked]
 set -eu
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 N=${1:-4000}
 MODE=${2:-peak}
 WORK=$(mktemp -d)
+cargo build --release -q -p wshost --no-default-features --target-dir "$ROOT/target/heaptrack"
+WSHOST=$ROOT/target/heaptrack/release/wshost
 mkdir "$WORK/plugins"; cp "$ROOT/target/release/libecho.so" "$WORK/plugins/"
-heaptrack -o "$WORK/heap" "$ROOT/target/release/wshost" serve --listen 127.0.0.1:0 \
+heaptrack -o "$WORK/heap" "$WSHOST" serve --listen 127.0.0.1:0 \
   --admin-listen off --plugins "$WORK/plugins" > "$WORK/log" 2>&1 &
 for i in $(seq 200); do grep -q 'listening on' "$WORK/log" && break; sleep 0.1; done
 addr=$(grep -o 'ws://[0-9.:]*' "$WORK/log" | head -1)
-pid=$(pgrep -n -f "$ROOT/target/release/wshost serve")
+pid=$(pgrep -n -f "$WSHOST serve")
 if [ "$MODE" = parked ]; then
   "$ROOT/target/release/loadgen" idle --url "$addr/echo" --pid "$pid" --conns "$N" --hold \
     > "$WORK/idle" 2>&1 &

@@ -2,6 +2,8 @@
 //! message on each (so every lazily allocated buffer exists), waits [`SETTLE`], and compares
 //! the server's resident memory before and after; [`measure_more`] then opens more beside
 //! them, for what the next connections cost once the first ones have been idle a while.
+//! Optionally it reads the memory once more [`LATER`] after that: an allocator that hands
+//! freed pages back to the system does so over seconds (wshost's jemalloc: about 10 s).
 
 use std::time::Duration;
 
@@ -17,6 +19,8 @@ pub struct Outcome {
     pub conns: usize,
     pub before: u64,
     pub after: u64,
+    /// The memory read [`LATER`] after `after`, if it was.
+    pub later: Option<u64>,
 }
 
 impl Outcome {
@@ -24,15 +28,30 @@ impl Outcome {
         self.after.saturating_sub(self.before) as f64 / self.conns as f64
     }
 
+    /// Per connection by the memory read [`LATER`], if it was.
+    pub fn per_conn_later(&self) -> Option<f64> {
+        self.later
+            .map(|l| l.saturating_sub(self.before) as f64 / self.conns as f64)
+    }
+
+    /// A row of [`HEADER`], or of [`HEADER_LATER`] if the memory was read again later.
     pub fn row(&self, server: &str) -> String {
-        format!(
+        let mut row = format!(
             "| {server} | {} | {:.1} MiB | {:.1} MiB | {:.0} B ({:.2} KiB) |",
             self.conns,
             self.before as f64 / 1048576.0,
             self.after as f64 / 1048576.0,
             self.per_conn(),
             self.per_conn() / 1024.0
-        )
+        );
+        if let (Some(later), Some(per)) = (self.later, self.per_conn_later()) {
+            row += &format!(
+                " {:.1} MiB | {per:.0} B ({:.2} KiB) |",
+                later as f64 / 1048576.0,
+                per / 1024.0
+            );
+        }
+        row
     }
 }
 
@@ -41,7 +60,13 @@ impl Outcome {
 /// stream's buffers); a server that does not park is measured after the same wait.
 pub const SETTLE: Duration = Duration::from_secs(5);
 
+/// How much later [`measure`] reads the memory again when asked to.
+pub const LATER: Duration = Duration::from_secs(25);
+
 pub const HEADER: &str = "| server | idle connections | RSS before | after | per connection |\n| --- | --- | --- | --- | --- |";
+
+/// [`HEADER`] with the memory read again [`LATER`].
+pub const HEADER_LATER: &str = "| server | idle connections | RSS before | after | per connection | 25 s later | per connection then |\n| --- | --- | --- | --- | --- | --- | --- |";
 
 async fn open_one(url: &str, i: usize) -> anyhow::Result<Ws> {
     let mut ws = connect(url, source(i)).await?;
@@ -52,9 +77,14 @@ async fn open_one(url: &str, i: usize) -> anyhow::Result<Ws> {
     }
 }
 
-/// Measures `conns` idle connections to the echo endpoint `url` of process `pid`; the
-/// connections stay open until the returned guard is dropped.
-pub async fn measure(url: &str, pid: u32, conns: usize) -> anyhow::Result<(Outcome, Vec<Ws>)> {
+/// Measures `conns` idle connections to the echo endpoint `url` of process `pid` (and again
+/// [`LATER`] if `later`); the connections stay open until the returned guard is dropped.
+pub async fn measure(
+    url: &str,
+    pid: u32,
+    conns: usize,
+    later: bool,
+) -> anyhow::Result<(Outcome, Vec<Ws>)> {
     // Warm up: one connection, so lazily allocated runtime state is in the baseline.
     // From the address after the others' (each address stays under the per-address cap).
     let warm = open_one(url, conns).await?;
@@ -67,11 +97,18 @@ pub async fn measure(url: &str, pid: u32, conns: usize) -> anyhow::Result<(Outco
     }
     tokio::time::sleep(SETTLE).await;
     let after = rss_tree(pid)?;
+    let later = if later {
+        tokio::time::sleep(LATER).await;
+        Some(rss_tree(pid)?)
+    } else {
+        None
+    };
     Ok((
         Outcome {
             conns,
             before,
             after,
+            later,
         },
         held,
     ))
@@ -97,5 +134,34 @@ pub async fn measure_more(
         conns,
         before,
         after,
+        later: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_later_reading_adds_its_columns_and_its_own_per_connection_figure() {
+        let mib = 1 << 20;
+        let mut o = Outcome {
+            conns: 1024,
+            before: 10 * mib,
+            after: 13 * mib,
+            later: None,
+        };
+        let columns = |row: &str| row.matches('|').count() - 1;
+        assert_eq!(
+            columns(&o.row("s")),
+            columns(HEADER.lines().next().unwrap())
+        );
+        o.later = Some(12 * mib);
+        let row = o.row("s");
+        assert_eq!(columns(&row), columns(HEADER_LATER.lines().next().unwrap()));
+        assert!(
+            row.ends_with("| 3072 B (3.00 KiB) | 12.0 MiB | 2048 B (2.00 KiB) |"),
+            "{row}"
+        );
+    }
 }

@@ -92,6 +92,10 @@ enum Bench {
         /// Keep the connections open until interrupted (for profiling the server).
         #[arg(long)]
         hold: bool,
+        /// Read the server's memory once more, 25 s after the first reading (an allocator
+        /// returns freed pages over seconds).
+        #[arg(long)]
+        later: bool,
     },
     /// One publisher, N subscribers of the `pubsub` plugin on running hosts.
     Fanout {
@@ -176,9 +180,15 @@ fn main() -> anyhow::Result<()> {
                 pid,
                 conns,
                 hold,
+                later,
             } => {
-                let (o, held) = idle::measure(&url, pid, conns).await?;
-                println!("{}\n{}", idle::HEADER, o.row("server"));
+                let (o, held) = idle::measure(&url, pid, conns, later).await?;
+                let header = if later {
+                    idle::HEADER_LATER
+                } else {
+                    idle::HEADER
+                };
+                println!("{header}\n{}", o.row("server"));
                 if hold {
                     eprintln!("holding {} connections; interrupt to end", held.len());
                     tokio::signal::ctrl_c().await?;

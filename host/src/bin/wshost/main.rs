@@ -18,6 +18,15 @@ use wshost::admin::Status;
 use wshost::plugin::registry::ReloadReport;
 use wshost::{Registry, Server};
 
+/// jemalloc, with its background thread: memory that connections free when they park (their
+/// stream's buffers) goes back to the system within seconds, so a burst of connections does not
+/// hold its peak's memory for the life of the process as glibc's malloc does (docs/bench/
+/// idle-memory.md). Plugins allocate with their own allocator; what crosses the ABI is freed
+/// by the side that allocated it.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let version: &'static str = Box::leak(cli::version().into_boxed_str());
     let command = Cli::command()
