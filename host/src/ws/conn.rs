@@ -482,9 +482,14 @@ impl ConnShared {
         }
     }
 
-    /// The session task sent a data message just now.
-    pub(crate) fn sent_data(&self) {
-        let ms = self.started.elapsed().as_millis() as u64;
+    /// A data message went out, at `now` if the caller has the time (else the clock is read).
+    pub(crate) fn sent_data(&self, now: Option<tokio::time::Instant>) {
+        let ms = now
+            .map_or_else(
+                || self.started.elapsed(),
+                |now| now.saturating_duration_since(self.started),
+            )
+            .as_millis() as u64;
         self.last_out_ms.store(ms, Ordering::Relaxed);
     }
 

@@ -229,6 +229,37 @@ async fn data_keeps_a_connection_from_idling_out() {
     ended(task).await;
 }
 
+/// The session stamps a message read in the same run of work as the callback before it with
+/// that callback's end (one clock read per message); a message that comes after the session
+/// waited gets the clock of its own arrival. Here the gaps are shorter than the look to park
+/// (which would start the connection's state afresh) and nothing is sent back (a send is
+/// stamped too), so a stale stamp would idle the connection out after its first message.
+#[tokio::test(start_paused = true)]
+async fn a_message_after_a_wait_is_stamped_with_its_own_arrival() {
+    let limits = ConnLimits {
+        idle_timeout: Some(Duration::from_secs(1)),
+        ..ConnLimits::default()
+    };
+    let started = Instant::now();
+    let (mut client, events, task) = session_with(quiet(), limits, none).await;
+    for i in 0..5 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        client.send(Message::text(format!("{i}"))).await.unwrap();
+    }
+    assert_eq!(close_of(&mut client).await.0, 1001);
+    let open_for = started.elapsed();
+    assert!(open_for >= Duration::from_millis(5_500), "{open_for:?}");
+    finish(client).await;
+    ended(task).await;
+    let texts = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.starts_with("text"))
+        .count();
+    assert_eq!(texts, 5);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_peer_that_never_answers_pings_is_dropped_after_the_pong_timeout() {
     let limits = ConnLimits {

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 
 use futures_util::SinkExt as _;
 use tokio::io::{AsyncRead as _, ReadBuf};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 
 use super::writer::{IoEvent, Writer};
@@ -77,6 +78,28 @@ impl Link {
     pub(super) fn look_to_park(&mut self) {
         if let Self::Open(a) = self {
             a.park_look = true;
+        }
+    }
+
+    /// When a data message of `len` bytes just read arrived: the clock the session read at
+    /// the end of its last callback if it has not waited since ([`Writer::clock`]; a message
+    /// read in the same run of work came in at most the parsing of it later), else the
+    /// clock now. One clock read per message, not two, when messages come in batches. (A large
+    /// message may have taken a while to assemble from bytes already read: the clock then.)
+    pub(super) fn clock_for(&self, len: usize) -> Instant {
+        const SMALL: usize = 64 << 10;
+        match self {
+            Self::Open(a) if len <= SMALL => a.out.clock,
+            _ => None,
+        }
+        .unwrap_or_else(Instant::now)
+    }
+
+    /// The clock as read at the end of a callback, for [`Link::clock_for`] and the writer's
+    /// flush until the session next waits.
+    pub(super) fn set_clock(&mut self, now: Option<Instant>) {
+        if let Self::Open(a) = self {
+            a.out.clock = now;
         }
     }
 

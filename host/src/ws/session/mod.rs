@@ -252,6 +252,7 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
         callbacks,
         conn,
         failed: false,
+        clock_stale: false,
         host_close: None,
         counts: Counts::default(),
         durations: Default::default(),
@@ -298,6 +299,9 @@ struct Session {
     host: Arc<Config>,
     /// A callback panicked: no more callbacks but `on_close`.
     failed: bool,
+    /// A callback other than for a data message ran: the clock the writer holds from the last
+    /// one is older than that ([`Link::clock_for`]).
+    clock_stale: bool,
     /// The close frame the host itself started the close handshake with (a limit, an error,
     /// shutdown): `on_close` is told this code rather than the peer's echo of it.
     /// (Boxed: set at most once; every connection's future keeps 8 bytes for it, not 32.)
@@ -409,6 +413,9 @@ impl Session {
             // else is looked at. Tokio's cooperative budget makes a busy socket return Pending
             // now and then, so the alarms still get their turn; looking at them is an atomic
             // load each unless they were just set (`Alarms`).
+            if std::mem::take(&mut self.clock_stale) {
+                w.link.set_clock(None);
+            }
             let woke = std::future::poll_fn(|cx| {
                 if let Poll::Ready(item) = w.link.poll_io(cx, &self.conn) {
                     return Poll::Ready(Ok(item));
@@ -433,17 +440,19 @@ impl Session {
                         w.partial.delivered();
                         match msg {
                             Message::Text(t) => {
-                                if self.data_in(t.len(), &mut d.last_data_in, rate.as_mut()) {
-                                    self.call_at(d.last_data_in, "on_text", |cb| {
-                                        cb.on_text(t.as_str())
-                                    });
+                                let now = w.link.clock_for(t.len());
+                                if self.data_in(now, t.len(), &mut d.last_data_in, rate.as_mut()) {
+                                    let ended =
+                                        self.call_at(now, "on_text", |cb| cb.on_text(t.as_str()));
+                                    w.link.set_clock(ended);
                                 }
                             }
                             Message::Binary(b) => {
-                                if self.data_in(b.len(), &mut d.last_data_in, rate.as_mut()) {
-                                    self.call_at(d.last_data_in, "on_binary", |cb| {
-                                        cb.on_binary(&b)
-                                    });
+                                let now = w.link.clock_for(b.len());
+                                if self.data_in(now, b.len(), &mut d.last_data_in, rate.as_mut()) {
+                                    let ended =
+                                        self.call_at(now, "on_binary", |cb| cb.on_binary(&b));
+                                    w.link.set_clock(ended);
                                 }
                             }
                             Message::Ping(p) => self.call("on_ping", |cb| cb.on_ping(&p)),
@@ -574,15 +583,15 @@ impl Session {
         wake
     }
 
-    /// A data message of `len` bytes arrived: note when, count it, and say whether it may be
-    /// delivered under the rate limit.
+    /// A data message of `len` bytes arrived at `now`: note when, count it, and say whether it
+    /// may be delivered under the rate limit.
     fn data_in(
         &mut self,
+        now: Instant,
         len: usize,
         last_data_in: &mut Instant,
         rate: Option<&mut RateLimit>,
     ) -> bool {
-        let now = Instant::now();
         *last_data_in = now;
         if self.counts.add(len) {
             self.counts.flush_in(self.conn.metrics());
@@ -649,27 +658,27 @@ impl Session {
         name: &'static str,
         f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
     ) {
+        self.clock_stale = true;
         self.run_callback(Instant::now(), name, f);
     }
 
-    /// As `call`, for a callback whose message arrived at `now` (one clock read per message).
+    /// As `call`, for a callback whose message arrived at `now`; when it ended, if it ran.
     fn call_at(
         &mut self,
         now: Instant,
         name: &'static str,
         f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
-    ) {
-        if !self.failed {
-            self.run_callback(now, name, f);
-        }
+    ) -> Option<Instant> {
+        (!self.failed).then(|| self.run_callback(now, name, f))
     }
 
+    /// Runs a callback that starts at `started`; returns when it ended.
     fn run_callback(
         &mut self,
         started: Instant,
         name: &'static str,
         f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
-    ) {
+    ) -> Instant {
         self.conn.set_in_callback(true);
         crate::plugin::exec::enter(
             crate::plugin::exec::call_index(name),
@@ -679,7 +688,8 @@ impl Session {
         let result = f(&mut self.callbacks);
         crate::plugin::exec::leave();
         self.conn.set_in_callback(false);
-        let elapsed = started.elapsed();
+        let ended = Instant::now();
+        let elapsed = ended.saturating_duration_since(started);
         if self.durations.observe(elapsed) {
             self.durations
                 .flush_into(&self.conn.metrics().callback_seconds);
@@ -698,5 +708,6 @@ impl Session {
             self.failed = true;
             self.close_by_host(CloseReason::PluginPanicked);
         }
+        ended
     }
 }

@@ -5,6 +5,7 @@
 use std::task::{Context, Poll};
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -56,6 +57,13 @@ pub(super) struct Writer {
     pub(super) rested: bool,
     /// A message was read or fed since the session last looked (see `Link::try_park`).
     pub(super) stirred: bool,
+    /// The clock as the session last read it (when its last callback ended), if the session
+    /// has not waited since: what the next message read or flush in the same run of work is
+    /// stamped with, instead of reading the clock again ([`Link::clock_for`]). Cleared whenever
+    /// `poll_io` returns `Pending`.
+    ///
+    /// [`Link::clock_for`]: super::link::Link::clock_for
+    pub(super) clock: Option<Instant>,
 }
 
 impl Writer {
@@ -117,7 +125,7 @@ impl Writer {
                     conn.tracked_written(std::mem::take(&mut self.tracked));
                 }
                 if std::mem::take(&mut self.data) {
-                    conn.sent_data();
+                    conn.sent_data(self.clock);
                 }
                 if self.counts.messages >= COUNT_BATCH {
                     self.counts.flush_out(conn.metrics());
@@ -132,6 +140,20 @@ impl Writer {
     /// One step of the connection's I/O: feed what is queued, read the next message if one
     /// has arrived, and flush only when nothing more is readable (or after many reads).
     pub(super) fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        ws: &mut Ws,
+        conn: &ConnShared,
+    ) -> Poll<IoEvent> {
+        let polled = self.poll_io_inner(cx, ws, conn);
+        if polled.is_pending() {
+            // The session waits now (or yields): the clock it read is not now any more.
+            self.clock = None;
+        }
+        polled
+    }
+
+    fn poll_io_inner(
         &mut self,
         cx: &mut Context<'_>,
         ws: &mut Ws,
