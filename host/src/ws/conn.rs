@@ -14,6 +14,11 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::budget::MemoryBudget;
 use crate::channels::Hub;
 
+thread_local! {
+    /// The connection whose callback this thread is running (its address; 0: none).
+    static IN_CALLBACK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
 const OPEN: u8 = 0;
 const CLOSING: u8 = 1;
 const CLOSED: u8 = 2;
@@ -76,9 +81,6 @@ pub(crate) struct ConnShared {
     queued: AtomicBool,
     /// The session task, woken when a frame is queued.
     waker: AtomicWaker,
-    /// The session task is running one of this connection's callbacks: it looks at the queue
-    /// right after, so sends need not wake it.
-    in_callback: AtomicBool,
     state: AtomicU8,
     buffered: AtomicU64,
     max_send_queue: u64,
@@ -168,7 +170,6 @@ impl ConnShared {
             queue: Mutex::new(Queue::default()),
             queued: AtomicBool::new(false),
             waker: AtomicWaker::new(),
-            in_callback: AtomicBool::new(false),
             state: AtomicU8::new(OPEN),
             buffered: AtomicU64::new(0),
             max_send_queue,
@@ -219,9 +220,9 @@ impl ConnShared {
             queue.push_back(item);
             self.queued.store(true, Ordering::SeqCst);
         }
-        // SeqCst with the session's store: either it sees this frame when it looks at the
-        // queue after the callback, or this sees the flag cleared and wakes it.
-        if !self.in_callback.load(Ordering::SeqCst) {
+        // From this connection's own callback the session looks at the queue right after;
+        // from anywhere else this wakes it.
+        if !self.in_own_callback() {
             self.waker.wake();
         }
     }
@@ -391,9 +392,21 @@ impl ConnShared {
         self.waker.register(waker);
     }
 
-    /// The session task starts (`true`) or ends (`false`) a callback of this connection.
+    /// The session task starts (`true`) or ends (`false`) a callback of this connection, on
+    /// this thread.
     pub(crate) fn set_in_callback(&self, running: bool) {
-        self.in_callback.store(running, Ordering::SeqCst);
+        IN_CALLBACK.set(if running { self.address() } else { 0 });
+    }
+
+    /// Whether this thread is running one of this connection's callbacks: the session task
+    /// looks at the queue, the flags and the timers right after it, so what the callback does
+    /// need not wake it. (Another thread's send always wakes it.)
+    fn in_own_callback(&self) -> bool {
+        IN_CALLBACK.get() == self.address()
+    }
+
+    fn address(&self) -> usize {
+        std::ptr::from_ref(self) as usize
     }
 
     /// Whether the plugin paused reading.
@@ -683,7 +696,7 @@ impl crate::plugin::ConnOps for ConnShared {
             timers.push((tag, at));
         }
         self.timers_changed.store(true, Ordering::SeqCst);
-        if !self.in_callback.load(Ordering::SeqCst) {
+        if !self.in_own_callback() {
             self.waker.wake();
         }
         Ok(())

@@ -159,7 +159,6 @@ impl Writer {
         ws: &mut Ws,
         conn: &ConnShared,
     ) -> Poll<IoEvent> {
-        conn.register(cx.waker());
         self.rested = false;
         if conn.has_flags() {
             return Poll::Ready(IoEvent::Flags);
@@ -193,16 +192,41 @@ impl Writer {
                         return Poll::Ready(IoEvent::Flags);
                     }
                     if (read_polled || paused) && !more {
+                        if self.stirred_while_registering(cx, conn, paused) {
+                            continue;
+                        }
                         self.rested = read_polled;
                         return Poll::Pending;
                     }
                 }
                 Poll::Ready(Err(())) => return Poll::Ready(IoEvent::WriteFailed),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // The socket wakes the session when it takes more; the handle's flags
+                    // cannot wait for that.
+                    conn.register(cx.waker());
+                    if conn.has_flags() {
+                        return Poll::Ready(IoEvent::Flags);
+                    }
+                    return Poll::Pending;
+                }
             }
         }
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Before waiting: registers the session with the connection's handle (a send, a flag or
+    /// a resume from another thread wakes it), then looks again at what such a wake-up would
+    /// have been for, in case it came before the registration. Done only when about to wait,
+    /// not on every poll: a batch of messages registers once.
+    fn stirred_while_registering(
+        &self,
+        cx: &mut Context<'_>,
+        conn: &ConnShared,
+        paused: bool,
+    ) -> bool {
+        conn.register(cx.waker());
+        conn.has_flags() || (!self.close_fed && conn.has_queued()) || conn.is_paused() != paused
     }
 
     /// After the session: writes out what is still queued, then flushes.
