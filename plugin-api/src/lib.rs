@@ -1032,7 +1032,8 @@ impl Response {
         self
     }
 
-    /// This connection's ping interval (zero disables the host's pings).
+    /// This connection's ping interval (zero disables the host's pings). The first ping comes
+    /// up to a quarter interval later, spread by connection.
     pub fn ping_interval(self, every: Duration) -> Self {
         self.setting(abi::setting::PING_INTERVAL_MS, millis(every))
     }

@@ -455,7 +455,13 @@ async fn tracked_sends_are_reported_once_written_or_never_written_at_the_end() {
 async fn session_with_metrics(
     reply: fn(FakeEvent<'_>, &dyn DynConn),
 ) -> (Client, Events, tokio::task::JoinHandle<()>, Arc<Metrics>) {
-    let config = quiet();
+    session_with_config_and_metrics(quiet(), reply).await
+}
+
+async fn session_with_config_and_metrics(
+    config: Config,
+    reply: fn(FakeEvent<'_>, &dyn DynConn),
+) -> (Client, Events, tokio::task::JoinHandle<()>, Arc<Metrics>) {
     let (client, server) = tokio::io::duplex(256 << 10);
     let (start, events) = fake_start(&config, ConnLimits::default(), reply);
     let metrics = Arc::clone(&start.metrics);
@@ -565,6 +571,48 @@ async fn a_quiet_connection_parks_and_every_kind_of_event_opens_it_again() {
             "close 4000 done"
         ]
     );
+}
+
+/// The host's ping opens a parked connection (it is written by tungstenite's stream); once
+/// the pong has come, the connection parks again at once, not at its next look a second on.
+#[tokio::test(start_paused = true)]
+async fn a_parked_connection_parks_again_as_soon_as_its_ping_is_answered() {
+    let interval = Duration::from_secs(30);
+    let config = Config {
+        limits: ConnLimits {
+            ping_interval: Some(interval),
+            ..ConnLimits::host_defaults()
+        },
+        ..Config::default()
+    };
+    let (mut client, events, task, metrics) = session_with_config_and_metrics(config, echo).await;
+    client.send(Message::text("a")).await.unwrap();
+    assert_eq!(client.next().await.unwrap().unwrap(), Message::text("a"));
+    // The client reads from now on (answering pings as it reads them).
+    let reader = tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+    parked(&metrics, 1).await;
+    let pongs = || {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.starts_with("pong"))
+            .count()
+    };
+    for n in 1..=3 {
+        // (Opened and parked again within a virtual instant: the pong is what is seen.)
+        tokio::time::timeout(HOUR, async {
+            while pongs() < n {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the host pings every 30 s");
+        let open_for = parked(&metrics, 1).await;
+        assert!(open_for < PARK_AFTER / 10, "open {open_for:?} after a pong");
+    }
+    task.abort();
+    reader.abort();
 }
 
 #[tokio::test(start_paused = true)]

@@ -103,6 +103,18 @@ impl Link {
         }
     }
 
+    /// Asks that the connection be parked at its next poll if nothing else is read or written
+    /// before then ([`Link::try_park`]): the pong answering the host's ping has come, and a
+    /// ping is all that woke a quiet connection. (Without this it would stay open until its
+    /// next look, a second or more: with the default 30 s pings, every idle connection would
+    /// make its stream again for that long every 30 s.)
+    pub(super) fn park_after_pong(&mut self) {
+        if let Self::Open(a) = self {
+            a.out.stirred = false;
+            a.park_look = true;
+        }
+    }
+
     pub(super) fn is_parked(&self) -> bool {
         matches!(self, Self::Parked(_))
     }

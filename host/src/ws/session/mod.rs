@@ -362,7 +362,7 @@ impl Session {
         let (mut d, mut rate) = {
             let started = Instant::now();
             (
-                Deadlines::new(started, &w.timing),
+                Deadlines::new(started, &w.timing, self.conn.id),
                 RateLimit::new(self.host.max_message_rate, started),
             )
         };
@@ -457,8 +457,11 @@ impl Session {
                             }
                             Message::Ping(p) => self.call("on_ping", |cb| cb.on_ping(&p)),
                             Message::Pong(p) => {
-                                d.awaiting_pong = None;
+                                let answered = d.awaiting_pong.take().is_some();
                                 self.call("on_pong", |cb| cb.on_pong(&p));
+                                if answered {
+                                    w.link.park_after_pong();
+                                }
                             }
                             Message::Close(frame) => {
                                 peer_close =

@@ -82,11 +82,26 @@ pub(super) struct Deadlines {
     park_backoff: u8,
 }
 
+/// The first ping comes up to this fraction of the interval later than the interval (by the
+/// connection's id): connections opened together are then not all pinged, and so not all
+/// opened again from parked, in the same instant every interval after.
+const PING_SPREAD: u32 = 4;
+
+/// How much later than `interval` connection `id`'s first ping comes: less than
+/// `interval / PING_SPREAD`, spread over ids by a multiplicative hash.
+pub(super) fn ping_delay(interval: Duration, id: u64) -> Duration {
+    let slot = id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54; // 0..1024
+    interval.mul_f64(slot as f64 / 1024.0 / f64::from(PING_SPREAD))
+}
+
 impl Deadlines {
-    pub(super) fn new(started: Instant, timing: &Timing) -> Self {
+    /// The clocks of connection `id`, opened at `started`.
+    pub(super) fn new(started: Instant, timing: &Timing, id: u64) -> Self {
         Self {
             last_data_in: started,
-            next_ping: timing.ping_interval().map(|i| started + i),
+            next_ping: timing
+                .ping_interval()
+                .map(|i| started + i + ping_delay(i, id)),
             awaiting_pong: None,
             close: None,
             park_at: Some(started + PARK_AFTER),
@@ -423,5 +438,23 @@ mod tests {
             .expect("the timer wakes the task");
         assert_eq!(third, Alarm::Timer);
         assert_eq!(Instant::now(), t0 + Duration::from_secs(10));
+    }
+
+    #[test]
+    fn first_pings_spread_over_a_quarter_of_the_interval() {
+        let interval = Duration::from_secs(30);
+        let delays: Vec<Duration> = (0..1000).map(|id| ping_delay(interval, id)).collect();
+        assert!(delays.iter().all(|d| *d < interval / 4));
+        // Spread: every 1.5 s step of the 7.5 s range holds some of 1,000 consecutive ids.
+        for step in 0..5 {
+            let (lo, hi) = (
+                Duration::from_millis(1500 * step),
+                Duration::from_millis(1500 * (step + 1)),
+            );
+            assert!(
+                delays.iter().filter(|d| **d >= lo && **d < hi).count() > 100,
+                "{step}"
+            );
+        }
     }
 }
