@@ -2,8 +2,10 @@
 //! message on each (so every lazily allocated buffer exists), waits [`SETTLE`], and compares
 //! the server's resident memory before and after; [`measure_more`] then opens more beside
 //! them, for what the next connections cost once the first ones have been idle a while.
-//! Optionally it reads the memory once more [`LATER`] after that: an allocator that hands
-//! freed pages back to the system does so over seconds (wshost's jemalloc: about 10 s).
+//! Optionally it then reads the memory every second for [`LATER`] and reports the lowest and
+//! highest: an allocator that hands freed pages back to the system does so over seconds
+//! (wshost's jemalloc: over 10-20 s), and the host's pings (every 30 s by default) open parked
+//! connections again for a moment.
 
 use std::time::Duration;
 
@@ -19,8 +21,8 @@ pub struct Outcome {
     pub conns: usize,
     pub before: u64,
     pub after: u64,
-    /// The memory read [`LATER`] after `after`, if it was.
-    pub later: Option<u64>,
+    /// The lowest and highest memory read each second over [`LATER`] after `after`, if it was.
+    pub later: Option<(u64, u64)>,
 }
 
 impl Outcome {
@@ -28,13 +30,13 @@ impl Outcome {
         self.after.saturating_sub(self.before) as f64 / self.conns as f64
     }
 
-    /// Per connection by the memory read [`LATER`], if it was.
-    pub fn per_conn_later(&self) -> Option<f64> {
-        self.later
-            .map(|l| l.saturating_sub(self.before) as f64 / self.conns as f64)
+    /// Per connection by the lowest and the highest memory read over [`LATER`], if it was.
+    pub fn per_conn_later(&self) -> Option<(f64, f64)> {
+        let per = |rss: u64| rss.saturating_sub(self.before) as f64 / self.conns as f64;
+        self.later.map(|(lo, hi)| (per(lo), per(hi)))
     }
 
-    /// A row of [`HEADER`], or of [`HEADER_LATER`] if the memory was read again later.
+    /// A row of [`HEADER`], or of [`HEADER_LATER`] if the memory was read over [`LATER`] too.
     pub fn row(&self, server: &str) -> String {
         let mut row = format!(
             "| {server} | {} | {:.1} MiB | {:.1} MiB | {:.0} B ({:.2} KiB) |",
@@ -44,12 +46,8 @@ impl Outcome {
             self.per_conn(),
             self.per_conn() / 1024.0
         );
-        if let (Some(later), Some(per)) = (self.later, self.per_conn_later()) {
-            row += &format!(
-                " {:.1} MiB | {per:.0} B ({:.2} KiB) |",
-                later as f64 / 1048576.0,
-                per / 1024.0
-            );
+        if let Some((lo, hi)) = self.per_conn_later() {
+            row += &format!(" {lo:.0} B | {hi:.0} B |");
         }
         row
     }
@@ -60,13 +58,14 @@ impl Outcome {
 /// stream's buffers); a server that does not park is measured after the same wait.
 pub const SETTLE: Duration = Duration::from_secs(5);
 
-/// How much later [`measure`] reads the memory again when asked to.
-pub const LATER: Duration = Duration::from_secs(25);
+/// How long [`measure`] goes on reading the memory when asked to (past the first of the
+/// host's pings at its default 30 s interval).
+pub const LATER: Duration = Duration::from_secs(40);
 
 pub const HEADER: &str = "| server | idle connections | RSS before | after | per connection |\n| --- | --- | --- | --- | --- |";
 
-/// [`HEADER`] with the memory read again [`LATER`].
-pub const HEADER_LATER: &str = "| server | idle connections | RSS before | after | per connection | 25 s later | per connection then |\n| --- | --- | --- | --- | --- | --- | --- |";
+/// [`HEADER`] with the memory read over [`LATER`].
+pub const HEADER_LATER: &str = "| server | idle connections | RSS before | after | per connection | the next 40 s, per connection: lowest | highest |\n| --- | --- | --- | --- | --- | --- | --- |";
 
 async fn open_one(url: &str, i: usize) -> anyhow::Result<Ws> {
     let mut ws = connect(url, source(i)).await?;
@@ -78,7 +77,7 @@ async fn open_one(url: &str, i: usize) -> anyhow::Result<Ws> {
 }
 
 /// Measures `conns` idle connections to the echo endpoint `url` of process `pid` (and again
-/// [`LATER`] if `later`); the connections stay open until the returned guard is dropped.
+/// each second over [`LATER`] if `later`); the connections stay open until the returned guard is dropped.
 pub async fn measure(
     url: &str,
     pid: u32,
@@ -98,8 +97,13 @@ pub async fn measure(
     tokio::time::sleep(SETTLE).await;
     let after = rss_tree(pid)?;
     let later = if later {
-        tokio::time::sleep(LATER).await;
-        Some(rss_tree(pid)?)
+        let (mut lo, mut hi) = (u64::MAX, 0);
+        for _ in 0..LATER.as_secs() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let rss = rss_tree(pid)?;
+            (lo, hi) = (lo.min(rss), hi.max(rss));
+        }
+        Some((lo, hi))
     } else {
         None
     };
@@ -143,7 +147,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_later_reading_adds_its_columns_and_its_own_per_connection_figure() {
+    fn later_readings_add_their_lowest_and_highest_per_connection() {
         let mib = 1 << 20;
         let mut o = Outcome {
             conns: 1024,
@@ -156,11 +160,11 @@ mod tests {
             columns(&o.row("s")),
             columns(HEADER.lines().next().unwrap())
         );
-        o.later = Some(12 * mib);
+        o.later = Some((12 * mib, 14 * mib));
         let row = o.row("s");
         assert_eq!(columns(&row), columns(HEADER_LATER.lines().next().unwrap()));
         assert!(
-            row.ends_with("| 3072 B (3.00 KiB) | 12.0 MiB | 2048 B (2.00 KiB) |"),
+            row.ends_with("| 3072 B (3.00 KiB) | 2048 B | 4096 B |"),
             "{row}"
         );
     }

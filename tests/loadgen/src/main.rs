@@ -92,8 +92,8 @@ enum Bench {
         /// Keep the connections open until interrupted (for profiling the server).
         #[arg(long)]
         hold: bool,
-        /// Read the server's memory once more, 25 s after the first reading (an allocator
-        /// returns freed pages over seconds).
+        /// Go on reading the server's memory each second for 40 s after the first reading, and
+        /// report the lowest and highest (an allocator returns freed pages over seconds).
         #[arg(long)]
         later: bool,
     },

@@ -473,9 +473,11 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         if args.smoke {
             ""
         } else {
-            "; and again 25 s later, by when an allocator that hands freed pages back to the \
-             system has done so (wshost's jemalloc does it over about 10 s, from a background \
-             thread; glibc's malloc, which the reference uses, keeps them)"
+            "; then every second for 40 s, of which the lowest and highest are shown: an \
+             allocator that hands freed pages back to the system does so over those seconds \
+             (wshost's jemalloc, from a background thread; glibc's malloc, which the reference \
+             uses, keeps them), and wshost's pings (every 30 s by default, each connection's \
+             first up to 7.5 s later) open parked connections again for a moment"
         }
     )?;
     let later = !args.smoke;
