@@ -718,3 +718,24 @@ pub fn tls_connector(cert: &rcgen::CertifiedKey, alpn: &[&[u8]]) -> tokio_rustls
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
+
+/// A TLS connection through `connector` to the host at `addr`, by the name `localhost`.
+pub async fn tls_to(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    connector.connect(name, tcp).await.unwrap()
+}
+
+/// A WebSocket over TLS through `connector` to `path` of the host at `addr`.
+pub async fn wss_connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    path: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let url = format!("wss://localhost:{}{path}", addr.port());
+    let tls = tls_to(connector, addr).await;
+    tokio_tungstenite::client_async(url, tls).await.unwrap().0
+}

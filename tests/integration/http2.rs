@@ -147,14 +147,8 @@ async fn with_tls_http2_is_chosen_by_alpn() {
         .plugin("echo")
         .tls(&cert_path, &key_path)
         .start();
-    let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
-    let tls = crate::harness::tls_connector(&cert, &[b"h2", b"http/1.1"])
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let connector = crate::harness::tls_connector(&cert, &[b"h2", b"http/1.1"]);
+    let tls = crate::harness::tls_to(&connector, host.addr).await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut send, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
         .await

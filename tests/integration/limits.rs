@@ -296,19 +296,13 @@ async fn wss_with_a_generated_certificate() {
         .start();
 
     let connector = crate::harness::tls_connector(&cert, &[]);
-    let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let url = format!("wss://localhost:{}/testkit/info", host.addr.port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    let mut ws = crate::harness::wss_connect(&connector, host.addr, "/testkit/info").await;
     ws.send(Message::text("over tls")).await.unwrap();
     let reply = tokio::time::timeout(PATIENCE, ws.next()).await.unwrap();
     assert_eq!(reply.unwrap().unwrap(), Message::text("over tls"));
 
     // The plugin sees the scheme: plain requests over TLS are https.
-    let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
+    let mut tls = crate::harness::tls_to(&connector, host.addr).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tls.write_all(b"GET /testkit/info HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await

@@ -59,11 +59,7 @@ async fn over_tls_a_parked_connection_answers_after() {
         .tls(&cert_path, &key_path)
         .start();
     let connector = crate::harness::tls_connector(&cert, &[]);
-    let tcp = tokio::net::TcpStream::connect(host.addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-    let tls = connector.connect(name, tcp).await.unwrap();
-    let url = format!("wss://localhost:{}/echo", host.addr.port());
-    let (mut ws, _) = tokio_tungstenite::client_async(url, tls).await.unwrap();
+    let mut ws = crate::harness::wss_connect(&connector, host.addr, "/echo").await;
     for round in ["before", "after"] {
         ws.send(Message::text(round)).await.unwrap();
         let reply = tokio::time::timeout(PATIENCE, ws.next()).await.unwrap();

@@ -188,9 +188,7 @@ impl<S> Deflate<S> {
             }),
         }
     }
-}
 
-impl<S> Deflate<S> {
     /// The socket underneath.
     pub(crate) fn get_ref(&self) -> &S {
         &self.inner

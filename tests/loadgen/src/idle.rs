@@ -27,13 +27,17 @@ pub struct Outcome {
 
 impl Outcome {
     pub fn per_conn(&self) -> f64 {
-        self.after.saturating_sub(self.before) as f64 / self.conns as f64
+        self.per(self.after)
     }
 
     /// Per connection by the lowest and the highest memory read over [`LATER`], if it was.
     pub fn per_conn_later(&self) -> Option<(f64, f64)> {
-        let per = |rss: u64| rss.saturating_sub(self.before) as f64 / self.conns as f64;
-        self.later.map(|(lo, hi)| (per(lo), per(hi)))
+        self.later.map(|(lo, hi)| (self.per(lo), self.per(hi)))
+    }
+
+    /// What the connections added, per connection, by the memory `rss`.
+    fn per(&self, rss: u64) -> f64 {
+        rss.saturating_sub(self.before) as f64 / self.conns as f64
     }
 
     /// A row of [`HEADER`], or of [`HEADER_LATER`] if the memory was read over [`LATER`] too.
@@ -63,6 +67,15 @@ pub const SETTLE: Duration = Duration::from_secs(5);
 pub const LATER: Duration = Duration::from_secs(40);
 
 pub const HEADER: &str = "| server | idle connections | RSS before | after | per connection |\n| --- | --- | --- | --- | --- |";
+
+/// The header of rows of outcomes measured with `later` or without.
+pub fn header(later: bool) -> &'static str {
+    if later {
+        HEADER_LATER
+    } else {
+        HEADER
+    }
+}
 
 /// [`HEADER`] with the memory read over [`LATER`].
 pub const HEADER_LATER: &str = "| server | idle connections | RSS before | after | per connection | the next 40 s, per connection: lowest | highest |\n| --- | --- | --- | --- | --- | --- | --- |";

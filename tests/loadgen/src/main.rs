@@ -183,12 +183,7 @@ fn main() -> anyhow::Result<()> {
                 later,
             } => {
                 let (o, held) = idle::measure(&url, pid, conns, later).await?;
-                let header = if later {
-                    idle::HEADER_LATER
-                } else {
-                    idle::HEADER
-                };
-                println!("{header}\n{}", o.row("server"));
+                println!("{}\n{}", idle::header(later), o.row("server"));
                 if hold {
                     eprintln!("holding {} connections; interrupt to end", held.len());
                     tokio::signal::ctrl_c().await?;

@@ -481,15 +481,7 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
         }
     )?;
     let later = !args.smoke;
-    writeln!(
-        report,
-        "{}",
-        if later {
-            idle::HEADER_LATER
-        } else {
-            idle::HEADER
-        }
-    )?;
+    writeln!(report, "{}", idle::header(later))?;
     let servers_but_again = || {
         servers
             .list

@@ -192,7 +192,7 @@ impl Writer {
                         return Poll::Ready(IoEvent::Flags);
                     }
                     if (read_polled || paused) && !more {
-                        if self.stirred_while_registering(cx, conn, paused) {
+                        if self.registered_late(cx, conn, paused) {
                             continue;
                         }
                         self.rested = read_polled;
@@ -217,14 +217,9 @@ impl Writer {
 
     /// Before waiting: registers the session with the connection's handle (a send, a flag or
     /// a resume from another thread wakes it), then looks again at what such a wake-up would
-    /// have been for, in case it came before the registration. Done only when about to wait,
+    /// have been for; whether one came before the registration. Done only when about to wait,
     /// not on every poll: a batch of messages registers once.
-    fn stirred_while_registering(
-        &self,
-        cx: &mut Context<'_>,
-        conn: &ConnShared,
-        paused: bool,
-    ) -> bool {
+    fn registered_late(&self, cx: &mut Context<'_>, conn: &ConnShared, paused: bool) -> bool {
         conn.register(cx.waker());
         conn.has_flags() || (!self.close_fed && conn.has_queued()) || conn.is_paused() != paused
     }
