@@ -14,7 +14,6 @@
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -53,42 +52,45 @@ pub(crate) fn is_budget_exhausted(e: &io::Error) -> bool {
         .is_some_and(|inner| inner.is::<BudgetExhausted>())
 }
 
-/// What the socket and the reader share: bytes read since the last delivered message.
+/// The bytes read since the last delivered message, charged to the budget until it is.
+/// Kept in the socket's wrapper itself (the session reaches it through the socket): a
+/// separate shared allocation would be one more object every idle connection holds.
 #[derive(Debug)]
 pub(crate) struct Partial {
     budget: Arc<MemoryBudget>,
-    bytes: AtomicU64,
-    /// When the first byte after the last delivered message arrived, in ms since `start`,
-    /// plus one (0: none).
-    since_ms: AtomicU64,
-    start: Instant,
+    bytes: u64,
+    /// When the first byte after the last delivered message arrived (none: no such byte).
+    since: Option<Instant>,
 }
 
 impl Partial {
-    pub(crate) fn new(budget: Arc<MemoryBudget>) -> Arc<Self> {
-        Arc::new(Self {
+    pub(crate) fn new(budget: Arc<MemoryBudget>) -> Self {
+        Self {
             budget,
-            bytes: AtomicU64::new(0),
-            since_ms: AtomicU64::new(0),
-            start: Instant::now(),
-        })
+            bytes: 0,
+            since: None,
+        }
     }
 
     /// A message was delivered: what it held goes back to the budget.
-    pub(crate) fn delivered(&self) {
-        let held = self.bytes.swap(0, Ordering::AcqRel);
+    pub(crate) fn delivered(&mut self) {
+        let held = std::mem::take(&mut self.bytes);
         if held > 0 {
             self.budget.give(held);
-            self.since_ms.store(0, Ordering::Release);
+            self.since = None;
         }
     }
 
     /// How long the message now arriving has been arriving, if one is.
     pub(crate) fn pending_for(&self, now: Instant) -> Option<Duration> {
-        match self.since_ms.load(Ordering::Acquire) {
-            0 => None,
-            ms => Some(now.saturating_duration_since(self.start + Duration::from_millis(ms - 1))),
-        }
+        self.since.map(|since| now.saturating_duration_since(since))
+    }
+}
+
+impl Drop for Partial {
+    /// What a connection held when it ended, however it ended, goes back to the budget.
+    fn drop(&mut self) {
+        self.delivered();
     }
 }
 
@@ -103,7 +105,7 @@ thread_local! {
 #[derive(Debug)]
 pub(crate) struct Counted<S> {
     inner: S,
-    partial: Arc<Partial>,
+    partial: Partial,
     /// Read from the socket, not yet taken by tungstenite; empty (no allocation) when idle.
     ahead: BytesMut,
     /// Follows the frames to fail invalid UTF-8 early.
@@ -113,7 +115,7 @@ pub(crate) struct Counted<S> {
 }
 
 impl<S> Counted<S> {
-    pub(crate) fn new(inner: S, partial: Arc<Partial>) -> Self {
+    pub(crate) fn new(inner: S, partial: Partial) -> Self {
         Self {
             inner,
             partial,
@@ -130,6 +132,15 @@ impl<S> Counted<S> {
             self.ahead = BytesMut::from(&bytes[..keep]);
         }
         self
+    }
+
+    /// The bytes read toward the next message.
+    pub(crate) fn partial(&self) -> &Partial {
+        &self.partial
+    }
+
+    pub(crate) fn partial_mut(&mut self) -> &mut Partial {
+        &mut self.partial
     }
 
     /// Whether nothing of the client's is held here or half-read: every byte read so far was
@@ -151,16 +162,16 @@ impl<S> Counted<S> {
     }
 
     /// Charges `read` bytes just read from the socket to the budget.
-    fn charge(&self, read: u64) -> io::Result<()> {
+    fn charge(&mut self, read: u64) -> io::Result<()> {
         if read > 0 {
-            let p = &self.partial;
+            let p = &mut self.partial;
             if !p.budget.take(read) {
                 return Err(io::Error::other(BudgetExhausted));
             }
-            if p.bytes.fetch_add(read, Ordering::AcqRel) == 0 {
-                let ms = p.start.elapsed().as_millis() as u64 + 1;
-                p.since_ms.store(ms, Ordering::Release);
+            if p.bytes == 0 {
+                p.since = Some(Instant::now());
             }
+            p.bytes += read;
         }
         Ok(())
     }

@@ -194,6 +194,10 @@ impl<S> Deflate<S> {
         &self.inner
     }
 
+    pub(crate) fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
     /// Whether no frame is half-read, half-written or waiting here.
     pub(crate) fn at_rest(&self) -> bool {
         self.state.as_deref().is_none_or(|s| {

@@ -100,8 +100,9 @@ pub(crate) enum SessionIo {
     Tcp(Rebind),
     /// TLS over TCP, the TCP part moved to this runtime.
     Tls(Box<tokio_rustls::server::TlsStream<Rebind>>),
-    /// Anything else, left where it is.
-    Other(TokioIo<Upgraded>),
+    /// Anything else, left where it is (an HTTP/2 stream). Boxed: every connection's socket,
+    /// parked or open, keeps room for the largest kind.
+    Other(Box<TokioIo<Upgraded>>),
     /// One end of an in-memory pipe (in-process session tests).
     #[cfg(test)]
     Test(tokio::io::DuplexStream),
@@ -135,7 +136,7 @@ impl SessionIo {
             Err(upgraded) => {
                 tracing::debug!("unknown socket type; it stays on the host's runtime");
                 (
-                    SessionIo::Other(TokioIo::new(upgraded)),
+                    SessionIo::Other(Box::new(TokioIo::new(upgraded))),
                     bytes::Bytes::new(),
                 )
             }
@@ -152,7 +153,7 @@ impl AsyncRead for SessionIo {
         match self.get_mut() {
             SessionIo::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            SessionIo::Other(s) => Pin::new(s).poll_read(cx, buf),
+            SessionIo::Other(s) => Pin::new(&mut **s).poll_read(cx, buf),
             #[cfg(test)]
             SessionIo::Test(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -168,7 +169,7 @@ impl AsyncWrite for SessionIo {
         match self.get_mut() {
             SessionIo::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-            SessionIo::Other(s) => Pin::new(s).poll_write(cx, buf),
+            SessionIo::Other(s) => Pin::new(&mut **s).poll_write(cx, buf),
             #[cfg(test)]
             SessionIo::Test(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -178,7 +179,7 @@ impl AsyncWrite for SessionIo {
         match self.get_mut() {
             SessionIo::Tcp(s) => Pin::new(s).poll_flush(cx),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            SessionIo::Other(s) => Pin::new(s).poll_flush(cx),
+            SessionIo::Other(s) => Pin::new(&mut **s).poll_flush(cx),
             #[cfg(test)]
             SessionIo::Test(s) => Pin::new(s).poll_flush(cx),
         }
@@ -188,7 +189,7 @@ impl AsyncWrite for SessionIo {
         match self.get_mut() {
             SessionIo::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            SessionIo::Other(s) => Pin::new(s).poll_shutdown(cx),
+            SessionIo::Other(s) => Pin::new(&mut **s).poll_shutdown(cx),
             #[cfg(test)]
             SessionIo::Test(s) => Pin::new(s).poll_shutdown(cx),
         }
@@ -202,7 +203,7 @@ impl AsyncWrite for SessionIo {
         match self.get_mut() {
             SessionIo::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             SessionIo::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-            SessionIo::Other(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            SessionIo::Other(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
             #[cfg(test)]
             SessionIo::Test(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }

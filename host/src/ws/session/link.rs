@@ -115,6 +115,25 @@ impl Link {
         }
     }
 
+    /// The bytes read toward the next message: a message was delivered, and they go back to
+    /// the budget.
+    pub(super) fn delivered(&mut self) {
+        match self {
+            Self::Open(a) => a.ws.get_mut().get_mut().partial_mut().delivered(),
+            Self::Parked(p) => p.io.get_mut().partial_mut().delivered(),
+            Self::Moving => {}
+        }
+    }
+
+    /// How long the message now arriving has been arriving, if one is.
+    pub(super) fn pending_for(&self, now: Instant) -> Option<std::time::Duration> {
+        match self {
+            Self::Open(a) => a.ws.get_ref().get_ref().partial().pending_for(now),
+            Self::Parked(p) => p.io.get_ref().partial().pending_for(now),
+            Self::Moving => None,
+        }
+    }
+
     pub(super) fn is_parked(&self) -> bool {
         matches!(self, Self::Parked(_))
     }

@@ -126,7 +126,7 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
     } = open(io, read_ahead, start, config);
     let (code, reason) = s.read_loop(&mut w).await;
     // (Used in place from here on: moved out into locals, its parts would be stored twice.)
-    w.partial.delivered();
+    w.link.delivered();
     let metrics = Arc::clone(s.conn.metrics());
     s.counts.flush_in(&metrics);
     s.conn.finish();
@@ -177,7 +177,6 @@ struct Opened {
 struct Wire {
     link: Link,
     timing: Timing,
-    partial: Arc<Partial>,
     shutdown: CancellationToken,
     /// The plugin's generation (whose replacement closes with 1012 rather than 1001).
     plugin: Arc<LoadedPlugin>,
@@ -214,8 +213,7 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
         max_message,
         max_frame,
     };
-    let partial = Partial::new(Arc::clone(&budget));
-    let io = Counted::new(io, Arc::clone(&partial)).with_ahead(&read_ahead);
+    let io = Counted::new(io, Partial::new(Arc::clone(&budget))).with_ahead(&read_ahead);
     let io = super::deflate::Deflate::new(
         io,
         deflate.map(|window_bits| super::deflate::DeflateConfig {
@@ -262,7 +260,6 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
         w: Wire {
             link: Link::open(ws, sizes),
             timing: Timing::new(&limits),
-            partial,
             shutdown,
             plugin,
         },
@@ -437,7 +434,7 @@ impl Session {
                         break;
                     }
                     IoEvent::Read(Ok(msg)) => {
-                        w.partial.delivered();
+                        w.link.delivered();
                         match msg {
                             Message::Text(t) => {
                                 let now = w.link.clock_for(t.len());
@@ -521,7 +518,7 @@ impl Session {
                         }
                     }
                     if let Some(limit) = timing::nonzero(self.host.message_timeout) {
-                        if w.partial.pending_for(now).is_some_and(|d| d >= limit)
+                        if w.link.pending_for(now).is_some_and(|d| d >= limit)
                             && self.conn.is_open()
                         {
                             tracing::info!(message_timeout = ?limit,
