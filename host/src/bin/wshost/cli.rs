@@ -196,8 +196,8 @@ pub struct Settings {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_send_queue: Option<u64>,
-    /// Bytes tungstenite reads per call, kept per connection for its lifetime (socket reads go
-    /// through a 64 KiB buffer per thread whatever this is).
+    /// Bytes tungstenite reads per call, held by a connection while it is busy (socket reads
+    /// go through a 64 KiB buffer per thread whatever this is).
     #[arg(long, env = "WSHOST_READ_BUFFER_SIZE", value_parser = bytes)]
     #[serde(
         default,
