@@ -133,7 +133,12 @@ async fn a_closing_connection_gives_its_queued_bytes_back_once() {
     .await;
     assert_eq!(host.metric("wshost_buffered_bytes"), Some(baseline));
     reader.abort();
+    // The half message's client goes away mid-frame: what its connection held goes back too.
     drop(half);
+    eventually_async("the half message's bytes are given back", || {
+        host.metric("wshost_buffered_bytes") == Some(0.0)
+    })
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
