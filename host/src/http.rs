@@ -441,7 +441,6 @@ async fn websocket(
     };
     let start = session::Start {
         id,
-        peer,
         remote,
         admission,
         plugin,

@@ -147,14 +147,34 @@ async fn the_ticker_pushes_from_a_plugin_thread() {
 }
 
 #[tokio::test]
-async fn plugin_log_lines_carry_the_plugins_name() {
+async fn plugin_log_lines_carry_the_plugins_name_and_the_connection() {
     let host = Host::builder().plugin("testkit").start();
     host.wait_for_log(&["testkit started", "plugin=testkit"]);
     let mut ws = connect(&host.url("/testkit")).await;
+    let id = id_of(&mut ws).await;
+    // The connection has no span yet (it is made when something of it is logged): the line
+    // names the connection itself.
     assert_eq!(ask(&mut ws, "log:hello log").await, "logged");
     let line = host.wait_for_log(&["testkit says hello log"]);
     assert!(
-        line.contains("WARN") && line.contains("plugin=testkit"),
+        line.contains("WARN")
+            && line.contains("plugin=testkit")
+            && line.contains(&format!("conn_id={id}")),
+        "{line}"
+    );
+    // From then on the plugin's callbacks run in their connections' spans, address and all.
+    assert_eq!(ask(&mut ws, "log:again").await, "logged");
+    let line = host.wait_for_log(&["testkit says again"]);
+    assert!(
+        line.contains(&format!("conn{{conn_id={id} peer=127.0.0.1:")),
+        "{line}"
+    );
+    let mut other = connect(&host.url("/testkit")).await;
+    let other_id = id_of(&mut other).await;
+    assert_eq!(ask(&mut other, "log:from the other").await, "logged");
+    let line = host.wait_for_log(&["testkit says from the other"]);
+    assert!(
+        line.contains(&format!("conn{{conn_id={other_id} peer=127.0.0.1:")),
         "{line}"
     );
 }

@@ -78,6 +78,23 @@ thread_local! {
     static SLOT: std::cell::RefCell<Option<Arc<CallSlot>>> = const { std::cell::RefCell::new(None) };
 }
 
+thread_local! {
+    /// The connection whose callback this thread is running, if that connection has no span
+    /// yet (0: none, or its span is entered): the plugin's log lines name it themselves.
+    static UNSPANNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Notes that this thread runs a callback of connection `conn`, which has no span (0: it has
+/// one, or the callback ended).
+pub(crate) fn set_unspanned(conn: u64) {
+    UNSPANNED.set(conn);
+}
+
+/// The connection whose callback this thread runs without its span (0: none).
+pub(crate) fn unspanned() -> u64 {
+    UNSPANNED.get()
+}
+
 /// Notes that this thread starts plugin call `call` (see [`call_index`]) for connection `conn`
 /// (0: none) at `at`. A no-op on threads that are not plugin workers.
 pub(crate) fn enter(call: u8, conn: u64, at: Instant) {

@@ -349,6 +349,7 @@ impl Candidate {
             config_json: config.json,
             retired: AtomicBool::new(false),
             warned: AtomicBool::new(false),
+            logs_in_callbacks: AtomicBool::new(false),
         });
         let services = HostServices(Arc::clone(&inner));
         let handle = HostFfi_TO::from_ptr(RArc::new(services), TD_Opaque);
@@ -709,6 +710,17 @@ impl LoadedPlugin {
         self.life.open_conns.load(Ordering::Acquire)
     }
 
+    /// Whether the plugin has logged from a callback of a connection that had no span: its
+    /// connections then make their spans before their callbacks, so that its lines carry the
+    /// connection's fields. (A connection's span is otherwise made only when something of the
+    /// connection is logged: most never log anything, and each span is ~500 B of the
+    /// subscriber's memory.)
+    pub(crate) fn logs_in_callbacks(&self) -> bool {
+        self.services
+            .as_ref()
+            .is_some_and(|s| s.logs_in_callbacks.load(Ordering::Relaxed))
+    }
+
     pub(crate) fn connection_opened(&self) {
         self.life.open_conns.fetch_add(1, Ordering::AcqRel);
     }
@@ -869,6 +881,9 @@ struct HostInner {
     retired: AtomicBool,
     /// A refused call was logged.
     warned: AtomicBool,
+    /// The plugin logged from a callback of a connection that had no span: its connections
+    /// make their spans before their callbacks from now on ([`LoadedPlugin::logs_in_callbacks`]).
+    logs_in_callbacks: AtomicBool,
 }
 
 impl HostInner {
@@ -894,6 +909,10 @@ macro_rules! plugin_event {
         tracing::event!(target: "plugin", $level, plugin = %$inner.plugin,
             generation = $inner.generation, "{}", $msg)
     };
+    ($level:expr, $inner:expr, $msg:expr, $conn:expr) => {
+        tracing::event!(target: "plugin", $level, plugin = %$inner.plugin,
+            generation = $inner.generation, conn_id = $conn, "{}", $msg)
+    };
 }
 
 impl HostFfi for HostServices {
@@ -903,6 +922,24 @@ impl HostFfi for HostServices {
         }
         let m = message.as_str();
         let i = &self.0;
+        let conn = exec::unspanned();
+        if conn != 0 {
+            // A callback of a connection without its span (made only when something of the
+            // connection is logged): this line names the connection itself, and the plugin's
+            // connections make their spans before their callbacks from now on.
+            if !self.log_enabled(level) {
+                return;
+            }
+            i.logs_in_callbacks.store(true, Ordering::Relaxed);
+            match level {
+                abi::level::ERROR => plugin_event!(tracing::Level::ERROR, i, m, conn),
+                abi::level::WARN => plugin_event!(tracing::Level::WARN, i, m, conn),
+                abi::level::INFO => plugin_event!(tracing::Level::INFO, i, m, conn),
+                abi::level::DEBUG => plugin_event!(tracing::Level::DEBUG, i, m, conn),
+                _ => plugin_event!(tracing::Level::TRACE, i, m, conn),
+            }
+            return;
+        }
         match level {
             abi::level::ERROR => plugin_event!(tracing::Level::ERROR, i, m),
             abi::level::WARN => plugin_event!(tracing::Level::WARN, i, m),

@@ -16,7 +16,6 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use super::conn::ConnShared;
 use super::counted::{Counted, Partial};
@@ -55,7 +54,6 @@ const FAR: Duration = Duration::from_secs(86_400 * 365);
 /// Everything a session needs besides its socket.
 pub(crate) struct Start {
     pub(crate) id: u64,
-    pub(crate) peer: std::net::SocketAddr,
     /// The client's address as plugins see it (behind a trusted proxy, the forwarded one).
     pub(crate) remote: String,
     /// The session's place under the connection limits.
@@ -76,14 +74,18 @@ pub(crate) struct Start {
 /// The session of an upgrade: waits for hyper to hand over the connection, then runs until it
 /// closes. A plain function (not `async`), so the task holds one future, not a future and the
 /// arguments it was made from: its size is the connection's memory.
+///
+/// The connection's span (`conn`: its id, address, plugin and generation) is made when
+/// something of the connection is first logged, not here: most connections never log
+/// anything at the default level, and the subscriber keeps ~500 B for each span. It is made at
+/// once when `debug` is on, or when the plugin has logged from a callback
+/// ([`Session::span`]).
 pub(crate) fn run(
     on_upgrade: hyper::upgrade::OnUpgrade,
     start: Start,
     config: Arc<Config>,
 ) -> impl std::future::Future<Output = ()> + Send {
-    let span = tracing::info_span!("conn", conn_id = start.id, peer = %start.peer,
-        plugin = %start.plugin.name, generation = start.plugin.generation);
-    serve(Socket::Upgrade(on_upgrade), Box::new(start), config).instrument(span)
+    serve(Socket::Upgrade(on_upgrade), Box::new(start), config)
 }
 
 /// Where a session's socket comes from.
@@ -112,7 +114,7 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
         Socket::Upgrade(on_upgrade) => match on_upgrade.await {
             Ok(upgraded) => SessionIo::take(upgraded),
             Err(e) => {
-                tracing::debug!(error = %e, "upgrade did not complete");
+                tracing::debug!(conn_id = start.id, error = %e, "upgrade did not complete");
                 return;
             }
         },
@@ -124,6 +126,8 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
         mut s,
         admission,
     } = open(io, read_ahead, start, config);
+    // (The span, if the connection has one, is entered for each step of the session; never
+    // across an `.await`.)
     let (code, reason) = s.read_loop(&mut w).await;
     // (Used in place from here on: moved out into locals, its parts would be stored twice.)
     w.link.delivered();
@@ -147,17 +151,28 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
         s.conn.id,
         std::time::Instant::now(),
     );
-    let Session { callbacks, .. } = s;
-    drop(callbacks);
+    crate::plugin::exec::set_unspanned(if s.span.is_none() { s.conn.id } else { 0 });
+    {
+        let _entered = s.span.enter();
+        let Session { callbacks, .. } = s;
+        drop(callbacks);
+    }
+    crate::plugin::exec::set_unspanned(0);
     crate::plugin::exec::leave();
-    w.plugin.connection_closed();
+    s.plugin.connection_closed();
     drop(admission);
-    tracing::debug!(code, %reason, "connection closed");
+    {
+        let _entered = s.span.enter();
+        tracing::debug!(code, %reason, "connection closed");
+    }
     // Write what is still queued (an answer, a close frame), bounded by the close timeout;
     // then the socket closes as `ws` is dropped.
     let _ = tokio::time::timeout(
         s.host.close_timeout,
-        std::future::poll_fn(|cx| w.link.poll_final(cx, &s.conn)),
+        std::future::poll_fn(|cx| {
+            let _entered = s.span.enter();
+            w.link.poll_final(cx, &s.conn)
+        }),
     )
     .await;
     s.conn.release_queued();
@@ -178,8 +193,6 @@ struct Wire {
     link: Link,
     timing: Timing,
     shutdown: CancellationToken,
-    /// The plugin's generation (whose replacement closes with 1012 rather than 1001).
-    plugin: Arc<LoadedPlugin>,
 }
 
 /// Sets the session up on its socket and runs `on_connect`. A plain function: nothing it uses
@@ -188,7 +201,6 @@ struct Wire {
 fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<Config>) -> Opened {
     let Start {
         id,
-        peer: _,
         remote,
         admission,
         plugin,
@@ -243,25 +255,32 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
     );
     let callbacks = crate::plugin::Callbacks::new(handler, Arc::clone(&conn));
 
-    tracing::debug!("connection open");
     plugin.connection_opened();
     let mut s = Session {
         host: config,
         callbacks,
         conn,
+        span: tracing::Span::none(),
+        plugin,
         failed: false,
         clock_stale: false,
         host_close: None,
         counts: Counts::default(),
         durations: Default::default(),
     };
+    if tracing::enabled!(tracing::Level::DEBUG) || s.plugin.logs_in_callbacks() {
+        s.span();
+    }
+    {
+        let _entered = s.span.enter();
+        tracing::debug!("connection open");
+    }
     s.call("on_connect", |cb| cb.on_connect());
     Opened {
         w: Wire {
             link: Link::open(ws, sizes),
             timing: Timing::new(&limits),
             shutdown,
-            plugin,
         },
         s,
         admission,
@@ -292,6 +311,10 @@ struct Session {
     /// The plugin's callbacks, bound to this connection.
     callbacks: crate::plugin::Callbacks,
     conn: Arc<ConnShared>,
+    /// The connection's span once made (none before: [`Session::span`]).
+    span: tracing::Span,
+    /// The plugin's generation (whose replacement closes with 1012 rather than 1001).
+    plugin: Arc<LoadedPlugin>,
     /// The host's settings (the session reads its host-wide limits here).
     host: Arc<Config>,
     /// A callback panicked: no more callbacks but `on_close`.
@@ -414,6 +437,7 @@ impl Session {
                 w.link.set_clock(None);
             }
             let woke = std::future::poll_fn(|cx| {
+                let _entered = self.span.enter();
                 if let Poll::Ready(item) = w.link.poll_io(cx, &self.conn) {
                     return Poll::Ready(Ok(item));
                 }
@@ -430,6 +454,7 @@ impl Session {
                     IoEvent::Flags => {}
                     IoEvent::WriteFailed => {
                         self.conn.peer_closed();
+                        let _entered = self.span.enter();
                         tracing::debug!("write failed; the connection is gone");
                         break;
                     }
@@ -480,7 +505,7 @@ impl Session {
                 },
                 Err(Alarm::Shutdown) => {
                     alarms.shutting_down = true;
-                    let restart = w.plugin.restarting();
+                    let restart = self.plugin.restarting();
                     self.close_by_host(if restart.load(std::sync::atomic::Ordering::Acquire) {
                         CloseReason::ServiceRestart
                     } else {
@@ -490,6 +515,7 @@ impl Session {
                 Err(Alarm::Timer) => {
                     let now = Instant::now();
                     if d.close.is_some_and(|at| now >= at) {
+                        let _entered = self.span.enter();
                         tracing::debug!("close handshake timed out; dropping the connection");
                         break;
                     }
@@ -499,8 +525,13 @@ impl Session {
                         && d.awaiting_pong
                             .is_some_and(|sent| now >= sent + w.timing.pong_timeout())
                     {
-                        tracing::info!(pong_timeout = ?w.timing.pong_timeout(),
-                            "no pong in time; dropping the connection");
+                        let pong_timeout = w.timing.pong_timeout();
+                        self.span().in_scope(|| {
+                            tracing::info!(
+                                ?pong_timeout,
+                                "no pong in time; dropping the connection"
+                            );
+                        });
                         let why = CloseReason::PingTimeout;
                         let _ = self.conn.close_unchecked(why.code(), why.reason());
                         // The peer is gone: it sent no close frame.
@@ -521,15 +552,19 @@ impl Session {
                         if w.link.pending_for(now).is_some_and(|d| d >= limit)
                             && self.conn.is_open()
                         {
-                            tracing::info!(message_timeout = ?limit,
-                                "a message took too long to arrive; closing with 1008");
+                            self.span().in_scope(|| {
+                                tracing::info!(message_timeout = ?limit,
+                                    "a message took too long to arrive; closing with 1008");
+                            });
                             self.close_by_host(CloseReason::MessageTimeout);
                         }
                     }
                     if let Some(idle) = w.timing.idle_timeout() {
                         let last = d.last_data_in.max(self.conn.last_data_out());
                         if now >= last + idle && self.conn.is_open() {
-                            tracing::info!(idle_timeout = ?idle, "idle connection closed");
+                            self.span().in_scope(|| {
+                                tracing::info!(idle_timeout = ?idle, "idle connection closed");
+                            });
                             self.close_by_host(CloseReason::IdleTimeout);
                         }
                     }
@@ -609,10 +644,10 @@ impl Session {
             return !self.failed;
         }
         if !self.failed {
-            tracing::warn!(
-                limit = r.rate,
-                "message rate limit exceeded; closing with 1008"
-            );
+            let limit = r.rate;
+            self.span().in_scope(|| {
+                tracing::warn!(limit, "message rate limit exceeded; closing with 1008");
+            });
             self.failed = true;
             self.close_by_host(CloseReason::RateLimit);
         }
@@ -635,7 +670,11 @@ impl Session {
             WsError::Capacity(_) => Some(CloseReason::TooBig),
             _ => Some(CloseReason::InternalError),
         };
-        tracing::debug!(error = %e, close_code = ?why.map(CloseReason::code), "connection error");
+        {
+            let _entered = self.span.enter();
+            tracing::debug!(error = %e, close_code = ?why.map(CloseReason::code),
+                "connection error");
+        }
         let text = e.to_string();
         self.call("on_error", |cb| cb.on_error(&text));
         if let Some(why) = why {
@@ -672,6 +711,17 @@ impl Session {
         (!self.failed).then(|| self.run_callback(now, name, f))
     }
 
+    /// The connection's span, made now if it has none: what is logged of the connection is
+    /// logged in it.
+    fn span(&mut self) -> &tracing::Span {
+        if self.span.is_none() {
+            self.span = tracing::info_span!("conn", conn_id = self.conn.id,
+                peer = %self.conn.remote, plugin = %self.plugin.name,
+                generation = self.plugin.generation);
+        }
+        &self.span
+    }
+
     /// Runs a callback that starts at `started`; returns when it ended.
     fn run_callback(
         &mut self,
@@ -679,13 +729,22 @@ impl Session {
         name: &'static str,
         f: impl FnOnce(&mut crate::plugin::Callbacks) -> Result<(), String>,
     ) -> Instant {
+        if self.span.is_none() && self.plugin.logs_in_callbacks() {
+            self.span();
+        }
         self.conn.set_in_callback(true);
         crate::plugin::exec::enter(
             crate::plugin::exec::call_index(name),
             self.conn.id,
             started.into_std(),
         );
-        let result = f(&mut self.callbacks);
+        // Without its span, the connection's id goes on the plugin's log lines instead.
+        crate::plugin::exec::set_unspanned(if self.span.is_none() { self.conn.id } else { 0 });
+        let result = {
+            let _entered = self.span.enter();
+            f(&mut self.callbacks)
+        };
+        crate::plugin::exec::set_unspanned(0);
         crate::plugin::exec::leave();
         self.conn.set_in_callback(false);
         let ended = Instant::now();
@@ -695,16 +754,20 @@ impl Session {
                 .flush_into(&self.conn.metrics().callback_seconds);
         }
         if elapsed >= self.host.slow_callback {
-            tracing::warn!(
-                callback = name,
-                elapsed_ms = elapsed.as_secs_f64() * 1e3,
-                "slow callback: callbacks run on the connection's task and must not block; \
-                 move blocking work to a plugin thread"
-            );
+            self.span().in_scope(|| {
+                tracing::warn!(
+                    callback = name,
+                    elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                    "slow callback: callbacks run on the connection's task and must not block; \
+                     move blocking work to a plugin thread"
+                );
+            });
         }
         if let Err(panic) = result {
-            tracing::error!(callback = name, %panic,
-                "plugin callback panicked; closing the connection with 1011");
+            self.span().in_scope(|| {
+                tracing::error!(callback = name, %panic,
+                    "plugin callback panicked; closing the connection with 1011");
+            });
             self.failed = true;
             self.close_by_host(CloseReason::PluginPanicked);
         }
