@@ -27,11 +27,12 @@ pub struct Config {
     pub limits: crate::limits::ConnLimits,
     /// Bytes tungstenite takes per read call: a buffer each connection holds while it is busy
     /// (a quiet connection parks and frees it). Socket reads themselves go through a 64 KiB
-    /// read-ahead buffer per worker thread, so this costs no system calls. Default 384 B: a
-    /// size no allocation a connection keeps for its life shares (with 256, tungstenite's
-    /// buffers and tokio's 256-byte socket registrations were laid out in the same slabs of
-    /// the allocator, and the freed buffers left those half empty: ~230 B an idle connection);
-    /// 4 KiB echoes 16 KiB messages ~20-30% faster.
+    /// read-ahead buffer per worker thread, so this costs no system calls. Default 512 B: a
+    /// size class of the allocator that no allocation a connection keeps for its life uses.
+    /// (At 256 B, tungstenite's buffers were laid out in the same slabs as tokio's 256-byte
+    /// socket registrations, and when the connections parked the freed buffers left those
+    /// slabs half empty: ~230 B an idle connection. 384 B is `ConnShared`'s class.) 4 KiB
+    /// echoes 16 KiB messages ~20-30% faster.
     pub read_buffer_size: usize,
     /// A callback that runs longer than this is logged as blocking the connection. Default 50 ms.
     pub slow_callback: Duration,
@@ -120,7 +121,7 @@ impl Default for Config {
             body_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             limits: crate::limits::ConnLimits::host_defaults(),
-            read_buffer_size: 384,
+            read_buffer_size: 512,
             slow_callback: Duration::from_millis(50),
             close_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(10),

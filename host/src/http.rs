@@ -422,10 +422,10 @@ async fn websocket(
     };
     let closing = plugin.closing().clone();
     let facts = crate::plugin::ConnFacts {
-        local: local.to_string(),
+        local: local.to_string().into(),
         secure: ctx.tls.is_some(),
-        path: parts.uri.path().to_owned(),
-        query: parts.uri.query().unwrap_or("").to_owned(),
+        path: parts.uri.path().into(),
+        query: parts.uri.query().unwrap_or("").into(),
         headers: answer
             .kept_headers
             .iter()

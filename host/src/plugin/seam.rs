@@ -60,10 +60,12 @@ pub(crate) trait ConnOps: Send + Sync + Sized + 'static {
 /// What a connection's upgrade was, for `Conn`'s accessors.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ConnFacts {
-    pub(crate) local: String,
+    // (Boxed strings, not `String`s: every connection keeps these; 24 bytes fewer keep
+    // `ConnShared` in the allocator's 384-byte class, not the 448-byte one.)
+    pub(crate) local: Box<str>,
     pub(crate) secure: bool,
-    pub(crate) path: String,
-    pub(crate) query: String,
+    pub(crate) path: Box<str>,
+    pub(crate) query: Box<str>,
     /// The request headers the plugin kept (`Response::keep_header`), lowercase names.
     #[serde(default)]
     pub(crate) headers: Vec<(String, String)>,
@@ -121,16 +123,16 @@ impl<C: ConnOps> ConnFfi for ConnAdapter<C> {
         self.0.set_paused(paused);
     }
     fn local_addr(&self) -> RString {
-        RString::from(self.0.facts().local.as_str())
+        RString::from(&*self.0.facts().local)
     }
     fn is_secure(&self) -> bool {
         self.0.facts().secure
     }
     fn path(&self) -> RString {
-        RString::from(self.0.facts().path.as_str())
+        RString::from(&*self.0.facts().path)
     }
     fn query(&self) -> RString {
-        RString::from(self.0.facts().query.as_str())
+        RString::from(&*self.0.facts().query)
     }
     fn set_idle_timeout_ms(&self, ms: u64) -> bool {
         self.0

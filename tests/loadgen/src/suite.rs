@@ -6,7 +6,7 @@
 //! Servers: wshost with the `echo` plugin at its defaults, inline and process-isolated
 //! (`--isolation process`: its CPU is the host's and the worker's); the reference, `bare-echo`
 //! (tokio-tungstenite alone, batched writes: the ceiling of our own stack) with a 4 KiB read
-//! buffer, with wshost's 384 B, and a second instance of the first whose ratio to it is the
+//! buffer, with wshost's 512 B, and a second instance of the first whose ratio to it is the
 //! machine's noise; with `--peers`, Node.js `ws` and Jetty 9.4. The report prints the command
 //! line each server ran with, and every figure as the median with the spread over the rounds.
 
@@ -135,7 +135,7 @@ struct Servers {
 const WSHOST: &str = "wshost + echo plugin";
 const WSHOST_PROCESS: &str = "wshost + echo, process-isolated";
 const BARE: &str = "reference: tokio-tungstenite, 4 KiB read buffer";
-const BARE_OWN: &str = "reference, 384 B read buffer (wshost's)";
+const BARE_OWN: &str = "reference, 512 B read buffer (wshost's)";
 const BARE_AGAIN: &str = "reference again (the machine's noise)";
 const NODE: &str = "Node.js ws 8";
 const JETTY: &str = "Jetty 9.4";
@@ -204,7 +204,7 @@ impl Servers {
                 cmd
             }
             BARE | BARE_AGAIN => bare("4096"),
-            BARE_OWN => bare("384"),
+            BARE_OWN => bare("512"),
             NODE => node(cpu)?,
             _ => jetty(cpu)?,
         };
