@@ -126,8 +126,6 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
         mut s,
         admission,
     } = open(io, read_ahead, start, config);
-    // (The span, if the connection has one, is entered for each step of the session; never
-    // across an `.await`.)
     let (code, reason) = s.read_loop(&mut w).await;
     // (Used in place from here on: moved out into locals, its parts would be stored twice.)
     w.link.delivered();
@@ -311,7 +309,9 @@ struct Session {
     /// The plugin's callbacks, bound to this connection.
     callbacks: crate::plugin::Callbacks,
     conn: Arc<ConnShared>,
-    /// The connection's span once made (none before: [`Session::span`]).
+    /// The connection's span once made (none before: [`Session::span`]). Entered for each
+    /// step of the session's work while it exists (a callback, a poll of the socket, a line of
+    /// the session's own), never across an `.await`.
     span: tracing::Span,
     /// The plugin's generation (whose replacement closes with 1012 rather than 1001).
     plugin: Arc<LoadedPlugin>,
