@@ -84,8 +84,8 @@ thread_local! {
     static UNSPANNED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
-/// Notes that this thread runs a callback of connection `conn`, which has no span (0: it has
-/// one, or the callback ended).
+/// Notes that the call this thread has [`enter`]ed is a callback of connection `conn`, which
+/// has no span yet; [`leave`] ends it.
 pub(crate) fn set_unspanned(conn: u64) {
     UNSPANNED.set(conn);
 }
@@ -110,6 +110,7 @@ pub(crate) fn enter(call: u8, conn: u64, at: Instant) {
 
 /// Notes that this thread's plugin call returned.
 pub(crate) fn leave() {
+    UNSPANNED.set(0);
     SLOT.with(|s| {
         if let Some(slot) = &*s.borrow() {
             slot.started_us.store(0, Ordering::Release);

@@ -904,11 +904,8 @@ impl HostInner {
 #[derive(Debug, Clone)]
 struct HostServices(Arc<HostInner>);
 
+/// A plugin's log line; `conn_id` is written only when it is `Some`.
 macro_rules! plugin_event {
-    ($level:expr, $inner:expr, $msg:expr) => {
-        tracing::event!(target: "plugin", $level, plugin = %$inner.plugin,
-            generation = $inner.generation, "{}", $msg)
-    };
     ($level:expr, $inner:expr, $msg:expr, $conn:expr) => {
         tracing::event!(target: "plugin", $level, plugin = %$inner.plugin,
             generation = $inner.generation, conn_id = $conn, "{}", $msg)
@@ -922,30 +919,19 @@ impl HostFfi for HostServices {
         }
         let m = message.as_str();
         let i = &self.0;
-        let conn = exec::unspanned();
-        if conn != 0 {
-            // A callback of a connection without its span (made only when something of the
-            // connection is logged): this line names the connection itself, and the plugin's
-            // connections make their spans before their callbacks from now on.
-            if !self.log_enabled(level) {
-                return;
-            }
+        // In a callback of a connection without its span (made only when something of the
+        // connection is logged), the line names the connection itself, and the plugin's
+        // connections make their spans before their callbacks from now on.
+        let conn = Some(exec::unspanned()).filter(|&id| id != 0);
+        if conn.is_some() && self.log_enabled(level) {
             i.logs_in_callbacks.store(true, Ordering::Relaxed);
-            match level {
-                abi::level::ERROR => plugin_event!(tracing::Level::ERROR, i, m, conn),
-                abi::level::WARN => plugin_event!(tracing::Level::WARN, i, m, conn),
-                abi::level::INFO => plugin_event!(tracing::Level::INFO, i, m, conn),
-                abi::level::DEBUG => plugin_event!(tracing::Level::DEBUG, i, m, conn),
-                _ => plugin_event!(tracing::Level::TRACE, i, m, conn),
-            }
-            return;
         }
         match level {
-            abi::level::ERROR => plugin_event!(tracing::Level::ERROR, i, m),
-            abi::level::WARN => plugin_event!(tracing::Level::WARN, i, m),
-            abi::level::INFO => plugin_event!(tracing::Level::INFO, i, m),
-            abi::level::DEBUG => plugin_event!(tracing::Level::DEBUG, i, m),
-            _ => plugin_event!(tracing::Level::TRACE, i, m),
+            abi::level::ERROR => plugin_event!(tracing::Level::ERROR, i, m, conn),
+            abi::level::WARN => plugin_event!(tracing::Level::WARN, i, m, conn),
+            abi::level::INFO => plugin_event!(tracing::Level::INFO, i, m, conn),
+            abi::level::DEBUG => plugin_event!(tracing::Level::DEBUG, i, m, conn),
+            _ => plugin_event!(tracing::Level::TRACE, i, m, conn),
         }
     }
 

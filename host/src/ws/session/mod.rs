@@ -149,13 +149,14 @@ async fn serve(socket: Socket, start: Box<Start>, config: Arc<Config>) {
         s.conn.id,
         std::time::Instant::now(),
     );
-    crate::plugin::exec::set_unspanned(if s.span.is_none() { s.conn.id } else { 0 });
+    if s.span.is_none() {
+        crate::plugin::exec::set_unspanned(s.conn.id);
+    }
     {
         let _entered = s.span.enter();
         let Session { callbacks, .. } = s;
         drop(callbacks);
     }
-    crate::plugin::exec::set_unspanned(0);
     crate::plugin::exec::leave();
     s.plugin.connection_closed();
     drop(admission);
@@ -739,12 +740,13 @@ impl Session {
             started.into_std(),
         );
         // Without its span, the connection's id goes on the plugin's log lines instead.
-        crate::plugin::exec::set_unspanned(if self.span.is_none() { self.conn.id } else { 0 });
+        if self.span.is_none() {
+            crate::plugin::exec::set_unspanned(self.conn.id);
+        }
         let result = {
             let _entered = self.span.enter();
             f(&mut self.callbacks)
         };
-        crate::plugin::exec::set_unspanned(0);
         crate::plugin::exec::leave();
         self.conn.set_in_callback(false);
         let ended = Instant::now();
