@@ -44,6 +44,8 @@ pub struct Metrics {
     pub(crate) deflate_connections: Counter,
     /// Connections parked now (quiet: no stream or buffers of their own).
     pub(crate) parked: prometheus_client::metrics::gauge::Gauge,
+    /// Parked connections opened again.
+    pub(crate) unparked: Counter,
     /// Closed connections by the code `on_close` got.
     pub(crate) closes: Family<CodeLabel, Counter>,
     pub(crate) callback_seconds: CallbackHistogram,
@@ -164,6 +166,7 @@ impl Metrics {
             send_queue_overflows: Counter::default(),
             deflate_connections: Counter::default(),
             parked: Default::default(),
+            unparked: Counter::default(),
             closes: Family::default(),
             callback_seconds: CallbackHistogram::default(),
             prom: prometheus_client::registry::Registry::default(),
@@ -183,6 +186,12 @@ impl Metrics {
             "WebSocket connections parked: gone quiet, they hold no stream, buffers or writer \
              until something arrives or is sent",
             m.parked.clone(),
+        );
+        prom.register(
+            "connections_unparked",
+            "Parked connections opened again: bytes other than a pong arrived, or a send, a \
+             timer's send or a close was queued",
+            m.unparked.clone(),
         );
         prom.register(
             "messages_received",

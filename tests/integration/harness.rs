@@ -535,8 +535,11 @@ pub async fn connect(url: &str) -> Ws {
     ws
 }
 
-/// The next data or close message.
-pub async fn next(ws: &mut Ws) -> Message {
+/// The next data or close message (over any stream: TCP, TLS).
+pub async fn next<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let msg = tokio::time::timeout_at(deadline, ws.next())
@@ -551,7 +554,10 @@ pub async fn next(ws: &mut Ws) -> Message {
 }
 
 /// The next message, which must be text.
-pub async fn text(ws: &mut Ws) -> String {
+pub async fn text<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     match next(ws).await {
         Message::Text(t) => t.as_str().to_owned(),
         other => panic!("expected text, got {other:?}"),

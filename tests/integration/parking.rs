@@ -109,3 +109,84 @@ async fn with_the_plugin_in_a_worker_process_a_parked_connection_answers_after()
         parked(&host, 1).await;
     }
 }
+
+/// The host's pings and the pongs that answer them pass parked connections without opening
+/// them (`wshost_connections_unparked_total` stays where it was), over TCP, with
+/// permessage-deflate and over TLS; each connection answers as before after them.
+#[tokio::test]
+async fn pings_and_their_pongs_pass_parked_connections_without_opening_them() {
+    use crate::compression::{deflate, handshake, inflate, recv, send, JSON};
+    const PINGS: usize = 5;
+    let args = ["--ping-interval", "300ms"];
+    let host = Host::builder().plugin("echo").args(&args).start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
+    let tls_host = Host::builder()
+        .plugin("echo")
+        .args(&args)
+        .tls(&cert_path, &key_path)
+        .start();
+    let connector = crate::harness::tls_connector(&cert, &[]);
+
+    let mut ws = connect(&host.url("/echo")).await;
+    let mut wss = crate::harness::wss_connect(&connector, tls_host.addr, "/echo").await;
+    let (mut raw, ext) = handshake(host.addr, "/echo", "permessage-deflate");
+    assert!(ext.is_some(), "permessage-deflate negotiated");
+    // The compressed client answers pings itself; the echo of `JSON` is what it waits for.
+    let compressed_echo = |raw: &mut std::net::TcpStream| {
+        send(raw, 1, true, &deflate(JSON.as_bytes()));
+        loop {
+            match recv(raw) {
+                (false, 9, ping) => send(raw, 0xA, false, &ping),
+                (true, 1, payload) => break assert_eq!(inflate(&payload), JSON.as_bytes()),
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    };
+    let mut raw = tokio::task::spawn_blocking(move || {
+        compressed_echo(&mut raw);
+        raw
+    })
+    .await
+    .unwrap();
+    assert_eq!(ask(&mut ws, "before").await, "before");
+    wss.send(Message::text("before")).await.unwrap();
+    assert_eq!(text(&mut wss).await, "before");
+    parked(&host, 2).await;
+    parked(&tls_host, 1).await;
+    let unparked = "wshost_connections_unparked_total";
+    let opened = (host.metric(unparked), tls_host.metric(unparked));
+
+    // Each client reads PINGS pings, answering each (tungstenite does it on its next read).
+    let pings = |n: &mut usize, m: Message| *n += usize::from(m.is_ping());
+    let (mut n_ws, mut n_wss) = (0, 0);
+    while n_ws < PINGS || n_wss < PINGS {
+        tokio::select! {
+            m = ws.next(), if n_ws < PINGS => pings(&mut n_ws, m.unwrap().unwrap()),
+            m = wss.next(), if n_wss < PINGS => pings(&mut n_wss, m.unwrap().unwrap()),
+            () = tokio::time::sleep(PATIENCE) => panic!("no ping within {PATIENCE:?}"),
+        }
+    }
+    let mut raw = tokio::task::spawn_blocking(move || {
+        for _ in 0..PINGS {
+            let (rsv1, opcode, ping) = recv(&mut raw);
+            assert_eq!((rsv1, opcode), (false, 9), "a ping");
+            send(&mut raw, 0xA, false, &ping);
+        }
+        raw
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (host.metric(unparked), tls_host.metric(unparked)),
+        opened,
+        "a ping or its pong opened a parked connection"
+    );
+
+    assert_eq!(ask(&mut ws, "after").await, "after");
+    wss.send(Message::text("after")).await.unwrap();
+    assert_eq!(text(&mut wss).await, "after");
+    tokio::task::spawn_blocking(move || compressed_echo(&mut raw))
+        .await
+        .unwrap();
+}

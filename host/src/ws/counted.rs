@@ -94,6 +94,10 @@ impl Drop for Partial {
     }
 }
 
+/// The most [`Counted::poll_fill`] reads: a client's largest control frame (a 2-byte header,
+/// a 4-byte mask and 125 bytes).
+pub(crate) const FILL_MAX: usize = 2 + 4 + 125;
+
 /// Size of the per-thread read-ahead buffer: one system call reads this much at most.
 const READ_AHEAD: usize = 64 << 10;
 
@@ -147,6 +151,47 @@ impl<S> Counted<S> {
     /// handed on and ends a whole frame outside a fragmented message.
     pub(crate) fn at_rest(&self) -> bool {
         self.ahead.is_empty() && !self.spoiled && self.watch.at_rest()
+    }
+
+    /// Waits until bytes from the client are held here, not yet handed on: if none are, reads
+    /// at most `max` of them from the socket (charged and followed as any read). What a parked
+    /// connection looks at before it makes tungstenite's stream again ([`Counted::ahead`]).
+    /// Ready with nothing held at the end of the stream (a read after it meets the end again)
+    /// or once invalid UTF-8 spoiled the frame read (the next read fails).
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<()>>
+    where
+        S: AsyncRead + Unpin,
+    {
+        if !self.ahead.is_empty() || self.spoiled {
+            return Poll::Ready(Ok(()));
+        }
+        let mut bytes = [0u8; FILL_MAX];
+        let mut buf = ReadBuf::new(&mut bytes[..max.min(FILL_MAX)]);
+        match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+            Poll::Ready(Ok(())) => {
+                let data = buf.filled();
+                self.charge(data.len() as u64)?;
+                let keep = self.watched(data);
+                if keep > 0 {
+                    self.ahead = BytesMut::from(&data[..keep]);
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+
+    /// What was read from the socket and not yet handed on.
+    pub(crate) fn ahead(&self) -> &[u8] {
+        &self.ahead
+    }
+
+    /// Takes the first `n` bytes held ahead as consumed here (not handed on).
+    pub(crate) fn consume_ahead(&mut self, n: usize) {
+        self.ahead.advance(n.min(self.ahead.len()));
+        if self.ahead.is_empty() {
+            self.ahead = BytesMut::new();
+        }
     }
 
     /// Follows `data`, just read; how much of it to hand on (all, unless a text frame in it

@@ -477,7 +477,8 @@ pub async fn run(args: SuiteArgs) -> anyhow::Result<()> {
              allocator that hands freed pages back to the system does so over those seconds \
              (wshost's jemalloc, from a background thread; glibc's malloc, which the reference \
              uses, keeps them), and wshost's pings (every 30 s by default, each connection's \
-             first up to 7.5 s later) open parked connections again for a moment"
+             first up to 7.5 s later) fall in that window: they and their pongs pass parked \
+             connections without opening them"
         }
     )?;
     let later = !args.smoke;

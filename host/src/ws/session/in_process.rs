@@ -582,10 +582,11 @@ async fn a_quiet_connection_parks_and_every_kind_of_event_opens_it_again() {
     );
 }
 
-/// The host's ping opens a parked connection (it is written by tungstenite's stream); once
-/// the pong has come, the connection parks again at once, not at its next look a second on.
+/// The host's ping and the client's pong pass a parked connection without opening it: the
+/// ping is written on the bare socket and the pong read there (the plugin's `on_pong` still
+/// runs). Before, each ping made the connection's stream again until the pong came.
 #[tokio::test(start_paused = true)]
-async fn a_parked_connection_parks_again_as_soon_as_its_ping_is_answered() {
+async fn a_parked_connection_stays_parked_through_the_hosts_ping_and_its_pong() {
     let interval = Duration::from_secs(30);
     let config = Config {
         limits: ConnLimits {
@@ -597,9 +598,18 @@ async fn a_parked_connection_parks_again_as_soon_as_its_ping_is_answered() {
     let (mut client, events, task, metrics) = session_with_config_and_metrics(config, echo).await;
     client.send(Message::text("a")).await.unwrap();
     assert_eq!(client.next().await.unwrap().unwrap(), Message::text("a"));
-    // The client reads from now on (answering pings as it reads them).
-    let reader = tokio::spawn(async move { while let Some(Ok(_)) = client.next().await {} });
+    // The client reads from now on (answering pings as it reads them), counting the pings.
+    let pings = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&pings);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = client.next().await {
+            if m.is_ping() {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
     parked(&metrics, 1).await;
+    let opened = metrics.unparked.get();
     let pongs = || {
         events
             .lock()
@@ -608,20 +618,110 @@ async fn a_parked_connection_parks_again_as_soon_as_its_ping_is_answered() {
             .filter(|e| e.starts_with("pong"))
             .count()
     };
-    for n in 1..=3 {
-        // (Opened and parked again within a virtual instant: the pong is what is seen.)
-        tokio::time::timeout(HOUR, async {
-            while pongs() < n {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await
-        .expect("the host pings every 30 s");
-        let open_for = parked(&metrics, 1).await;
-        assert!(open_for < PARK_AFTER / 10, "open {open_for:?} after a pong");
-    }
+    tokio::time::timeout(HOUR, async {
+        while pongs() < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the host pings every 30 s");
+    assert_eq!(pings.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert_eq!(metrics.unparked.get(), opened, "a ping or pong opened it");
+    assert_eq!(metrics.parked.get(), 1);
     task.abort();
     reader.abort();
+}
+
+/// A client frame as a client sends it: final, masked.
+fn masked(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [3u8, 1, 4, 1];
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().zip(mask.iter().cycle()).map(|(b, m)| b ^ m));
+    frame
+}
+
+/// Only a whole pong is read on a parked connection; a pong in two parts, or one followed by
+/// a message in the same read, is left to tungstenite, which gets every byte of it.
+#[tokio::test(start_paused = true)]
+async fn a_parked_connection_reads_only_whole_pongs_itself() {
+    use tokio::io::AsyncWriteExt as _;
+    let (mut client, events, task, metrics) = session_with_metrics(echo).await;
+    client.send(Message::text("a")).await.unwrap();
+    assert_eq!(client.next().await.unwrap().unwrap(), Message::text("a"));
+    parked(&metrics, 1).await;
+    let opened = metrics.unparked.get();
+    let count = |prefix: &str| {
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.starts_with(prefix))
+            .count()
+    };
+    let until = |prefix: &'static str, n: usize| {
+        let count = &count;
+        async move {
+            tokio::time::timeout(HOUR, async {
+                while count(prefix) < n {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .expect("the event came");
+        }
+    };
+
+    // An unsolicited pong with a payload: read parked, told to the plugin.
+    client
+        .get_mut()
+        .write_all(&masked(0xA, b"xyz"))
+        .await
+        .unwrap();
+    until("pong", 1).await;
+    assert_eq!(metrics.unparked.get(), opened);
+    assert_eq!(metrics.parked.get(), 1);
+
+    // Two pongs in one read: both read parked.
+    let mut two = masked(0xA, b"");
+    two.extend(masked(0xA, b"12"));
+    client.get_mut().write_all(&two).await.unwrap();
+    until("pong", 3).await;
+    assert_eq!(metrics.unparked.get(), opened);
+
+    // A pong in two parts: the first part opens the connection; tungstenite reads the pong.
+    let split = masked(0xA, b"half");
+    client.get_mut().write_all(&split[..3]).await.unwrap();
+    parked(&metrics, 0).await;
+    client.get_mut().write_all(&split[3..]).await.unwrap();
+    until("pong", 4).await;
+    assert_eq!(metrics.unparked.get(), opened + 1);
+    parked(&metrics, 1).await;
+
+    // A pong and a message in one read: the pong parked, then the message opens it.
+    let mut both = masked(0xA, b"p");
+    both.extend(masked(0x1, b"after"));
+    client.get_mut().write_all(&both).await.unwrap();
+    assert_eq!(
+        client.next().await.unwrap().unwrap(),
+        Message::text("after")
+    );
+    assert_eq!(metrics.unparked.get(), opened + 2);
+    task.abort();
+    let events = events.lock().unwrap().clone();
+    assert_eq!(
+        events[..],
+        [
+            "connect",
+            "text a",
+            "pong 3",
+            "pong 0",
+            "pong 2",
+            "pong 4",
+            "pong 1",
+            "text after"
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]

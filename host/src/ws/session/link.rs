@@ -2,19 +2,30 @@
 //! while gives up tungstenite's stream (its state, read buffer and wakers) and the writer, and
 //! keeps the bare socket until something arrives or something is to be sent. Most of a
 //! server's connections are idle most of the time; this is what each of them holds then.
+//!
+//! The host's ping and the client's pong that answers it pass a parked connection without
+//! opening it: the ping's two bytes are written on the bare socket, and a pong that is all
+//! that arrived is read there. With the default 30 s pings, an idle connection would otherwise
+//! make its stream again every 30 s.
 
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures_util::SinkExt as _;
-use tokio::io::{AsyncRead as _, ReadBuf};
+use tokio::io::AsyncWrite as _;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
+use tokio_tungstenite::tungstenite::Message;
 
 use super::writer::{IoEvent, Writer};
 use super::{Io, Ws};
 use crate::metrics::Metrics;
 use crate::ws::conn::ConnShared;
+use crate::ws::counted::FILL_MAX;
+
+/// The host's ping as a server writes it: final, opcode 9, unmasked, empty.
+const PING: [u8; 2] = [0x89, 0x00];
 
 /// The connection's socket.
 pub(super) enum Link {
@@ -42,6 +53,62 @@ pub(super) struct Active {
 pub(super) struct Parked {
     io: Io,
     sizes: Sizes,
+    /// Bytes of the host's [`PING`] not yet taken by the socket (from its end): written before
+    /// anything else, so no frame is ever written into the middle of it.
+    owed: u8,
+    /// The ping was written and not yet flushed (through a wrapper that holds bytes: TLS,
+    /// permessage-deflate).
+    flush_owed: bool,
+}
+
+impl Parked {
+    /// Writes and flushes what is owed of the host's ping; `Ready(Ok)` once nothing is.
+    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.owed > 0 {
+            let from = PING.len() - usize::from(self.owed);
+            match Pin::new(&mut self.io).poll_write(cx, &PING[from..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    // (`n` is at most the 2 bytes asked for.)
+                    self.owed = self.owed.saturating_sub(u8::try_from(n).unwrap_or(u8::MAX));
+                    self.flush_owed = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if self.flush_owed {
+            match Pin::new(&mut self.io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => self.flush_owed = false,
+                other => return other,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// If `bytes` start with a whole pong frame as a client must send it (final, no reserved
+/// bits, masked, a payload of at most 125 bytes): its length and its payload, unmasked.
+/// Anything else, a pong not yet whole among it, is for tungstenite to read.
+fn pong_at_start(bytes: &[u8]) -> Option<(usize, bytes::Bytes)> {
+    let [0x8A, second, rest @ ..] = bytes else {
+        return None;
+    };
+    if second & 0x80 == 0 {
+        return None;
+    }
+    let len = usize::from(second & 0x7F);
+    if len > 125 {
+        return None;
+    }
+    let mask = rest.get(..4)?;
+    let payload = rest.get(4..4 + len)?;
+    let payload: Vec<u8> = payload
+        .iter()
+        .zip(mask.iter().cycle())
+        .map(|(b, m)| b ^ m)
+        .collect();
+    Some((2 + 4 + len, payload.into()))
 }
 
 /// The sizes tungstenite's stream is configured with (its other settings are its defaults).
@@ -138,11 +205,26 @@ impl Link {
         matches!(self, Self::Parked(_))
     }
 
-    /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection waits for
-    /// its socket to be readable (reading nothing: what arrives stays in the socket's
-    /// wrappers) or for something to send, and is opened again then (and says so, with
-    /// `Flags` if nothing else: the session then looks to park it again later); the handle's
-    /// flags need no socket and are reported as they are.
+    /// Sends the host's ping from a parked connection without opening it (written at the
+    /// next poll, before anything else). False if the connection is open or has sends
+    /// queued (which open it): the ping is then queued as any frame.
+    pub(super) fn ping_parked(&mut self, conn: &ConnShared) -> bool {
+        match self {
+            Self::Parked(p) if p.owed == 0 && !conn.has_queued() => {
+                p.owed = PING.len() as u8;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection writes
+    /// what it owes of the host's ping, then waits for something to send or for bytes from the
+    /// client (reading at most a control frame's worth, kept in `Counted`). A pong that is
+    /// all that arrived is read there and reported, parked; anything else opens the connection
+    /// again (it says so, with `Flags` if nothing else: the session then looks to park it again
+    /// later), and tungstenite reads what was kept first. The handle's flags need no socket and
+    /// are reported as they are.
     #[inline]
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
         match self {
@@ -161,14 +243,25 @@ impl Link {
             if conn.has_flags() {
                 return Poll::Ready(IoEvent::Flags);
             }
+            match p.poll_owed(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(_)) => return Poll::Ready(IoEvent::WriteFailed),
+                Poll::Pending => return Poll::Pending,
+            }
             let mut failed = None;
             if !conn.has_queued() {
                 if conn.is_paused() {
                     return Poll::Pending;
                 }
-                match Pin::new(&mut p.io).poll_read(cx, &mut ReadBuf::new(&mut [])) {
+                let counted = p.io.get_mut();
+                match counted.poll_fill(cx, FILL_MAX) {
                     Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Ok(())) => {
+                        if let Some((n, payload)) = pong_at_start(counted.ahead()) {
+                            counted.consume_ahead(n);
+                            return Poll::Ready(IoEvent::Read(Ok(Message::Pong(payload))));
+                        }
+                    }
                     // (An error is what tungstenite's next read would have met.)
                     Poll::Ready(Err(e)) => failed = Some(e),
                 }
@@ -220,6 +313,8 @@ impl Link {
                 Self::Parked(Box::new(Parked {
                     io: ws.into_inner(),
                     sizes,
+                    owed: 0,
+                    flush_owed: false,
                 }))
             }
             other => other,
@@ -229,7 +324,7 @@ impl Link {
         true
     }
 
-    /// Opens a parked connection again.
+    /// Opens a parked connection again (once its ping is written: see [`Parked::owed`]).
     fn unpark(&mut self, conn: &ConnShared) {
         if !self.is_parked() {
             // (An open one is not moved out and back on every poll.)
@@ -238,7 +333,8 @@ impl Link {
         *self = match std::mem::replace(self, Self::Moving) {
             Self::Parked(p) => {
                 conn.metrics().parked.dec();
-                let Parked { io, sizes } = *p;
+                conn.metrics().unparked.inc();
+                let Parked { io, sizes, .. } = *p;
                 let mut open = Self::open(super::raw_socket(io, sizes), sizes);
                 if let Self::Open(a) = &mut open {
                     a.reopened = true;
@@ -260,8 +356,16 @@ impl Link {
     /// After the session: writes out what is still queued (a parked connection opens for
     /// it), then flushes.
     pub(super) fn poll_final(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<()> {
-        if self.is_parked() && !conn.has_queued() {
-            return Poll::Ready(());
+        if let Self::Parked(p) = self {
+            match p.poll_owed(cx) {
+                Poll::Ready(Ok(())) => {}
+                // (Nothing more can be written.)
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return Poll::Pending,
+            }
+            if !conn.has_queued() {
+                return Poll::Ready(());
+            }
         }
         let a = self.active(conn);
         a.out.poll_final(cx, &mut a.ws, conn)
@@ -277,5 +381,35 @@ impl Link {
             }
             Self::Moving => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What every parked connection holds (boxed): at 192 bytes it is jemalloc's 192-byte
+    /// class, at 193 its 224-byte one.
+    #[test]
+    fn a_parked_socket_stays_in_its_size_class() {
+        let size = std::mem::size_of::<Parked>();
+        assert!(size <= 192, "Parked is {size} bytes");
+    }
+
+    #[test]
+    fn only_a_whole_masked_pong_is_a_pong() {
+        let pong = [0x8A, 0x82, 1, 2, 3, 4, b'o' ^ 1, b'k' ^ 2];
+        let (n, payload) = pong_at_start(&pong).unwrap();
+        assert_eq!((n, &payload[..]), (8, &b"ok"[..]));
+        let mut more = pong.to_vec();
+        more.push(0x81);
+        assert_eq!(pong_at_start(&more).unwrap().0, 8);
+        // Not whole, not masked, not final, a reserved bit, another opcode, too long.
+        assert!(pong_at_start(&pong[..7]).is_none());
+        assert!(pong_at_start(&[0x8A, 0x00]).is_none());
+        assert!(pong_at_start(&[0x0A, 0x80, 0, 0, 0, 0]).is_none());
+        assert!(pong_at_start(&[0xCA, 0x80, 0, 0, 0, 0]).is_none());
+        assert!(pong_at_start(&[0x89, 0x80, 0, 0, 0, 0]).is_none());
+        assert!(pong_at_start(&[0x8A, 0xFE, 0, 0, 0, 0]).is_none());
     }
 }
