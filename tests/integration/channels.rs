@@ -3,7 +3,7 @@
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, connect, next, text, Host};
+use crate::harness::{ask, connect, id_of, next, text, Host};
 
 #[tokio::test]
 async fn publish_reaches_every_subscriber_and_only_them() {
@@ -62,4 +62,41 @@ async fn channels_are_per_plugin() {
     // testkit publishing to its own `news` does not reach chat's room `news`.
     let mut kit = connect(&host.url("/testkit")).await;
     assert_eq!(ask(&mut kit, "pub:news:leak?").await, "published 0");
+}
+
+/// A connection the plugin closes leaves its channels when its close begins, not when its
+/// close handshake ends: a client that never answers the close frame is no member (and gets
+/// no publish) while the host waits for it.
+#[tokio::test]
+async fn a_closing_connection_leaves_its_channels_at_once() {
+    let host = Host::builder()
+        .plugin("testkit")
+        .args(&["--close-timeout", "600s"])
+        .start();
+    let mut mute = connect(&host.url("/testkit")).await;
+    let mut other = connect(&host.url("/testkit")).await;
+    let mute_id = id_of(&mut mute).await;
+    let other_id = id_of(&mut other).await;
+    assert_eq!(ask(&mut mute, "sub:room").await, "Ok(())");
+    assert_eq!(ask(&mut other, "sub:room").await, "Ok(())");
+    assert_eq!(
+        ask(&mut other, "members:room").await,
+        format!("members {mute_id}=,{other_id}=")
+    );
+    // The plugin closes `mute`, whose client is never read again: it never answers.
+    mute.send(Message::text("close:4000:bye")).await.unwrap();
+    let alone = format!("members {other_id}=");
+    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
+    loop {
+        let members = ask(&mut other, "members:room").await;
+        if members == alone {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {members}");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // (The publisher is the only member: the publish reaches it before the answer.)
+    assert_eq!(ask(&mut other, "pub:room:x").await, "x");
+    assert_eq!(text(&mut other).await, "published 1");
+    drop(mute);
 }

@@ -542,14 +542,21 @@ impl ConnShared {
         self.closing.store(true, Ordering::Release);
         self.push((Message::Close(Some(frame)), 0));
         self.waker.wake();
+        // No publish can reach it now: it is no member any more, while its close handshake
+        // runs (up to `--close-timeout` with a peer that does not answer).
+        self.leave_channels();
         Ok(())
     }
 
-    /// The peer sent its close frame: no more sends.
+    /// The peer sent its close frame: no more sends, and it leaves its channels.
     pub(crate) fn peer_closed(&self) {
-        let _ = self
+        if self
             .state
-            .compare_exchange(OPEN, CLOSING, Ordering::AcqRel, Ordering::Acquire);
+            .compare_exchange(OPEN, CLOSING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.leave_channels();
+        }
     }
 
     /// Gives back to the budget what is still counted as queued: after the session's last
@@ -560,10 +567,16 @@ impl ConnShared {
         self.budget.give(queued);
     }
 
-    /// The connection is over: no more sends, and it leaves all its channels. What is still
-    /// queued stays counted until the final write ([`ConnShared::release_queued`]).
+    /// The connection is over: no more sends, and it leaves all its channels (if it did not
+    /// when its close began). What is still queued stays counted until the final write
+    /// ([`ConnShared::release_queued`]).
     pub(crate) fn finish(&self) {
         self.state.store(CLOSED, Ordering::Release);
+        self.leave_channels();
+    }
+
+    /// Leaves every channel (the state is past open: no `subscribe` adds one after this).
+    fn leave_channels(&self) {
         // `rare()`, not `rare.get()`: a `subscribe` racing with this must meet it under the
         // channels' lock (it checks the state there), whichever thread allocates the part.
         let channels = std::mem::take(
@@ -584,9 +597,9 @@ impl ConnShared {
             .channels
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        // Checked under the lock that `finish` takes, so a closed connection never stays
-        // subscribed.
-        if self.state.load(Ordering::Acquire) == CLOSED {
+        // Checked under the lock that leaving takes, so a closing or closed connection never
+        // stays subscribed.
+        if self.state.load(Ordering::Acquire) != OPEN {
             return Err(SendError::Closed);
         }
         let me: Arc<dyn crate::channels::Subscriber> = Arc::clone(self) as _;
