@@ -190,3 +190,72 @@ async fn pings_and_their_pongs_pass_parked_connections_without_opening_them() {
         .await
         .unwrap();
 }
+
+/// A publish reaches parked subscribers without opening them: over TCP, compressed with
+/// permessage-deflate (the frame written on the bare socket is deflated as any other), and
+/// over TLS. Only the publisher, whose message arrives, opens.
+#[tokio::test]
+async fn a_publish_reaches_parked_subscribers_without_opening_them() {
+    use crate::compression::{deflate, handshake, inflate, recv, send, JSON};
+    let host = Host::builder().plugin("testkit").start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, cert_path, key_path) = crate::harness::self_signed(dir.path());
+    let tls_host = Host::builder()
+        .plugin("testkit")
+        .tls(&cert_path, &key_path)
+        .start();
+    let connector = crate::harness::tls_connector(&cert, &[]);
+
+    // The compressed subscriber: its frames from the host are deflated (JSON is well over
+    // the extension's smallest compressed size).
+    let (raw, ext) = handshake(host.addr, "/testkit", "permessage-deflate");
+    assert!(ext.is_some(), "permessage-deflate negotiated");
+    let text_of = |(rsv1, opcode, payload): (bool, u8, Vec<u8>)| {
+        assert_eq!(opcode, 1);
+        String::from_utf8(if rsv1 { inflate(&payload) } else { payload }).unwrap()
+    };
+    let mut raw = tokio::task::spawn_blocking(move || {
+        let mut raw = raw;
+        send(&mut raw, 1, true, &deflate(b"sub:room"));
+        assert_eq!(text_of(recv(&mut raw)), "Ok(())");
+        raw
+    })
+    .await
+    .unwrap();
+    let mut plain = connect(&host.url("/testkit")).await;
+    let mut publisher = connect(&host.url("/testkit")).await;
+    assert_eq!(ask(&mut plain, "sub:room").await, "Ok(())");
+    assert!(ask(&mut publisher, "info").await.starts_with("id="));
+    let mut tls_sub = crate::harness::wss_connect(&connector, tls_host.addr, "/testkit").await;
+    let mut tls_pub = crate::harness::wss_connect(&connector, tls_host.addr, "/testkit").await;
+    tls_sub.send(Message::text("sub:room")).await.unwrap();
+    assert_eq!(text(&mut tls_sub).await, "Ok(())");
+    tls_pub.send(Message::text("info")).await.unwrap();
+    assert!(text(&mut tls_pub).await.starts_with("id="));
+    parked(&host, 3).await;
+    parked(&tls_host, 2).await;
+    let unparked = "wshost_connections_unparked_total";
+    let opened = (host.metric(unparked), tls_host.metric(unparked));
+
+    let publish = format!("pub:room:{JSON}");
+    assert_eq!(ask(&mut publisher, &publish).await, "published 2");
+    assert_eq!(text(&mut plain).await, JSON);
+    let raw = tokio::task::spawn_blocking(move || {
+        let (rsv1, opcode, payload) = recv(&mut raw);
+        assert!(rsv1, "deflated");
+        assert_eq!(text_of((rsv1, opcode, payload)), JSON);
+        raw
+    })
+    .await
+    .unwrap();
+    tls_pub.send(Message::text(publish)).await.unwrap();
+    assert_eq!(text(&mut tls_pub).await, "published 1");
+    assert_eq!(text(&mut tls_sub).await, JSON);
+    let plus_one = |n: Option<f64>| n.map(|n| n + 1.0);
+    assert_eq!(
+        (host.metric(unparked), tls_host.metric(unparked)),
+        (plus_one(opened.0), plus_one(opened.1)),
+        "only the publishers opened"
+    );
+    drop(raw);
+}

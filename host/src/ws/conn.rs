@@ -48,6 +48,11 @@ impl Queue {
         }
     }
 
+    /// The frame queued first.
+    fn front(&self) -> Option<&Outgoing> {
+        self.head.as_ref().or_else(|| self.rest.front())
+    }
+
     pub(crate) fn pop_front(&mut self) -> Option<Outgoing> {
         self.head.take().or_else(|| self.rest.pop_front())
     }
@@ -242,6 +247,27 @@ impl ConnShared {
                 into.push_back(item);
             }
         }
+    }
+
+    /// Takes the first queued frame if `eligible` says so (a parked connection writes such
+    /// frames on its bare socket; the others wait for the stream).
+    pub(crate) fn pop_queued_if(
+        &self,
+        eligible: impl FnOnce(&Outgoing) -> bool,
+    ) -> Option<Outgoing> {
+        if !self.queued.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if !queue.front().is_some_and(eligible) {
+            return None;
+        }
+        let item = queue.pop_front();
+        if queue.is_empty() {
+            self.queued.store(false, Ordering::SeqCst);
+            queue.shrink_if_empty();
+        }
+        item
     }
 
     /// Whether frames are waiting in the queue.

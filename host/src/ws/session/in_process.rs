@@ -724,6 +724,144 @@ async fn a_parked_connection_reads_only_whole_pongs_itself() {
     );
 }
 
+/// Waits until `events` has an event starting with `prefix`.
+async fn event_seen(events: &Events, prefix: &str) {
+    tokio::time::timeout(HOUR, async {
+        while !events.lock().unwrap().iter().any(|e| e.starts_with(prefix)) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the event came within a virtual hour");
+}
+
+/// What is sent to a parked connection goes out without opening it: data messages, the
+/// plugin's ping (and the pong that answers it comes in parked). A tracked send needs the
+/// stream: it opens the connection, behind the frames queued before it.
+#[tokio::test(start_paused = true)]
+async fn sends_to_a_parked_connection_go_out_without_opening_it() {
+    fn handler(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        match event {
+            FakeEvent::Text(_) => conn.set_timer(1, Duration::from_secs(30)).unwrap(),
+            FakeEvent::Timer(1) => {
+                conn.send_from_worker(Message::text("one"));
+                conn.send_from_worker(Message::Ping("p".into()));
+                conn.send_from_worker(Message::binary(vec![1, 2, 3]));
+                conn.send_from_worker(Message::text("two"));
+                conn.set_timer(2, Duration::from_secs(30)).unwrap();
+            }
+            FakeEvent::Timer(_) => {
+                conn.send_from_worker(Message::text("three"));
+                conn.send_from_worker_tracked(Message::text("tracked"), Some(7));
+                conn.send_from_worker(Message::text("last"));
+            }
+            _ => {}
+        }
+    }
+    let (mut client, events, task, metrics) = session_with_metrics(handler).await;
+    client.send(Message::text("go")).await.unwrap();
+    parked(&metrics, 1).await;
+    let opened = metrics.unparked.get();
+    let sent = metrics.messages_out.get();
+    let next = |m: Option<Result<Message, WsError>>| m.unwrap().unwrap();
+    assert_eq!(next(client.next().await), Message::text("one"));
+    assert_eq!(next(client.next().await), Message::Ping("p".into()));
+    assert_eq!(next(client.next().await), Message::binary(vec![1, 2, 3]));
+    assert_eq!(next(client.next().await), Message::text("two"));
+    // (The client's pong to the ping went out as it read on.)
+    event_seen(&events, "pong").await;
+    assert_eq!(metrics.unparked.get(), opened, "a send opened it");
+    assert_eq!(metrics.parked.get(), 1);
+    assert_eq!(metrics.messages_out.get(), sent + 3);
+
+    // The second timer: "three" parked, then the tracked send opens it.
+    assert_eq!(next(client.next().await), Message::text("three"));
+    assert_eq!(next(client.next().await), Message::text("tracked"));
+    assert_eq!(next(client.next().await), Message::text("last"));
+    event_seen(&events, "sent 7 true").await;
+    assert_eq!(metrics.unparked.get(), opened + 1);
+    parked(&metrics, 1).await;
+    task.abort();
+    assert_eq!(
+        events.lock().unwrap()[..],
+        [
+            "connect",
+            "text go",
+            "timer 1",
+            "pong 1",
+            "timer 2",
+            "sent 7 true"
+        ]
+    );
+}
+
+/// A connection that only receives (a subscriber, a server push) parks though it is sent a
+/// message every 300 ms, and gets the rest of them parked: writes do not keep it open.
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_only_receives_parks_and_is_written_to_parked() {
+    fn handler(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        match event {
+            FakeEvent::Text(_) => conn.set_timer(1, Duration::from_millis(300)).unwrap(),
+            FakeEvent::Timer(_) => {
+                conn.send_from_worker(Message::text("tick"));
+                conn.set_timer(1, Duration::from_millis(300)).unwrap();
+            }
+            _ => {}
+        }
+    }
+    let (mut client, _events, task, metrics) = session_with_metrics(handler).await;
+    client.send(Message::text("go")).await.unwrap();
+    let ticks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = Arc::clone(&ticks);
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(m)) = client.next().await {
+            assert_eq!(m, Message::text("tick"));
+            seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    parked(&metrics, 1).await;
+    let opened = metrics.unparked.get();
+    let before = ticks.load(std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let after = ticks.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(after >= before + 30, "{before} -> {after} ticks in 10 s");
+    assert_eq!(metrics.unparked.get(), opened);
+    assert_eq!(metrics.parked.get(), 1);
+    task.abort();
+    reader.abort();
+}
+
+/// A frame the socket does not take at once (the client is not reading) is finished before
+/// anything else is written, and the connection stays parked meanwhile.
+#[tokio::test(start_paused = true)]
+async fn a_frame_part_way_out_of_a_parked_connection_is_finished_first() {
+    const BIG: usize = 1 << 20;
+    fn handler(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        match event {
+            FakeEvent::Text(_) => conn.set_timer(1, Duration::from_secs(30)).unwrap(),
+            FakeEvent::Timer(_) => {
+                conn.send_from_worker(Message::binary(vec![7u8; BIG]));
+                conn.send_from_worker(Message::text("after"));
+            }
+            _ => {}
+        }
+    }
+    let (mut client, events, task, metrics) = session_with_metrics(handler).await;
+    client.send(Message::text("go")).await.unwrap();
+    parked(&metrics, 1).await;
+    let opened = metrics.unparked.get();
+    // The timer fires; the client reads nothing yet (the in-memory pipe holds 256 KiB).
+    event_seen(&events, "timer").await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(metrics.parked.get(), 1);
+    assert_eq!(metrics.unparked.get(), opened);
+    let next = |m: Option<Result<Message, WsError>>| m.unwrap().unwrap();
+    assert_eq!(next(client.next().await), Message::binary(vec![7u8; BIG]));
+    assert_eq!(next(client.next().await), Message::text("after"));
+    assert_eq!(metrics.unparked.get(), opened);
+    task.abort();
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_gone_while_parked_ends_the_session() {
     let (mut client, events, task, metrics) = session_with_metrics(echo).await;

@@ -3,10 +3,10 @@
 //! keeps the bare socket until something arrives or something is to be sent. Most of a
 //! server's connections are idle most of the time; this is what each of them holds then.
 //!
-//! The host's ping and the client's pong that answers it pass a parked connection without
-//! opening it: the ping's two bytes are written on the bare socket, and a pong that is all
-//! that arrived is read there. With the default 30 s pings, an idle connection would otherwise
-//! make its stream again every 30 s.
+//! What a parked connection is sent needs no stream either: data frames, pings and pongs
+//! (the host's and the plugin's) are written on the bare socket, and a pong that is all that
+//! arrived is read there. A publish to a quiet subscriber, or the host's ping every 30 s,
+//! would otherwise make its stream again each time.
 
 use std::io;
 use std::pin::Pin;
@@ -23,9 +23,6 @@ use super::{Io, Ws};
 use crate::metrics::Metrics;
 use crate::ws::conn::ConnShared;
 use crate::ws::counted::FILL_MAX;
-
-/// The host's ping as a server writes it: final, opcode 9, unmasked, empty.
-const PING: [u8; 2] = [0x89, 0x00];
 
 /// The connection's socket.
 pub(super) enum Link {
@@ -53,37 +50,123 @@ pub(super) struct Active {
 pub(super) struct Parked {
     io: Io,
     sizes: Sizes,
-    /// Bytes of the host's [`PING`] not yet taken by the socket (from its end): written before
-    /// anything else, so no frame is ever written into the middle of it.
-    owed: u8,
-    /// The ping was written and not yet flushed (through a wrapper that holds bytes: TLS,
-    /// permessage-deflate).
-    flush_owed: bool,
+    /// A frame written on the bare socket that is not all out yet: finished before anything
+    /// else is written, so no frame ever lands in the middle of it. (Boxed: rarely there, and
+    /// `Parked` stays in its 192-byte class.)
+    owed: Option<Box<Owed>>,
+}
+
+/// Frames a parked connection is writing: those that were queued one after the other, up to
+/// [`MAX_BATCH`](super::MAX_BATCH) bytes, in one write.
+struct Owed {
+    /// The frames as they go on the wire.
+    bytes: Vec<u8>,
+    /// How much of it the socket has taken.
+    at: usize,
+    /// What they counted against the send queue.
+    queued: u64,
+    /// The data messages among them and their payload bytes (counted as sent once out).
+    messages: u64,
+    data_bytes: u64,
+}
+
+/// Whether a parked connection writes `item` itself: a data frame, a ping or a pong that is
+/// not a tracked send. (A close frame, a raw frame or a tracked send opens the connection.)
+fn parked_frame(item: &crate::ws::conn::Outgoing) -> bool {
+    item.1 & crate::ws::conn::TRACKED == 0
+        && matches!(
+            item.0,
+            Message::Text(_) | Message::Binary(_) | Message::Ping(_) | Message::Pong(_)
+        )
+}
+
+/// Appends `msg` to `bytes` as this server writes it: final, unmasked.
+fn append_frame(bytes: &mut Vec<u8>, msg: Message) {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let frame = match msg {
+        Message::Text(t) => Frame::message(t, OpCode::Data(Data::Text), true),
+        Message::Binary(b) => Frame::message(b, OpCode::Data(Data::Binary), true),
+        Message::Ping(p) => Frame::ping(p),
+        Message::Pong(p) => Frame::pong(p),
+        Message::Close(_) | Message::Frame(_) => unreachable!("not a parked frame"),
+    };
+    bytes.reserve(frame.len());
+    frame.format(bytes).expect("writing to a Vec cannot fail");
 }
 
 impl Parked {
-    /// Writes and flushes what is owed of the host's ping; `Ready(Ok)` once nothing is.
-    fn poll_owed(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.owed > 0 {
-            let from = PING.len() - usize::from(self.owed);
-            match Pin::new(&mut self.io).poll_write(cx, &PING[from..]) {
+    /// Writes the rest of the frame being written, counts it as sent, and flushes;
+    /// `Ready(Ok)` once nothing is owed.
+    fn poll_owed(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<io::Result<()>> {
+        let Some(owed) = self.owed.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while owed.at < owed.bytes.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &owed.bytes[owed.at..]) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    // (`n` is at most the 2 bytes asked for.)
-                    self.owed = self.owed.saturating_sub(u8::try_from(n).unwrap_or(u8::MAX));
-                    self.flush_owed = true;
-                }
+                Poll::Ready(Ok(n)) => owed.at += n,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if self.flush_owed {
-            match Pin::new(&mut self.io).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.flush_owed = false,
-                other => return other,
+        if owed.queued > 0 || owed.messages > 0 {
+            conn.written(std::mem::take(&mut owed.queued));
+            let messages = std::mem::take(&mut owed.messages);
+            if messages > 0 {
+                conn.metrics().messages_out.inc_by(messages);
+                conn.metrics().bytes_out.inc_by(owed.data_bytes);
+                conn.sent_data(None);
             }
         }
-        Poll::Ready(Ok(()))
+        // (Through TLS or permessage-deflate, bytes may wait in the wrapper.)
+        match Pin::new(&mut self.io).poll_flush(cx) {
+            Poll::Ready(Ok(())) => {
+                self.owed = None;
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
+    }
+
+    /// Writes the queued frames a parked connection writes itself ([`parked_frame`]), in
+    /// order and in batches, until the queue is empty or its first frame needs the stream;
+    /// `Pending` while the socket is full.
+    fn poll_queued(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<io::Result<()>> {
+        loop {
+            match self.poll_owed(cx, conn) {
+                Poll::Ready(Ok(())) => {}
+                other => return other,
+            }
+            let mut batch: Option<Box<Owed>> = None;
+            let room = |b: &Option<Box<Owed>>| {
+                b.as_ref()
+                    .is_none_or(|b| (b.bytes.len() as u64) < super::MAX_BATCH)
+            };
+            while let Some((msg, queued)) =
+                conn.pop_queued_if(|item| parked_frame(item) && room(&batch))
+            {
+                let owed = batch.get_or_insert_with(|| {
+                    Box::new(Owed {
+                        bytes: Vec::new(),
+                        at: 0,
+                        queued: 0,
+                        messages: 0,
+                        data_bytes: 0,
+                    })
+                });
+                if super::writer::is_data(&msg) {
+                    owed.messages += 1;
+                    owed.data_bytes += msg.len() as u64;
+                }
+                owed.queued += queued;
+                append_frame(&mut owed.bytes, msg);
+            }
+            match batch {
+                Some(owed) => self.owed = Some(owed),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
     }
 }
 
@@ -205,26 +288,14 @@ impl Link {
         matches!(self, Self::Parked(_))
     }
 
-    /// Sends the host's ping from a parked connection without opening it (written at the
-    /// next poll, before anything else). False if the connection is open or has sends
-    /// queued (which open it): the ping is then queued as any frame.
-    pub(super) fn ping_parked(&mut self, conn: &ConnShared) -> bool {
-        match self {
-            Self::Parked(p) if p.owed == 0 && !conn.has_queued() => {
-                p.owed = PING.len() as u8;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection writes
-    /// what it owes of the host's ping, then waits for something to send or for bytes from the
-    /// client (reading at most a control frame's worth, kept in `Counted`). A pong that is
-    /// all that arrived is read there and reported, parked; anything else opens the connection
-    /// again (it says so, with `Flags` if nothing else: the session then looks to park it again
-    /// later), and tungstenite reads what was kept first. The handle's flags need no socket and
-    /// are reported as they are.
+    /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection writes the
+    /// queued frames it can write itself ([`parked_frame`]), then waits for more or for bytes
+    /// from the client (reading at most a control frame's worth, kept in `Counted`). A pong
+    /// that is all that arrived is read there and reported, parked; anything else, or a queued
+    /// frame that needs the stream, opens the connection again (it says so, with `Flags` if
+    /// nothing else: the session then looks to park it again later), and tungstenite reads
+    /// what was kept first. While the socket is full it stays parked (a frame is part-way
+    /// out). The handle's flags need no socket and are reported as they are.
     #[inline]
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
         match self {
@@ -243,13 +314,17 @@ impl Link {
             if conn.has_flags() {
                 return Poll::Ready(IoEvent::Flags);
             }
-            match p.poll_owed(cx) {
-                Poll::Ready(Ok(())) => {}
+            let writing = match p.poll_queued(cx, conn) {
+                Poll::Ready(Ok(())) => false,
                 Poll::Ready(Err(_)) => return Poll::Ready(IoEvent::WriteFailed),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => true,
+            };
+            // (What was written may have emptied a queue a refused send waits on.)
+            if conn.has_flags() {
+                return Poll::Ready(IoEvent::Flags);
             }
             let mut failed = None;
-            if !conn.has_queued() {
+            if writing || !conn.has_queued() {
                 if conn.is_paused() {
                     return Poll::Pending;
                 }
@@ -264,6 +339,10 @@ impl Link {
                     }
                     // (An error is what tungstenite's next read would have met.)
                     Poll::Ready(Err(e)) => failed = Some(e),
+                }
+                if writing {
+                    // Opened once the frame part-way out is out (the socket wakes it).
+                    return Poll::Pending;
                 }
             }
             self.unpark(conn);
@@ -284,8 +363,9 @@ impl Link {
         polled
     }
 
-    /// Parks the connection if it is open, nothing was read or written since the last look,
-    /// and it holds nothing half-done: its last poll found nothing to read, write or flush,
+    /// Parks the connection if it is open, nothing was read since the last look (what it
+    /// writes does not count: parked, it writes what it is sent), and it holds nothing
+    /// half-done: its last poll found nothing to read, write or flush,
     /// no frame or fragmented message is part-way in, nothing is queued, it is neither closing
     /// nor paused, and tungstenite has no answer (a pong) left to write. Whether it is
     /// parked now.
@@ -313,8 +393,7 @@ impl Link {
                 Self::Parked(Box::new(Parked {
                     io: ws.into_inner(),
                     sizes,
-                    owed: 0,
-                    flush_owed: false,
+                    owed: None,
                 }))
             }
             other => other,
@@ -324,7 +403,8 @@ impl Link {
         true
     }
 
-    /// Opens a parked connection again (once its ping is written: see [`Parked::owed`]).
+    /// Opens a parked connection again (never with a frame part-way out: see
+    /// [`Parked::owed`]).
     fn unpark(&mut self, conn: &ConnShared) {
         if !self.is_parked() {
             // (An open one is not moved out and back on every poll.)
@@ -357,7 +437,7 @@ impl Link {
     /// it), then flushes.
     pub(super) fn poll_final(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<()> {
         if let Self::Parked(p) = self {
-            match p.poll_owed(cx) {
+            match p.poll_queued(cx, conn) {
                 Poll::Ready(Ok(())) => {}
                 // (Nothing more can be written.)
                 Poll::Ready(Err(_)) => return Poll::Ready(()),

@@ -541,12 +541,10 @@ impl Session {
                     if let (Some(at), Some(interval)) = (d.next_ping, w.timing.ping_interval()) {
                         if now >= at {
                             if d.awaiting_pong.is_none() && !paused {
-                                // A parked connection writes it on its bare socket; else it is
-                                // queued. A ping that cannot be queued still starts the pong
-                                // clock: a peer that does not read gets dropped all the same.
-                                if !w.link.ping_parked(&self.conn) {
-                                    let _ = self.conn.enqueue(Message::Ping(bytes::Bytes::new()));
-                                }
+                                // A ping that cannot be queued still starts the pong clock:
+                                // a peer that does not read gets dropped all the same. (A
+                                // parked connection writes it without opening.)
+                                let _ = self.conn.enqueue(Message::Ping(bytes::Bytes::new()));
                                 d.awaiting_pong = Some(now);
                             }
                             d.next_ping = Some(now + interval);

@@ -55,7 +55,9 @@ pub(super) struct Writer {
     pub(super) tracked: usize,
     /// The last `poll_io` ended with nothing to read, write or flush.
     pub(super) rested: bool,
-    /// A message was read or fed since the session last looked (see `Link::try_park`).
+    /// A message was read since the session last looked (see `Link::try_park`). Writes do
+    /// not count: a parked connection writes what it is sent without opening, so one that
+    /// only receives (a subscriber, a server push) is better parked.
     pub(super) stirred: bool,
     /// The clock as the session last read it (when its last callback ended), if the session
     /// has not waited since: what the next message read or flush in the same run of work is
@@ -116,7 +118,6 @@ impl Writer {
         match ws.poll_flush_unpin(cx) {
             Poll::Ready(Ok(())) => {
                 self.dirty = false;
-                self.stirred = true;
                 self.reads = 0;
                 // An idle connection keeps no queue memory.
                 self.local.shrink_if_empty();
