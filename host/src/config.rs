@@ -31,8 +31,8 @@ pub struct Config {
     /// size class of the allocator that no allocation a connection keeps for its life uses.
     /// (At 256 B, tungstenite's buffers were laid out in the same slabs as tokio's 256-byte
     /// socket registrations, and when the connections parked the freed buffers left those
-    /// slabs half empty: ~230 B an idle connection. 384 B is `ConnShared`'s class.) 4 KiB
-    /// echoes 16 KiB messages ~20-30% faster.
+    /// slabs half empty: ~230 B an idle connection. 384 B is `ConnShared`'s class.) Larger is
+    /// not faster: 16 KiB echoes per server CPU-second were the same at 4 KiB.
     pub read_buffer_size: usize,
     /// A callback that runs longer than this is logged as blocking the connection. Default 50 ms.
     pub slow_callback: Duration,
