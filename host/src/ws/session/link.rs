@@ -341,8 +341,12 @@ impl Link {
                     Poll::Ready(Err(e)) => failed = Some(e),
                 }
                 if writing {
-                    // Opened once the frame part-way out is out (the socket wakes it).
-                    return Poll::Pending;
+                    // Opened once the frame part-way out is out (the socket wakes it); a
+                    // failed read ends the session now (its final write finishes the frame).
+                    return match failed {
+                        Some(e) => Poll::Ready(IoEvent::Read(Err(WsError::Io(e)))),
+                        None => Poll::Pending,
+                    };
                 }
             }
             self.unpark(conn);
