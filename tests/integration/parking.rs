@@ -259,3 +259,35 @@ async fn a_publish_reaches_parked_subscribers_without_opening_them() {
     );
     drop(raw);
 }
+
+/// Over HTTP/2 too, a publish reaches a parked subscriber without opening it (the frame is
+/// written on the stream of the HTTP/2 connection as any other), and the subscriber answers
+/// as before after it.
+#[tokio::test]
+async fn over_http2_a_publish_reaches_a_parked_subscriber_without_opening_it() {
+    use crate::http2::{ask2, h2, open};
+    let host = Host::builder().plugin("testkit").start();
+    let mut send = h2(host.addr).await;
+    let (mut sub, _) = open(&mut send, host.addr, "/testkit").await;
+    let (mut publisher, _) = open(&mut send, host.addr, "/testkit").await;
+    assert_eq!(ask2(&mut sub, "sub:room").await, "Ok(())");
+    assert!(ask2(&mut publisher, "info").await.starts_with("id="));
+    parked(&host, 2).await;
+    let unparked = "wshost_connections_unparked_total";
+    let opened = host.metric(unparked).unwrap();
+    assert_eq!(ask2(&mut publisher, "pub:room:hello").await, "published 1");
+    let delivered = loop {
+        match tokio::time::timeout(PATIENCE, sub.next()).await.unwrap() {
+            Some(Ok(Message::Text(t))) => break t.as_str().to_owned(),
+            Some(Ok(_)) => continue,
+            other => panic!("no delivery: {other:?}"),
+        }
+    };
+    assert_eq!(delivered, "hello");
+    assert_eq!(
+        host.metric(unparked),
+        Some(opened + 1.0),
+        "only the publisher opened"
+    );
+    assert_eq!(ask2(&mut sub, "still").await, "still");
+}

@@ -862,6 +862,53 @@ async fn a_frame_part_way_out_of_a_parked_connection_is_finished_first() {
     task.abort();
 }
 
+/// A read that fails while a frame is part-way out of a parked connection (here the memory
+/// budget, full with that frame) ends the session at once: it does not wait for a client that
+/// reads nothing to take the frame first.
+#[tokio::test(start_paused = true)]
+async fn a_failed_read_while_a_frame_is_part_way_out_ends_the_session() {
+    use tokio::io::AsyncWriteExt as _;
+    const BIG: usize = 1 << 20;
+    fn handler(event: FakeEvent<'_>, conn: &dyn DynConn) {
+        match event {
+            FakeEvent::Text(_) => conn.set_timer(1, Duration::from_secs(30)).unwrap(),
+            FakeEvent::Timer(_) => conn.send_from_worker(Message::binary(vec![7u8; BIG])),
+            _ => {}
+        }
+    }
+    let config = Config {
+        // The frame queued takes all of it but 100 bytes until it is written.
+        max_buffered_total: BIG as u64 + 100,
+        ..quiet()
+    };
+    let (mut client, events, task, metrics) =
+        session_with_config_and_metrics(config, handler).await;
+    client.send(Message::text("go")).await.unwrap();
+    parked(&metrics, 1).await;
+    event_seen(&events, "timer").await;
+    // The client, reading nothing, sends more than the budget has left.
+    client
+        .get_mut()
+        .write_all(&masked(0x1, &[b'x'; 125]))
+        .await
+        .unwrap();
+    client
+        .get_mut()
+        .write_all(&masked(0x1, &[b'y'; 125]))
+        .await
+        .unwrap();
+    ended(task).await;
+    let events = events.lock().unwrap().clone();
+    assert!(
+        events.iter().any(|e| e.starts_with("error")),
+        "the read failed: {events:?}"
+    );
+    assert!(
+        events.last().unwrap().starts_with("close 1013"),
+        "{events:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_client_gone_while_parked_ends_the_session() {
     let (mut client, events, task, metrics) = session_with_metrics(echo).await;
