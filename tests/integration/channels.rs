@@ -3,7 +3,7 @@
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, connect, id_of, next, text, Host};
+use crate::harness::{ask, ask_until, connect, id_of, next, text, Host};
 
 #[tokio::test]
 async fn publish_reaches_every_subscriber_and_only_them() {
@@ -40,15 +40,7 @@ async fn unsubscribe_and_close_leave_the_channel() {
     assert_eq!(text(&mut b).await, "one");
     b.close(None).await.unwrap();
     // Leaving on close happens as the connection ends; wait until it has.
-    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
-    loop {
-        let n = ask(&mut publisher, "subscribers:room").await;
-        if n == "subscribers 0" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still {n}");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    ask_until(&mut publisher, "subscribers:room", "subscribers 0").await;
     assert_eq!(ask(&mut publisher, "pub:room:two").await, "published 0");
     a.send(Message::text("a is fine")).await.unwrap();
     assert_eq!(text(&mut a).await, "a is fine");
@@ -85,16 +77,7 @@ async fn a_closing_connection_leaves_its_channels_at_once() {
     );
     // The plugin closes `mute`, whose client is never read again: it never answers.
     mute.send(Message::text("close:4000:bye")).await.unwrap();
-    let alone = format!("members {other_id}=");
-    let deadline = std::time::Instant::now() + crate::harness::PATIENCE;
-    loop {
-        let members = ask(&mut other, "members:room").await;
-        if members == alone {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "still {members}");
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    ask_until(&mut other, "members:room", &format!("members {other_id}=")).await;
     // (The publisher is the only member: the publish reaches it before the answer.)
     assert_eq!(ask(&mut other, "pub:room:x").await, "x");
     assert_eq!(text(&mut other).await, "published 1");

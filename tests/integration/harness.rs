@@ -570,6 +570,22 @@ pub async fn ask(ws: &mut Ws, msg: &str) -> String {
     text(ws).await
 }
 
+/// Asks `msg` until the answer is `want` (something the host does soon after, not at once).
+pub async fn ask_until(ws: &mut Ws, msg: &str, want: &str) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let answer = ask(ws, msg).await;
+        if answer == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{msg}: still {answer}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// The id of the testkit connection behind `ws` (asks it `info`).
 pub async fn id_of(ws: &mut Ws) -> u64 {
     let info = ask(ws, "info").await;

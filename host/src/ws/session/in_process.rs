@@ -498,7 +498,7 @@ async fn parked(metrics: &Metrics, n: i64) -> Duration {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_quiet_connection_parks_and_every_kind_of_event_opens_it_again() {
+async fn a_quiet_connection_parks_and_what_the_client_sends_opens_it_again() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
     use tokio_tungstenite::tungstenite::protocol::frame::Frame;
     fn handler(event: FakeEvent<'_>, conn: &dyn DynConn) {
@@ -555,13 +555,14 @@ async fn a_quiet_connection_parks_and_every_kind_of_event_opens_it_again() {
     assert_eq!(next_text(client.next().await), "fragment");
     parked(&metrics, 1).await;
 
-    // The plugin's timer, due while parked: its send goes out; the second timer closes.
+    // The plugin's timer, due while parked: its send goes out without opening it; the
+    // second timer's close opens it.
     client.send(Message::text("timer")).await.unwrap();
     parked(&metrics, 0).await;
     parked(&metrics, 1).await;
+    let opened = metrics.unparked.get();
     assert_eq!(next_text(client.next().await), "tick");
-    // Opened by its own timer, it parks again (before the second timer, 5 s on).
-    parked(&metrics, 1).await;
+    assert_eq!(metrics.unparked.get(), opened, "the timer's send opened it");
     assert_eq!(close_of(&mut client).await, (4000, "done".into()));
     finish(client).await;
     ended(task).await;

@@ -50,25 +50,55 @@ pub(super) struct Active {
 pub(super) struct Parked {
     io: Io,
     sizes: Sizes,
-    /// A frame written on the bare socket that is not all out yet: finished before anything
-    /// else is written, so no frame ever lands in the middle of it. (Boxed: rarely there, and
-    /// `Parked` stays in its 192-byte class.)
+    /// Frames written on the bare socket that are not all out yet: finished before anything
+    /// else is written, so no frame ever lands in the middle of another. (Boxed: rarely
+    /// there, and `Parked` stays in its 192-byte class.)
     owed: Option<Box<Owed>>,
 }
 
-/// Frames a parked connection is writing: those that were queued one after the other, up to
-/// [`MAX_BATCH`](super::MAX_BATCH) bytes, in one write.
+/// The part of a batch of frames the socket has not taken yet (see [`Parked::owed`]).
 struct Owed {
-    /// The frames as they go on the wire.
+    /// The rest of the batch as it goes on the wire (empty: only a flush is owed).
     bytes: Vec<u8>,
-    /// How much of it the socket has taken.
+    /// How much of it the socket has taken since.
     at: usize,
-    /// What they counted against the send queue.
+    /// What the batch counts once it is out (none: counted already).
+    tally: Option<Tally>,
+}
+
+/// What a batch of frames written parked counts once it is all out.
+#[derive(Debug, Default, Clone, Copy)]
+struct Tally {
+    /// What its frames counted against the send queue.
     queued: u64,
-    /// The data messages among them and their payload bytes (counted as sent once out).
+    /// The data messages among them and their payload bytes.
     messages: u64,
     data_bytes: u64,
 }
+
+impl Tally {
+    /// The batch is out: its bytes leave the send queue, its messages count as sent (and for
+    /// the idle timeout).
+    fn sent(self, conn: &ConnShared) {
+        if self.queued > 0 || self.messages > 0 {
+            conn.written(self.queued);
+        }
+        if self.messages > 0 {
+            conn.metrics().messages_out.inc_by(self.messages);
+            conn.metrics().bytes_out.inc_by(self.data_bytes);
+            conn.sent_data(None);
+        }
+    }
+}
+
+thread_local! {
+    /// Where a parked connection encodes a batch of frames, one buffer per worker thread: a
+    /// batch the socket takes whole (nearly every one) allocates nothing of its own.
+    static FRAMES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The most [`FRAMES`] keeps between batches; a larger buffer is given back after its batch.
+const FRAMES_KEPT: usize = 64 << 10;
 
 /// Whether a parked connection writes `item` itself: a data frame, a ping or a pong that is
 /// not a tracked send. (A close frame, a raw frame or a tracked send opens the connection.)
@@ -96,7 +126,7 @@ fn append_frame(bytes: &mut Vec<u8>, msg: Message) {
 }
 
 impl Parked {
-    /// Writes the rest of the frame being written, counts it as sent, and flushes;
+    /// Writes the rest of the batch being written, counts it as sent, and flushes;
     /// `Ready(Ok)` once nothing is owed.
     fn poll_owed(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<io::Result<()>> {
         let Some(owed) = self.owed.as_mut() else {
@@ -110,14 +140,8 @@ impl Parked {
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if owed.queued > 0 || owed.messages > 0 {
-            conn.written(std::mem::take(&mut owed.queued));
-            let messages = std::mem::take(&mut owed.messages);
-            if messages > 0 {
-                conn.metrics().messages_out.inc_by(messages);
-                conn.metrics().bytes_out.inc_by(owed.data_bytes);
-                conn.sent_data(None);
-            }
+        if let Some(tally) = owed.tally.take() {
+            tally.sent(conn);
         }
         // (Through TLS or permessage-deflate, bytes may wait in the wrapper.)
         match Pin::new(&mut self.io).poll_flush(cx) {
@@ -138,35 +162,65 @@ impl Parked {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
             }
-            let mut batch: Option<Box<Owed>> = None;
-            let room = |b: &Option<Box<Owed>>| {
-                b.as_ref()
-                    .is_none_or(|b| (b.bytes.len() as u64) < super::MAX_BATCH)
-            };
-            while let Some((msg, queued)) =
-                conn.pop_queued_if(|item| parked_frame(item) && room(&batch))
-            {
-                let owed = batch.get_or_insert_with(|| {
-                    Box::new(Owed {
-                        bytes: Vec::new(),
-                        at: 0,
-                        queued: 0,
-                        messages: 0,
-                        data_bytes: 0,
-                    })
-                });
-                if super::writer::is_data(&msg) {
-                    owed.messages += 1;
-                    owed.data_bytes += msg.len() as u64;
-                }
-                owed.queued += queued;
-                append_frame(&mut owed.bytes, msg);
-            }
-            match batch {
-                Some(owed) => self.owed = Some(owed),
-                None => return Poll::Ready(Ok(())),
+            if !FRAMES.with_borrow_mut(|frames| self.write_batch(cx, conn, frames)) {
+                return Poll::Ready(Ok(()));
             }
         }
+    }
+
+    /// Encodes the queued frames a parked connection writes itself, up to
+    /// [`MAX_BATCH`](super::MAX_BATCH) bytes, into `frames` and writes them; false if there
+    /// were none. A batch the socket takes whole is counted as sent; what it does not take,
+    /// or a flush it did not finish, is owed (what it met, `Pending` or an error, is met again
+    /// by [`Parked::poll_owed`]).
+    fn write_batch(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &ConnShared,
+        frames: &mut Vec<u8>,
+    ) -> bool {
+        frames.clear();
+        let mut tally = Tally::default();
+        while let Some((msg, queued)) = conn
+            .pop_queued_if(|item| parked_frame(item) && (frames.len() as u64) < super::MAX_BATCH)
+        {
+            if super::writer::is_data(&msg) {
+                tally.messages += 1;
+                tally.data_bytes += msg.len() as u64;
+            }
+            tally.queued += queued;
+            append_frame(frames, msg);
+        }
+        if frames.is_empty() {
+            return false;
+        }
+        let mut at = 0;
+        while at < frames.len() {
+            match Pin::new(&mut self.io).poll_write(cx, &frames[at..]) {
+                Poll::Ready(Ok(n)) if n > 0 => at += n,
+                _ => break,
+            }
+        }
+        if at < frames.len() {
+            self.owed = Some(Box::new(Owed {
+                bytes: frames[at..].to_vec(),
+                at: 0,
+                tally: Some(tally),
+            }));
+        } else {
+            tally.sent(conn);
+            if !matches!(Pin::new(&mut self.io).poll_flush(cx), Poll::Ready(Ok(()))) {
+                self.owed = Some(Box::new(Owed {
+                    bytes: Vec::new(),
+                    at: 0,
+                    tally: None,
+                }));
+            }
+        }
+        if frames.capacity() > FRAMES_KEPT {
+            *frames = Vec::new();
+        }
+        true
     }
 }
 
