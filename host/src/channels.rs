@@ -3,7 +3,9 @@
 //!
 //! Owned by the host so that membership survives plugin reloads. A publish builds its message
 //! once (a reference-counted buffer) and queues it to each subscriber's normal send queue, so a
-//! slow subscriber never slows the publisher or the others. With a bus, the first subscriber of
+//! slow subscriber never slows the publisher or the others. Parked subscribers are not woken:
+//! after the channel's lock is released, sweep tasks write their queues out on their sockets
+//! (see [`Subscriber::sweep`]). With a bus, the first subscriber of
 //! a channel makes the host subscribe to it in Redis and the last one leaving unsubscribes; a
 //! publish is delivered here directly and handed to the bus for the other hosts.
 
@@ -27,8 +29,24 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug {
 pub(crate) trait Subscriber: Send + Sync + std::fmt::Debug {
     /// Queues `msg`; false if it was not taken (closed, queue full, too large).
     fn deliver(&self, msg: Message) -> bool;
+    /// Queues `msg` as [`Subscriber::deliver`] does, but leaves a parked subscriber asleep
+    /// (`Deferred`): then [`Subscriber::sweep`] must follow.
+    fn deliver_quietly(&self, msg: Message) -> Delivery;
+    /// Writes what was delivered quietly, or wakes the subscriber to write it.
+    fn sweep(&self, now: tokio::time::Instant);
     /// The connection as a member list shows it.
     fn member(&self) -> Member;
+}
+
+/// What a quiet delivery ([`Subscriber::deliver_quietly`]) did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// Not taken (closed, queue full, too large).
+    Refused,
+    /// Queued, and the session woken (or in its own callback).
+    Queued,
+    /// Queued without waking the subscriber (its parked socket is lent): a sweep must follow.
+    Deferred,
 }
 
 /// A channel's member: a subscribed connection of this host.
@@ -89,6 +107,69 @@ impl Channel {
     /// Neither subscribers nor watchers: the channel can go.
     fn unused(subs: &Subscribers, ch: &Channel) -> bool {
         subs.is_empty() && ch.watchers().is_empty()
+    }
+}
+
+/// Subscribers a publish queued to without waking them, with the runtime their sweep runs
+/// on.
+struct Later {
+    runtime: tokio::runtime::Handle,
+    subs: Vec<Arc<dyn Subscriber>>,
+}
+
+/// Queues `msg` to every subscriber (called under the channel's lock, so all of them get the
+/// channel's messages in one order); how many took it, and the parked ones left asleep for
+/// [`sweep`]. Outside a runtime (a plugin's own thread) every subscriber is woken instead.
+fn queue_to(subs: &Subscribers, msg: &Message) -> (u64, Option<Later>) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let n = subs.values().filter(|c| c.deliver(msg.clone())).count();
+        return (n as u64, None);
+    };
+    let mut later = Vec::new();
+    let mut n = 0;
+    for conn in subs.values() {
+        match conn.deliver_quietly(msg.clone()) {
+            Delivery::Refused => continue,
+            Delivery::Queued => {}
+            Delivery::Deferred => later.push(Arc::clone(conn)),
+        }
+        n += 1;
+    }
+    let later = (!later.is_empty()).then_some(Later {
+        runtime,
+        subs: later,
+    });
+    (n, later)
+}
+
+/// How many subscribers a sweep writes to before it lets the worker run other tasks.
+const SWEEP_TURN: usize = 256;
+
+/// Writes what [`queue_to`] left to parked subscribers: one task per worker of the runtime
+/// the publish ran on, each over its share, yielding every [`SWEEP_TURN`] subscribers.
+/// Outside the channel's lock: the order is the queues', which the sweep only writes out.
+fn sweep(later: Option<Later>) {
+    let Some(Later { runtime, mut subs }) = later else {
+        return;
+    };
+    let tasks = runtime.metrics().num_workers().clamp(1, 16);
+    let share = subs.len().div_ceil(tasks).max(SWEEP_TURN);
+    while !subs.is_empty() {
+        let part = subs.split_off(subs.len().saturating_sub(share));
+        // (Unconstrained: each write would take one of the task's 128 units of tokio's
+        // budget, and the writes past it would find the socket "not ready". The sweep
+        // yields by itself.)
+        runtime.spawn(tokio::task::unconstrained(async move {
+            for (i, turn) in part.chunks(SWEEP_TURN).enumerate() {
+                if i > 0 {
+                    tokio::task::yield_now().await;
+                }
+                let now = tokio::time::Instant::now();
+                for sub in turn {
+                    sub.sweep(now);
+                }
+            }
+        }));
     }
 }
 
@@ -201,16 +282,15 @@ impl Hub {
             return 0;
         };
         let subs = ch.subs();
-        let local = subs
-            .values()
-            .filter(|conn| conn.deliver(msg.clone()))
-            .count() as u64;
+        let (local, later) = queue_to(&subs, msg);
         ch.tell(channel, WatchEvent::Message(msg));
         // Still under the channel's lock: other hosts get this host's publishes in the order
         // its own subscribers do.
         if let Some(bus) = &self.bus {
             bus.publish(plugin, channel, msg);
         }
+        drop(subs);
+        sweep(later);
         local
     }
 
@@ -220,11 +300,10 @@ impl Hub {
             return 0;
         };
         let subs = ch.subs();
-        let n = subs
-            .values()
-            .filter(|conn| conn.deliver(msg.clone()))
-            .count() as u64;
+        let (n, later) = queue_to(&subs, msg);
         ch.tell(channel, WatchEvent::Message(msg));
+        drop(subs);
+        sweep(later);
         n
     }
 

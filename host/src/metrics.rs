@@ -46,6 +46,8 @@ pub struct Metrics {
     pub(crate) parked: prometheus_client::metrics::gauge::Gauge,
     /// Parked connections opened again.
     pub(crate) unparked: Counter,
+    /// Sweeps of a publish that wrote a parked subscriber's deliveries without waking it.
+    pub(crate) swept: Counter,
     /// Closed connections by the code `on_close` got.
     pub(crate) closes: Family<CodeLabel, Counter>,
     pub(crate) callback_seconds: CallbackHistogram,
@@ -167,6 +169,7 @@ impl Metrics {
             deflate_connections: Counter::default(),
             parked: Default::default(),
             unparked: Counter::default(),
+            swept: Counter::default(),
             closes: Family::default(),
             callback_seconds: CallbackHistogram::default(),
             prom: prometheus_client::registry::Registry::default(),
@@ -189,9 +192,15 @@ impl Metrics {
         );
         prom.register(
             "connections_unparked",
-            "Parked connections opened again: bytes other than a pong arrived, or a send, a \
-             timer's send or a close was queued",
+            "Parked connections opened again: bytes other than a pong arrived, or a close or a \
+             tracked send was queued",
             m.unparked.clone(),
+        );
+        prom.register(
+            "deliveries_swept",
+            "Publishes written to parked subscribers by the publish's sweep, without waking \
+             their sessions (one count per subscriber and sweep)",
+            m.swept.clone(),
         );
         prom.register(
             "messages_received",

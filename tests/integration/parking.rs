@@ -291,3 +291,108 @@ async fn over_http2_a_publish_reaches_a_parked_subscriber_without_opening_it() {
     );
     assert_eq!(ask2(&mut sub, "still").await, "still");
 }
+
+/// A publish to parked subscribers is written to their sockets by the publish's sweep,
+/// without waking their sessions: `wshost_deliveries_swept_total` counts each, and no
+/// subscriber opens. 300 subscribers: more than tokio's budget of 128 socket operations per
+/// poll of a task (a sweep under that budget found the socket "not ready" after 128) and more
+/// than one turn of a sweep.
+#[tokio::test]
+async fn a_publish_is_written_to_parked_subscribers_without_waking_them() {
+    const SUBS: usize = 300;
+    let host = Host::builder().plugin("testkit").start();
+    let mut subs = Vec::new();
+    for _ in 0..SUBS {
+        let mut ws = connect(&host.url("/testkit")).await;
+        assert_eq!(ask(&mut ws, "sub:room").await, "Ok(())");
+        subs.push(ws);
+    }
+    let mut publisher = connect(&host.url("/testkit")).await;
+    assert!(ask(&mut publisher, "info").await.starts_with("id="));
+    parked(&host, u32::try_from(SUBS).unwrap() + 1).await;
+    let swept = "wshost_deliveries_swept_total";
+    let unparked = "wshost_connections_unparked_total";
+    let (swept_before, opened) = (host.metric(swept).unwrap(), host.metric(unparked).unwrap());
+
+    // One publish at a time: the sweeps of two publishes running at once may meet at a
+    // subscriber, and the one that finds its socket in use wakes it instead (as it must).
+    for (round, msg) in ["one", "two"].into_iter().enumerate() {
+        let published = ask(&mut publisher, &format!("pub:room:{msg}")).await;
+        assert_eq!(published, format!("published {SUBS}"));
+        for ws in &mut subs {
+            assert_eq!(text(ws).await, msg);
+        }
+        let all = swept_before + ((round + 1) * SUBS) as f64;
+        eventually_async(&format!("{all} deliveries swept"), || {
+            host.metric(swept) == Some(all)
+        })
+        .await;
+    }
+    assert_eq!(
+        host.metric(unparked),
+        Some(opened + 1.0),
+        "only the publisher opened"
+    );
+}
+
+/// A parked subscriber whose socket is full (its client reads nothing, with a 4 KiB receive
+/// buffer; on loopback the server's send buffer still takes a megabyte or more, hence 3 MiB
+/// of publishes and a send queue to hold them): the sweep hands what the socket does not take
+/// to the subscriber's session, which finishes it once the client reads, so no frame lands in
+/// the middle of another, and the subscriber stays parked throughout. Another subscriber,
+/// reading, gets every publish meanwhile; the full one, once it reads, gets all of them, whole
+/// and in order, and answers as before.
+#[tokio::test]
+async fn a_full_subscriber_gets_every_publish_whole_once_it_reads() {
+    const PUBLISHES: usize = 48;
+    let host = Host::builder()
+        .plugin("testkit")
+        .args(&["--max-send-queue", "16777216"])
+        .start();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(host.addr).await.unwrap();
+    let (mut full, _) = tokio_tungstenite::client_async(
+        host.url("/testkit"),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    let mut reading = connect(&host.url("/testkit")).await;
+    let mut publisher = connect(&host.url("/testkit")).await;
+    assert_eq!(ask(&mut full, "sub:room").await, "Ok(())");
+    assert_eq!(ask(&mut reading, "sub:room").await, "Ok(())");
+    assert!(ask(&mut publisher, "info").await.starts_with("id="));
+    parked(&host, 3).await;
+    let swept = "wshost_deliveries_swept_total";
+    let unparked = "wshost_connections_unparked_total";
+    let (swept_before, opened) = (host.metric(swept).unwrap(), host.metric(unparked).unwrap());
+
+    let message = |i: usize| char::from(b'0' + i as u8).to_string().repeat(64 << 10);
+    let reader = tokio::spawn(async move {
+        for i in 0..PUBLISHES {
+            assert_eq!(text(&mut reading).await, message(i), "publish {i}");
+        }
+        // (Kept open: a client that goes away opens its connection, for the close.)
+        reading
+    });
+    for i in 0..PUBLISHES {
+        let published = ask(&mut publisher, &format!("pub:room:{}", message(i))).await;
+        assert_eq!(published, "published 2");
+    }
+    let _reading = reader.await.unwrap();
+    let all = swept_before + 2.0 * PUBLISHES as f64;
+    assert!(
+        host.metric(swept).unwrap() < all,
+        "the full socket took everything: the test proves nothing"
+    );
+    for i in 0..PUBLISHES {
+        assert_eq!(text(&mut full).await, message(i), "publish {i}");
+    }
+    assert_eq!(
+        host.metric(unparked),
+        Some(opened + 1.0),
+        "only the publisher opened"
+    );
+    assert!(ask(&mut full, "info").await.starts_with("id="));
+}

@@ -12,7 +12,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::budget::MemoryBudget;
-use crate::channels::Hub;
+use crate::channels::{Delivery, Hub};
 
 thread_local! {
     /// The connection whose callback this thread is running (its address; 0: none).
@@ -132,6 +132,30 @@ struct Rare {
     tracked: Mutex<TrackedSends>,
     /// Runs whenever the send queue empties (a worker's credit).
     on_empty: std::sync::OnceLock<EmptyHook>,
+    /// A subscriber's parked socket, lent here so that a publish's sweep writes what it
+    /// queued without waking the session ([`LentSocket`]).
+    lent: Mutex<Option<Box<dyn LentSocket>>>,
+    /// Whether `lent` holds the socket (changed under its lock): deliveries then leave the
+    /// session asleep for the sweep.
+    is_lent: AtomicBool,
+}
+
+/// A parked subscriber's socket as its connection's shared state holds it: a publish queues
+/// to the subscribers and then sweeps them, and a sweep writes each lent socket's queue out
+/// itself, without waking its session task (10,000 subscribers are 10,000 writes, not 10,000
+/// wake-ups and polls). The session takes the socket back whenever it needs the stream.
+pub(crate) trait LentSocket: Send + std::any::Any {
+    /// Writes what is queued to the connection that the parked socket writes itself; true if
+    /// all of it is out (nothing left queued, nothing part-way), false if the session must
+    /// look (a frame that needs the stream, a full socket, an error). `now` is the clock
+    /// for the idle timeout.
+    fn write_queued(&mut self, conn: &ConnShared, now: tokio::time::Instant) -> bool;
+}
+
+impl std::fmt::Debug for dyn LentSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LentSocket")
+    }
 }
 
 /// Tracked sends of a connection.
@@ -206,11 +230,12 @@ impl ConnShared {
     }
 
     fn push(&self, item: Outgoing) {
-        self.push_tracked(item, None);
+        self.push_tracked(item, None, true);
     }
 
-    /// Queues `item`; with a tag, as a tracked send (its tag noted in queue order).
-    fn push_tracked(&self, mut item: Outgoing, tag: Option<u64>) {
+    /// Queues `item`; with a tag, as a tracked send (its tag noted in queue order). Wakes the
+    /// session if `wake` (a quiet delivery leaves that to its sweep).
+    fn push_tracked(&self, mut item: Outgoing, tag: Option<u64>, wake: bool) {
         {
             let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(tag) = tag {
@@ -227,7 +252,7 @@ impl ConnShared {
         }
         // From this connection's own callback the session looks at the queue right after;
         // from anywhere else this wakes it.
-        if !self.in_own_callback() {
+        if wake && !self.in_own_callback() {
             self.waker.wake();
         }
     }
@@ -268,6 +293,17 @@ impl ConnShared {
             queue.shrink_if_empty();
         }
         item
+    }
+
+    /// Whether the first queued frame is one `f` says yes to (false if none is queued).
+    pub(crate) fn queued_front_is(&self, f: impl FnOnce(&Outgoing) -> bool) -> bool {
+        self.queued.load(Ordering::SeqCst)
+            && self
+                .queue
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .front()
+                .is_some_and(f)
     }
 
     /// Whether frames are waiting in the queue.
@@ -413,6 +449,59 @@ impl ConnShared {
         self.closing.load(Ordering::Acquire) && self.closing.swap(false, Ordering::AcqRel)
     }
 
+    /// Whether the connection is subscribed to a channel (its parked socket is then lent).
+    pub(crate) fn is_subscriber(&self) -> bool {
+        self.rare.get().is_some_and(|r| {
+            !r.channels
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        })
+    }
+
+    /// The lent socket's place (see [`LentSocket`]); the session holds it locked while it
+    /// uses the socket, a sweep while it writes.
+    pub(crate) fn lent(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn LentSocket>>> {
+        self.rare()
+            .lent
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Lends the parked socket (see [`LentSocket`]).
+    pub(crate) fn lend(&self, socket: Box<dyn LentSocket>) {
+        let mut slot = self.lent();
+        *slot = Some(socket);
+        self.rare().is_lent.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes the lent socket back, if it is lent.
+    pub(crate) fn take_lent(&self) -> Option<Box<dyn LentSocket>> {
+        let rare = self.rare.get()?;
+        let mut slot = rare.lent.lock().unwrap_or_else(PoisonError::into_inner);
+        rare.is_lent.store(false, Ordering::SeqCst);
+        slot.take()
+    }
+
+    /// Writes what quiet deliveries queued, on the lent socket (no wake-up), or wakes the
+    /// session if the socket is not lent any more, is in use, or did not take it all.
+    pub(crate) fn sweep(&self, now: tokio::time::Instant) {
+        let written = self
+            .rare
+            .get()
+            .is_some_and(|rare| match rare.lent.try_lock() {
+                Ok(mut slot) => slot
+                    .as_mut()
+                    .is_some_and(|socket| socket.write_queued(self, now)),
+                Err(_) => false,
+            });
+        if written {
+            self.metrics.swept.inc();
+        } else {
+            self.waker.wake();
+        }
+    }
+
     /// Registers the session task to be woken by sends.
     pub(crate) fn register(&self, waker: &std::task::Waker) {
         self.waker.register(waker);
@@ -461,6 +550,10 @@ impl ConnShared {
     /// As [`ConnShared::enqueue`]; with a tag, the session reports the frame's fate
     /// (`on_sent`).
     pub(crate) fn enqueue_tracked(&self, msg: Message, tag: Option<u64>) -> Result<(), SendError> {
+        self.enqueue_with(msg, tag, true)
+    }
+
+    fn enqueue_with(&self, msg: Message, tag: Option<u64>, wake: bool) -> Result<(), SendError> {
         if !self.is_open() {
             return Err(SendError::Closed);
         }
@@ -480,7 +573,7 @@ impl ConnShared {
             return Err(SendError::QueueFull);
         }
         self.note_level(before + n);
-        self.push_tracked((msg, n), tag);
+        self.push_tracked((msg, n), tag, wake);
         Ok(())
     }
 
@@ -649,6 +742,20 @@ impl crate::channels::Subscriber for ConnShared {
     fn deliver(&self, msg: Message) -> bool {
         self.enqueue(msg).is_ok()
     }
+    fn deliver_quietly(&self, msg: Message) -> Delivery {
+        let lent = self
+            .rare
+            .get()
+            .is_some_and(|r| r.is_lent.load(Ordering::SeqCst));
+        match self.enqueue_with(msg, None, !lent) {
+            Ok(()) if lent => Delivery::Deferred,
+            Ok(()) => Delivery::Queued,
+            Err(_) => Delivery::Refused,
+        }
+    }
+    fn sweep(&self, now: tokio::time::Instant) {
+        ConnShared::sweep(self, now);
+    }
     fn member(&self) -> crate::channels::Member {
         crate::channels::Member {
             id: self.id,
@@ -794,7 +901,7 @@ impl crate::plugin::SessionConn for ConnShared {
         }
         let before = self.buffered.fetch_add(n, Ordering::AcqRel);
         self.note_level(before + n);
-        self.push_tracked((msg, n), tag);
+        self.push_tracked((msg, n), tag, true);
     }
     fn fail(&self, crashed: bool) {
         self.failed

@@ -10,7 +10,8 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use futures_util::SinkExt as _;
 use tokio::io::AsyncWrite as _;
@@ -21,7 +22,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::writer::{IoEvent, Writer};
 use super::{Io, Ws};
 use crate::metrics::Metrics;
-use crate::ws::conn::ConnShared;
+use crate::ws::conn::{ConnShared, LentSocket};
 use crate::ws::counted::FILL_MAX;
 
 /// The connection's socket.
@@ -31,7 +32,10 @@ pub(super) enum Link {
     Open(Box<Active>),
     /// Quiet: the socket with its wrappers (which hold nothing of the client's then).
     Parked(Box<Parked>),
-    /// Only for the moment of a change between the two.
+    /// Parked, with the socket lent to the connection's shared state: a subscriber's, so
+    /// that a publish's sweep writes to it without waking the session ([`LentSocket`]).
+    Lent(Lend),
+    /// Only for the moment of a change between the others.
     Moving,
 }
 
@@ -56,6 +60,43 @@ pub(super) struct Parked {
     owed: Option<Box<Owed>>,
 }
 
+/// The session's claim on its lent socket: dropped (the session ends, its future is dropped),
+/// it takes the socket back from the shared state, so the socket closes with the session.
+pub(super) struct Lend(Arc<ConnShared>);
+
+impl Drop for Lend {
+    fn drop(&mut self) {
+        drop(self.0.take_lent());
+    }
+}
+
+impl Lend {
+    /// Runs `f` on the lent socket, holding its place locked.
+    fn with<R>(&self, f: impl FnOnce(&mut Parked) -> R) -> R {
+        let mut slot = self.0.lent();
+        let socket: &mut dyn std::any::Any = slot.as_deref_mut().expect("lent until taken back");
+        f(socket
+            .downcast_mut::<Parked>()
+            .expect("only a Parked is lent"))
+    }
+}
+
+impl LentSocket for Parked {
+    fn write_queued(&mut self, conn: &ConnShared, now: Instant) -> bool {
+        if self.owed.is_some() {
+            // (The session waits on the socket with its own waker: a write here would take
+            // that place.)
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(
+            self.poll_queued(&mut cx, conn, Some(now)),
+            Poll::Ready(Ok(()))
+        ) && self.owed.is_none()
+            && !conn.has_queued()
+    }
+}
+
 /// The part of a batch of frames the socket has not taken yet (see [`Parked::owed`]).
 struct Owed {
     /// The rest of the batch as it goes on the wire (empty: only a flush is owed).
@@ -78,15 +119,15 @@ struct Tally {
 
 impl Tally {
     /// The batch is out: its bytes leave the send queue, its messages count as sent (and for
-    /// the idle timeout).
-    fn sent(self, conn: &ConnShared) {
+    /// the idle timeout, at `now` if given, else the clock is read).
+    fn sent(self, conn: &ConnShared, now: Option<Instant>) {
         if self.queued > 0 || self.messages > 0 {
             conn.written(self.queued);
         }
         if self.messages > 0 {
             conn.metrics().messages_out.inc_by(self.messages);
             conn.metrics().bytes_out.inc_by(self.data_bytes);
-            conn.sent_data(None);
+            conn.sent_data(now);
         }
     }
 }
@@ -128,7 +169,12 @@ fn append_frame(bytes: &mut Vec<u8>, msg: Message) {
 impl Parked {
     /// Writes the rest of the batch being written, counts it as sent, and flushes;
     /// `Ready(Ok)` once nothing is owed.
-    fn poll_owed(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<io::Result<()>> {
+    fn poll_owed(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &ConnShared,
+        now: Option<Instant>,
+    ) -> Poll<io::Result<()>> {
         let Some(owed) = self.owed.as_mut() else {
             return Poll::Ready(Ok(()));
         };
@@ -141,7 +187,7 @@ impl Parked {
             }
         }
         if let Some(tally) = owed.tally.take() {
-            tally.sent(conn);
+            tally.sent(conn, now);
         }
         // (Through TLS or permessage-deflate, bytes may wait in the wrapper.)
         match Pin::new(&mut self.io).poll_flush(cx) {
@@ -156,13 +202,18 @@ impl Parked {
     /// Writes the queued frames a parked connection writes itself ([`parked_frame`]), in
     /// order and in batches, until the queue is empty or its first frame needs the stream;
     /// `Pending` while the socket is full.
-    fn poll_queued(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<io::Result<()>> {
+    fn poll_queued(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &ConnShared,
+        now: Option<Instant>,
+    ) -> Poll<io::Result<()>> {
         loop {
-            match self.poll_owed(cx, conn) {
+            match self.poll_owed(cx, conn, now) {
                 Poll::Ready(Ok(())) => {}
                 other => return other,
             }
-            if !FRAMES.with_borrow_mut(|frames| self.write_batch(cx, conn, frames)) {
+            if !FRAMES.with_borrow_mut(|frames| self.write_batch(cx, conn, frames, now)) {
                 return Poll::Ready(Ok(()));
             }
         }
@@ -178,6 +229,7 @@ impl Parked {
         cx: &mut Context<'_>,
         conn: &ConnShared,
         frames: &mut Vec<u8>,
+        now: Option<Instant>,
     ) -> bool {
         frames.clear();
         let mut tally = Tally::default();
@@ -208,7 +260,7 @@ impl Parked {
                 tally: Some(tally),
             }));
         } else {
-            tally.sent(conn);
+            tally.sent(conn, now);
             if !matches!(Pin::new(&mut self.io).poll_flush(cx), Poll::Ready(Ok(()))) {
                 self.owed = Some(Box::new(Owed {
                     bytes: Vec::new(),
@@ -221,6 +273,67 @@ impl Parked {
             *frames = Vec::new();
         }
         true
+    }
+}
+
+/// What a parked connection's poll came to.
+enum ParkedStep {
+    /// Something for the session, parked.
+    Ready(IoEvent),
+    /// Nothing yet; woken by the socket or the handle.
+    Pending,
+    /// It must open: bytes other than a whole pong came, or a queued frame needs the stream;
+    /// with the error the read met, if it failed.
+    Open(Option<io::Error>),
+}
+
+impl Parked {
+    /// One step of a parked connection's I/O ([`Link::poll_io`]): writes the queued frames
+    /// it writes itself, then waits for more or for bytes from the client (reading at most a
+    /// control frame's worth, kept in `Counted`); a pong that is all that arrived is read here.
+    fn poll_parked(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> ParkedStep {
+        conn.register(cx.waker());
+        if conn.has_flags() {
+            return ParkedStep::Ready(IoEvent::Flags);
+        }
+        let writing = match self.poll_queued(cx, conn, None) {
+            Poll::Ready(Ok(())) => false,
+            Poll::Ready(Err(_)) => return ParkedStep::Ready(IoEvent::WriteFailed),
+            Poll::Pending => true,
+        };
+        // (What was written may have emptied a queue a refused send waits on.)
+        if conn.has_flags() {
+            return ParkedStep::Ready(IoEvent::Flags);
+        }
+        let mut failed = None;
+        // (Only a frame that needs the stream opens it: one queued since the last batch, by a
+        // publish whose sweep is still to come, is written at the next poll or by the sweep.)
+        if writing || !conn.queued_front_is(|item| !parked_frame(item)) {
+            if conn.is_paused() {
+                return ParkedStep::Pending;
+            }
+            let counted = self.io.get_mut();
+            match counted.poll_fill(cx, FILL_MAX) {
+                Poll::Pending => return ParkedStep::Pending,
+                Poll::Ready(Ok(())) => {
+                    if let Some((n, payload)) = pong_at_start(counted.ahead()) {
+                        counted.consume_ahead(n);
+                        return ParkedStep::Ready(IoEvent::Read(Ok(Message::Pong(payload))));
+                    }
+                }
+                // (An error is what tungstenite's next read would have met.)
+                Poll::Ready(Err(e)) => failed = Some(e),
+            }
+            if writing {
+                // Opened once the frame part-way out is out (the socket wakes it); a failed
+                // read ends the session now (its final write finishes the frame).
+                return match failed {
+                    Some(e) => ParkedStep::Ready(IoEvent::Read(Err(WsError::Io(e)))),
+                    None => ParkedStep::Pending,
+                };
+            }
+        }
+        ParkedStep::Open(failed)
     }
 }
 
@@ -325,6 +438,7 @@ impl Link {
         match self {
             Self::Open(a) => a.ws.get_mut().get_mut().partial_mut().delivered(),
             Self::Parked(p) => p.io.get_mut().partial_mut().delivered(),
+            Self::Lent(l) => l.with(|p| p.io.get_mut().partial_mut().delivered()),
             Self::Moving => {}
         }
     }
@@ -334,12 +448,39 @@ impl Link {
         match self {
             Self::Open(a) => a.ws.get_ref().get_ref().partial().pending_for(now),
             Self::Parked(p) => p.io.get_ref().partial().pending_for(now),
+            Self::Lent(l) => l.with(|p| p.io.get_ref().partial().pending_for(now)),
             Self::Moving => None,
         }
     }
 
     pub(super) fn is_parked(&self) -> bool {
-        matches!(self, Self::Parked(_))
+        matches!(self, Self::Parked(_) | Self::Lent(_))
+    }
+
+    /// Lends a parked subscriber's socket to its connection's shared state (see
+    /// [`Link::Lent`]); one that subscribed while parked is lent at its next poll.
+    fn lend_if_subscriber(&mut self, conn: &Arc<ConnShared>) {
+        if !matches!(self, Self::Parked(_)) || !conn.is_subscriber() {
+            return;
+        }
+        if let Self::Parked(p) = std::mem::replace(self, Self::Moving) {
+            conn.lend(p);
+            *self = Self::Lent(Lend(Arc::clone(conn)));
+        }
+    }
+
+    /// Takes a lent socket back: the link is `Parked` again.
+    fn unlend(&mut self) {
+        if let Self::Lent(l) = self {
+            let Some(socket) = l.0.take_lent() else {
+                unreachable!("lent until taken back");
+            };
+            let socket: Box<dyn std::any::Any> = socket;
+            let Ok(p) = socket.downcast::<Parked>() else {
+                unreachable!("only a Parked is lent");
+            };
+            *self = Self::Parked(p);
+        }
     }
 
     /// One step of the connection's I/O ([`Writer::poll_io`]). A parked connection writes the
@@ -351,7 +492,11 @@ impl Link {
     /// what was kept first. While the socket is full it stays parked (a frame is part-way
     /// out). The handle's flags need no socket and are reported as they are.
     #[inline]
-    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
+    pub(super) fn poll_io(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &Arc<ConnShared>,
+    ) -> Poll<IoEvent> {
         match self {
             // The path of every message: open, and no look to park due.
             Self::Open(a) if !a.park_look => a.out.poll_io(cx, &mut a.ws, conn),
@@ -361,52 +506,24 @@ impl Link {
 
     /// [`Link::poll_io`] when the connection is parked, or is to be looked at to park.
     #[cold]
-    fn poll_io_moving(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<IoEvent> {
+    fn poll_io_moving(&mut self, cx: &mut Context<'_>, conn: &Arc<ConnShared>) -> Poll<IoEvent> {
         let mut opened = false;
-        if let Self::Parked(p) = self {
-            conn.register(cx.waker());
-            if conn.has_flags() {
-                return Poll::Ready(IoEvent::Flags);
-            }
-            let writing = match p.poll_queued(cx, conn) {
-                Poll::Ready(Ok(())) => false,
-                Poll::Ready(Err(_)) => return Poll::Ready(IoEvent::WriteFailed),
-                Poll::Pending => true,
-            };
-            // (What was written may have emptied a queue a refused send waits on.)
-            if conn.has_flags() {
-                return Poll::Ready(IoEvent::Flags);
-            }
-            let mut failed = None;
-            if writing || !conn.has_queued() {
-                if conn.is_paused() {
-                    return Poll::Pending;
+        self.lend_if_subscriber(conn);
+        let step = match self {
+            Self::Parked(p) => Some(p.poll_parked(cx, conn)),
+            Self::Lent(l) => Some(l.with(|p| p.poll_parked(cx, conn))),
+            Self::Open(_) | Self::Moving => None,
+        };
+        match step {
+            None => {}
+            Some(ParkedStep::Ready(event)) => return Poll::Ready(event),
+            Some(ParkedStep::Pending) => return Poll::Pending,
+            Some(ParkedStep::Open(failed)) => {
+                self.unpark(conn);
+                opened = true;
+                if let Some(e) = failed {
+                    return Poll::Ready(IoEvent::Read(Err(WsError::Io(e))));
                 }
-                let counted = p.io.get_mut();
-                match counted.poll_fill(cx, FILL_MAX) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(())) => {
-                        if let Some((n, payload)) = pong_at_start(counted.ahead()) {
-                            counted.consume_ahead(n);
-                            return Poll::Ready(IoEvent::Read(Ok(Message::Pong(payload))));
-                        }
-                    }
-                    // (An error is what tungstenite's next read would have met.)
-                    Poll::Ready(Err(e)) => failed = Some(e),
-                }
-                if writing {
-                    // Opened once the frame part-way out is out (the socket wakes it); a
-                    // failed read ends the session now (its final write finishes the frame).
-                    return match failed {
-                        Some(e) => Poll::Ready(IoEvent::Read(Err(WsError::Io(e)))),
-                        None => Poll::Pending,
-                    };
-                }
-            }
-            self.unpark(conn);
-            opened = true;
-            if let Some(e) = failed {
-                return Poll::Ready(IoEvent::Read(Err(WsError::Io(e))));
             }
         }
         let a = self.active(conn);
@@ -468,6 +585,7 @@ impl Link {
             // (An open one is not moved out and back on every poll.)
             return;
         }
+        self.unlend();
         *self = match std::mem::replace(self, Self::Moving) {
             Self::Parked(p) => {
                 conn.metrics().parked.dec();
@@ -487,15 +605,16 @@ impl Link {
         self.unpark(conn);
         match self {
             Self::Open(a) => a,
-            Self::Parked(_) | Self::Moving => unreachable!("opened just above"),
+            Self::Parked(_) | Self::Lent(_) | Self::Moving => unreachable!("opened just above"),
         }
     }
 
     /// After the session: writes out what is still queued (a parked connection opens for
     /// it), then flushes.
     pub(super) fn poll_final(&mut self, cx: &mut Context<'_>, conn: &ConnShared) -> Poll<()> {
+        self.unlend();
         if let Self::Parked(p) = self {
-            match p.poll_queued(cx, conn) {
+            match p.poll_queued(cx, conn, None) {
                 Poll::Ready(Ok(())) => {}
                 // (Nothing more can be written.)
                 Poll::Ready(Err(_)) => return Poll::Ready(()),
@@ -510,14 +629,16 @@ impl Link {
     }
 
     /// At the session's end: adds the messages and bytes written to the metrics (a parked
-    /// connection did when it parked), and a parked one leaves the parked count.
+    /// connection did when it parked), and a parked one leaves the parked count (a lent
+    /// socket is taken back, to close with the session).
     pub(super) fn finish(&mut self, metrics: &Metrics) {
+        self.unlend();
         match self {
             Self::Open(a) => a.out.counts.flush_out(metrics),
             Self::Parked(_) => {
                 metrics.parked.dec();
             }
-            Self::Moving => {}
+            Self::Lent(_) | Self::Moving => {}
         }
     }
 }
