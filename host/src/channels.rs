@@ -131,7 +131,12 @@ fn queue_to(subs: &Subscribers, msg: &Message) -> (u64, Option<Later>) {
         match conn.deliver_quietly(msg.clone()) {
             Delivery::Refused => continue,
             Delivery::Queued => {}
-            Delivery::Deferred => later.push(Arc::clone(conn)),
+            Delivery::Deferred => {
+                if later.is_empty() {
+                    later.reserve(subs.len());
+                }
+                later.push(Arc::clone(conn));
+            }
         }
         n += 1;
     }
