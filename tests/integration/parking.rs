@@ -396,3 +396,52 @@ async fn a_full_subscriber_gets_every_publish_whole_once_it_reads() {
     );
     assert!(ask(&mut full, "info").await.starts_with("id="));
 }
+
+/// Parked subscribers, whose sockets are lent to the publish's sweeps, leave cleanly: one
+/// whose client goes away ends (no longer parked, off the channel's member count), and on
+/// SIGTERM the others get their 1001 close (a close frame takes the socket back) and the host
+/// exits.
+#[tokio::test]
+async fn lent_subscribers_end_when_their_client_goes_and_close_on_sigterm() {
+    let mut host = Host::builder().plugin("testkit").start();
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        let mut ws = connect(&host.url("/testkit")).await;
+        assert_eq!(ask(&mut ws, "sub:room").await, "Ok(())");
+        subs.push(ws);
+    }
+    let mut publisher = connect(&host.url("/testkit")).await;
+    assert!(ask(&mut publisher, "info").await.starts_with("id="));
+    parked(&host, 4).await;
+    let swept = "wshost_deliveries_swept_total";
+    let before = host.metric(swept).unwrap();
+    assert_eq!(ask(&mut publisher, "pub:room:hi").await, "published 3");
+    for ws in &mut subs {
+        assert_eq!(text(ws).await, "hi");
+    }
+    eventually_async("3 deliveries swept", || {
+        host.metric(swept) == Some(before + 3.0)
+    })
+    .await;
+
+    drop(subs.pop());
+    parked(&host, 3).await;
+    assert_eq!(
+        ask(&mut publisher, "subscribers:room").await,
+        "subscribers 2"
+    );
+
+    // (The publisher's close is read too: the host waits for each close's answer.)
+    subs.push(publisher);
+    let closing: Vec<_> = subs
+        .into_iter()
+        .map(|mut ws| tokio::spawn(async move { crate::harness::closed_with(&mut ws).await }))
+        .collect();
+    let status = tokio::task::spawn_blocking(move || host.terminate())
+        .await
+        .unwrap();
+    for c in closing {
+        assert_eq!(c.await.unwrap().0, 1001);
+    }
+    assert!(status.success(), "{status:?}");
+}
