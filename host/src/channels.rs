@@ -150,6 +150,33 @@ fn queue_to(subs: &Subscribers, msg: &Message) -> (u64, Option<Later>) {
 /// How many subscribers a sweep writes to before it lets the worker run other tasks.
 const SWEEP_TURN: usize = 256;
 
+/// One sweep's share of the subscribers a publish left asleep, and how far it has come.
+/// Dropped before it is done (its runtime shut down before or while it ran), it sweeps the
+/// rest at once: no delivery is left queued with no one to write it or wake its session.
+struct Sweep {
+    subs: Vec<Arc<dyn Subscriber>>,
+    done: usize,
+}
+
+impl Sweep {
+    /// Writes (or wakes) the next [`SWEEP_TURN`] subscribers; false once all are done.
+    fn turn(&mut self) -> bool {
+        let end = (self.done + SWEEP_TURN).min(self.subs.len());
+        let now = tokio::time::Instant::now();
+        for sub in &self.subs[self.done..end] {
+            sub.sweep(now);
+        }
+        self.done = end;
+        end < self.subs.len()
+    }
+}
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        while self.turn() {}
+    }
+}
+
 /// Writes what [`queue_to`] left to parked subscribers: one task per worker of the runtime
 /// the publish ran on, each over its share, yielding every [`SWEEP_TURN`] subscribers.
 /// Outside the channel's lock: the order is the queues', which the sweep only writes out.
@@ -160,19 +187,16 @@ fn sweep(later: Option<Later>) {
     let tasks = runtime.metrics().num_workers().clamp(1, 16);
     let share = subs.len().div_ceil(tasks).max(SWEEP_TURN);
     while !subs.is_empty() {
-        let part = subs.split_off(subs.len().saturating_sub(share));
+        let mut part = Sweep {
+            subs: subs.split_off(subs.len().saturating_sub(share)),
+            done: 0,
+        };
         // (Unconstrained: each write would take one of the task's 128 units of tokio's
         // budget, and the writes past it would find the socket "not ready". The sweep
         // yields by itself.)
         runtime.spawn(tokio::task::unconstrained(async move {
-            for (i, turn) in part.chunks(SWEEP_TURN).enumerate() {
-                if i > 0 {
-                    tokio::task::yield_now().await;
-                }
-                let now = tokio::time::Instant::now();
-                for sub in turn {
-                    sub.sweep(now);
-                }
+            while part.turn() {
+                tokio::task::yield_now().await;
             }
         }));
     }
@@ -385,5 +409,108 @@ impl Hub {
     pub(crate) fn subscribers(&self, plugin: &str, channel: &str) -> u64 {
         self.channel(plugin, channel)
             .map_or(0, |ch| ch.subs().len() as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A subscriber that counts what it was given, parked (its deliveries deferred) or not.
+    #[derive(Debug, Default)]
+    struct Counting {
+        parked: bool,
+        delivered: AtomicUsize,
+        quiet: AtomicUsize,
+        swept: AtomicUsize,
+    }
+
+    impl Subscriber for Counting {
+        fn deliver(&self, _: Message) -> bool {
+            self.delivered.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+        fn deliver_quietly(&self, _: Message) -> Delivery {
+            self.quiet.fetch_add(1, Ordering::SeqCst);
+            if self.parked {
+                Delivery::Deferred
+            } else {
+                Delivery::Queued
+            }
+        }
+        fn sweep(&self, _: tokio::time::Instant) {
+            self.swept.fetch_add(1, Ordering::SeqCst);
+        }
+        fn member(&self) -> Member {
+            Member {
+                id: 0,
+                remote_addr: String::new(),
+                label: String::new(),
+            }
+        }
+    }
+
+    fn subscribers(hub: &Hub, ids: std::ops::Range<u64>, parked: bool) -> Vec<Arc<Counting>> {
+        ids.map(|id| {
+            let sub = Arc::new(Counting {
+                parked,
+                ..Counting::default()
+            });
+            let dyn_sub: Arc<dyn Subscriber> = Arc::clone(&sub) as _;
+            assert!(hub.subscribe("p", "room", id, dyn_sub));
+            sub
+        })
+        .collect()
+    }
+
+    fn total(subs: &[Arc<Counting>], f: impl Fn(&Counting) -> &AtomicUsize) -> usize {
+        subs.iter().map(|s| f(s).load(Ordering::SeqCst)).sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_sweeps_every_parked_subscriber_once_and_wakes_the_others() {
+        let hub = Hub::default();
+        let parked = subscribers(&hub, 0..1000, true);
+        let open = subscribers(&hub, 1000..1010, false);
+        assert_eq!(hub.publish("p", "room", &Message::text("hi")), 1010);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while total(&parked, |s| &s.swept) < 1000 {
+            assert!(std::time::Instant::now() < deadline, "not all swept");
+            tokio::task::yield_now().await;
+        }
+        assert!(parked.iter().all(|s| s.swept.load(Ordering::SeqCst) == 1));
+        assert_eq!(
+            total(&open, |s| &s.swept),
+            0,
+            "an open subscriber was swept"
+        );
+        assert_eq!(total(&open, |s| &s.quiet), 10);
+    }
+
+    #[test]
+    fn outside_a_runtime_a_publish_wakes_every_subscriber() {
+        let hub = Hub::default();
+        let parked = subscribers(&hub, 0..10, true);
+        assert_eq!(hub.publish("p", "room", &Message::text("hi")), 10);
+        assert_eq!(total(&parked, |s| &s.delivered), 10);
+        assert_eq!(
+            total(&parked, |s| &s.quiet) + total(&parked, |s| &s.swept),
+            0
+        );
+    }
+
+    #[test]
+    fn a_sweep_dropped_before_it_ran_sweeps_the_rest() {
+        let subs: Vec<Arc<Counting>> = (0..600).map(|_| Arc::default()).collect();
+        let mut sweep = Sweep {
+            subs: subs.iter().map(|s| Arc::clone(s) as _).collect(),
+            done: 0,
+        };
+        assert!(sweep.turn());
+        assert_eq!(total(&subs, |s| &s.swept), SWEEP_TURN);
+        drop(sweep);
+        assert!(subs.iter().all(|s| s.swept.load(Ordering::SeqCst) == 1));
     }
 }
