@@ -3,7 +3,7 @@
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{ask, ask_until, connect, id_of, next, text, Host};
+use crate::harness::{ask, ask_until, connect, event, id_of, next, observer, text, Host};
 
 #[tokio::test]
 async fn publish_reaches_every_subscriber_and_only_them() {
@@ -82,4 +82,80 @@ async fn a_closing_connection_leaves_its_channels_at_once() {
     assert_eq!(ask(&mut other, "pub:room:x").await, "x");
     assert_eq!(text(&mut other).await, "published 1");
     drop(mute);
+}
+
+/// A subscriber that does not read misses what does not fit in its send queue, and only that:
+/// the publish counts only the subscribers it reached, the others get everything, the full one
+/// gets what it was sent whole and in order (a gap where its queue was full, no message cut
+/// or repeated), and its handler hears `on_drain` once its queue has emptied, so a plugin can
+/// tell it to catch up.
+#[tokio::test]
+async fn a_subscriber_whose_queue_is_full_misses_publishes_and_its_handler_hears_on_drain() {
+    const MAX_PUBLISHES: usize = 400;
+    let host = Host::builder()
+        .plugin("testkit")
+        .args(&["--max-send-queue", "262144"])
+        .start();
+    let mut observer = observer(&host).await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(host.addr).await.unwrap();
+    let (mut full, _) = tokio_tungstenite::client_async(
+        host.url("/testkit"),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .unwrap();
+    let full_id = id_of(&mut full).await;
+    let mut reading = connect(&host.url("/testkit")).await;
+    let mut publisher = connect(&host.url("/testkit")).await;
+    assert_eq!(ask(&mut full, "sub:room").await, "Ok(())");
+    assert_eq!(ask(&mut reading, "sub:room").await, "Ok(())");
+
+    let message = |i: usize| format!("{i:04}:{}", "x".repeat(64 << 10));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let reader = tokio::spawn(async move {
+        let mut i = 0;
+        while let Some(last) = rx.recv().await {
+            while i < last {
+                assert_eq!(text(&mut reading).await, message(i), "publish {i}");
+                i += 1;
+            }
+        }
+        reading
+    });
+    // Publish until the full one's socket buffers and send queue are full.
+    let mut refused_at = None;
+    for i in 0..MAX_PUBLISHES {
+        let published = ask(&mut publisher, &format!("pub:room:{}", message(i))).await;
+        tx.send(i + 1).unwrap();
+        if published == "published 1" {
+            refused_at = Some(i);
+            break;
+        }
+        assert_eq!(published, "published 2", "publish {i}");
+    }
+    let refused_at = refused_at.expect("the full subscriber's queue never filled");
+    drop(tx);
+    let _reading = reader.await.unwrap();
+
+    let mut got = Vec::new();
+    let drained = tokio::spawn(async move {
+        event(&mut observer, &format!("drain {full_id}")).await;
+    });
+    while got.len() < refused_at {
+        let t = text(&mut full).await;
+        let (n, rest) = t.split_once(':').expect("a whole message");
+        assert_eq!(rest.len(), 64 << 10, "message {n} whole");
+        got.push(n.parse::<usize>().unwrap());
+    }
+    assert_eq!(
+        got,
+        (0..refused_at).collect::<Vec<_>>(),
+        "everything before the refusal, in order"
+    );
+    drained.await.unwrap();
+    // Drained, it is reached again.
+    assert_eq!(ask(&mut publisher, "pub:room:after").await, "published 2");
+    assert_eq!(text(&mut full).await, "after");
 }
