@@ -94,14 +94,16 @@ async fn a_subscriber_whose_queue_is_full_misses_publishes_and_its_handler_hears
     const MAX_PUBLISHES: usize = 400;
     let host = Host::builder()
         .plugin("testkit")
-        .args(&["--max-send-queue", "262144"])
+        // The reading subscriber's queue could hold every publish: only the full one (its own
+        // queue 256 KiB, from its 101) can be refused, however slowly the test reads.
+        .args(&["--max-send-queue", "268435456"])
         .start();
     let mut observer = observer(&host).await;
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let stream = socket.connect(host.addr).await.unwrap();
     let (mut full, _) = tokio_tungstenite::client_async(
-        host.url("/testkit"),
+        host.url("/testkit?max_queue=262144"),
         tokio_tungstenite::MaybeTlsStream::Plain(stream),
     )
     .await
