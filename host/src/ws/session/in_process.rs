@@ -5,6 +5,8 @@ use std::sync::Mutex;
 
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::io::DuplexStream;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
 
 use super::*;
 use crate::limits::ConnLimits;

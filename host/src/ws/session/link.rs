@@ -13,7 +13,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use futures_util::SinkExt as _;
 use tokio::io::AsyncWrite as _;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
@@ -557,7 +556,7 @@ impl Link {
             && !conn.has_flags()
             && a.ws.get_ref().at_rest()
             && a.ws.get_ref().get_ref().at_rest()
-            && matches!(a.ws.poll_flush_unpin(cx), Poll::Ready(Ok(())));
+            && matches!(a.ws.poll_flush(cx), Poll::Ready(Ok(())));
         if !at_rest {
             return false;
         }

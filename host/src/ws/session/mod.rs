@@ -12,9 +12,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use tokio_tungstenite::tungstenite::error::{Error as WsError, ProtocolError};
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::conn::ConnShared;
@@ -29,6 +28,7 @@ use crate::plugin::LoadedPlugin;
 #[cfg(test)]
 mod in_process;
 mod link;
+mod stream;
 mod timing;
 mod writer;
 
@@ -41,7 +41,7 @@ use writer::IoEvent;
 
 /// A session's socket with the wrappers that count its bytes and (if negotiated) deflate.
 type Io = super::deflate::Deflate<Counted<SessionIo>>;
-type Ws = WebSocketStream<Io>;
+type Ws = stream::WsStream<Io>;
 
 /// Most bytes fed to the socket before a flush, so one flush never waits on an unbounded batch.
 const MAX_BATCH: u64 = 256 << 10;
@@ -286,20 +286,13 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
     }
 }
 
-/// tokio-tungstenite's stream over a socket past the handshake. Its constructor is `async` but
-/// finishes on its first poll (it only stores the waker); polled here, so that its 680-byte
-/// future never becomes part of the session's.
+/// The WebSocket stream over a socket past the handshake.
 fn raw_socket(io: Io, sizes: link::Sizes) -> Ws {
-    use futures_util::FutureExt as _;
     let config = WebSocketConfig::default()
         .read_buffer_size(sizes.read_buffer)
         .max_message_size(Some(sizes.max_message))
         .max_frame_size(Some(sizes.max_frame));
-    WebSocketStream::from_raw_socket(io, Role::Server, Some(config))
-        .now_or_never()
-        // tokio-tungstenite's skipped handshake returns on the first poll; a version that
-        // waited would be a change to adopt knowingly.
-        .expect("WebSocketStream::from_raw_socket is ready at once")
+    stream::WsStream::new(io, config)
 }
 
 fn clamp_usize(v: u64) -> usize {

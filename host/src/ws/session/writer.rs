@@ -4,7 +4,6 @@
 
 use std::task::{Context, Poll};
 
-use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::error::Error as WsError;
 use tokio_tungstenite::tungstenite::Message;
@@ -83,7 +82,7 @@ impl Writer {
                     break;
                 }
             }
-            match ws.poll_ready_unpin(cx) {
+            match ws.poll_ready(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(_)) => return Err(()),
                 Poll::Pending => break,
@@ -98,7 +97,7 @@ impl Writer {
             count_out(&mut self.counts, &msg);
             self.data |= is_data(&msg);
             self.close_fed = matches!(msg, Message::Close(_));
-            ws.start_send_unpin(msg).map_err(|_| ())?;
+            ws.start_send(cx, msg).map_err(|_| ())?;
             self.fed += n;
             self.dirty = true;
         }
@@ -115,7 +114,7 @@ impl Writer {
         if !self.dirty {
             return Poll::Ready(Ok(()));
         }
-        match ws.poll_flush_unpin(cx) {
+        match ws.poll_flush(cx) {
             Poll::Ready(Ok(())) => {
                 self.dirty = false;
                 self.reads = 0;
@@ -173,7 +172,7 @@ impl Writer {
             let paused = conn.is_paused();
             let read_polled = !paused && (self.reads < MAX_READS_BEFORE_FLUSH || !self.dirty);
             if read_polled {
-                match ws.poll_next_unpin(cx) {
+                match ws.poll_next(cx) {
                     Poll::Ready(Some(msg)) => {
                         self.reads += 1;
                         self.stirred = true;
@@ -239,7 +238,7 @@ impl Writer {
             if !self.dirty {
                 return Poll::Ready(());
             }
-            match ws.poll_flush_unpin(cx) {
+            match ws.poll_flush(cx) {
                 Poll::Ready(Ok(())) => {
                     self.dirty = false;
                     conn.written(std::mem::take(&mut self.fed));
