@@ -99,15 +99,12 @@ async fn a_subscriber_whose_queue_is_full_misses_publishes_and_its_handler_hears
         .args(&["--max-send-queue", "268435456"])
         .start();
     let mut observer = observer(&host).await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(host.addr).await.unwrap();
-    let (mut full, _) = tokio_tungstenite::client_async(
-        host.url("/testkit?max_queue=262144"),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    let mut full = crate::harness::connect_with_recv_buffer(
+        &host,
+        &host.url("/testkit?max_queue=262144"),
+        4096,
     )
-    .await
-    .unwrap();
+    .await;
     let full_id = id_of(&mut full).await;
     let mut reading = connect(&host.url("/testkit")).await;
     let mut publisher = connect(&host.url("/testkit")).await;

@@ -535,6 +535,19 @@ pub async fn connect(url: &str) -> Ws {
     ws
 }
 
+/// A client of `url` on `host` whose socket's receive buffer is `bytes`: one that stops reading
+/// fills up soon, and the host's writes to it meet a full socket.
+pub async fn connect_with_recv_buffer(host: &Host, url: &str, bytes: u32) -> Ws {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(bytes).unwrap();
+    let stream = socket.connect(host.addr).await.unwrap();
+    let (ws, _) =
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {url}: {e}"));
+    ws
+}
+
 /// The next data or close message (over any stream: TCP, TLS).
 pub async fn next<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Message
 where

@@ -349,15 +349,8 @@ async fn a_full_subscriber_gets_every_publish_whole_once_it_reads() {
         .plugin("testkit")
         .args(&["--max-send-queue", "16777216"])
         .start();
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(host.addr).await.unwrap();
-    let (mut full, _) = tokio_tungstenite::client_async(
-        host.url("/testkit"),
-        tokio_tungstenite::MaybeTlsStream::Plain(stream),
-    )
-    .await
-    .unwrap();
+    let mut full =
+        crate::harness::connect_with_recv_buffer(&host, &host.url("/testkit"), 4096).await;
     let mut reading = connect(&host.url("/testkit")).await;
     let mut publisher = connect(&host.url("/testkit")).await;
     assert_eq!(ask(&mut full, "sub:room").await, "Ok(())");
