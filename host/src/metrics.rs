@@ -24,6 +24,17 @@ pub(crate) struct StatusLabel {
     pub(crate) protocol: &'static str,
 }
 
+/// Why a send was refused, and whose it was.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct OverflowLabel {
+    /// `send` (the plugin's own send or ping), `publish` (a channel's delivery to a
+    /// subscriber, from this host or over the bus) or `keepalive` (the host's ping).
+    pub(crate) source: &'static str,
+    /// `queue_full` (the connection's send queue), `memory_budget` (the host's
+    /// `--max-buffered-total`) or `too_large` (larger than the whole send queue).
+    pub(crate) reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct CodeLabel {
     pub(crate) code: u16,
@@ -39,7 +50,8 @@ pub struct Metrics {
     pub(crate) messages_out: Counter,
     pub(crate) bytes_in: Counter,
     pub(crate) bytes_out: Counter,
-    pub(crate) send_queue_overflows: Counter,
+    /// Refused sends by source and reason.
+    pub(crate) send_queue_overflows: Family<OverflowLabel, Counter>,
     /// WebSockets that negotiated permessage-deflate.
     pub(crate) deflate_connections: Counter,
     /// Connections parked now (quiet: no stream or buffers of their own).
@@ -152,6 +164,13 @@ impl EncodeMetric for CallbackHistogram {
 }
 
 impl Metrics {
+    /// Counts a refused send.
+    pub(crate) fn send_refused(&self, source: &'static str, reason: &'static str) {
+        self.send_queue_overflows
+            .get_or_create(&OverflowLabel { source, reason })
+            .inc();
+    }
+
     /// Metrics for a host whose plugins are in `registry`.
     pub(crate) fn new(
         registry: Arc<Registry>,
@@ -165,7 +184,7 @@ impl Metrics {
             messages_out: Counter::default(),
             bytes_in: Counter::default(),
             bytes_out: Counter::default(),
-            send_queue_overflows: Counter::default(),
+            send_queue_overflows: Family::default(),
             deflate_connections: Counter::default(),
             parked: Default::default(),
             unparked: Counter::default(),
@@ -220,7 +239,9 @@ impl Metrics {
         prom.register("bytes_sent", "Payload bytes sent", m.bytes_out.clone());
         prom.register(
             "send_queue_overflows",
-            "Sends refused because a send queue or the memory budget was full",
+            "Sends refused because a send queue or the memory budget was full, or the message \
+             was larger than the whole send queue, by source (send, publish, keepalive) and \
+             reason (queue_full, memory_budget, too_large)",
             m.send_queue_overflows.clone(),
         );
         prom.register(

@@ -135,6 +135,14 @@ async fn a_subscriber_whose_queue_is_full_misses_publishes_and_its_handler_hears
         assert_eq!(published, "published 2", "publish {i}");
     }
     let refused_at = refused_at.expect("the full subscriber's queue never filled");
+    // Counted as what it was: one publish refused for a full queue, and nothing else.
+    let overflows =
+        |labels: &str| host.metric(&format!("wshost_send_queue_overflows_total{{{labels}}}"));
+    assert_eq!(
+        overflows(r#"source="publish",reason="queue_full""#),
+        Some(1.0)
+    );
+    assert_eq!(overflows(r#"source="send",reason="queue_full""#), None);
     drop(tx);
     let _reading = reader.await.unwrap();
 

@@ -540,9 +540,9 @@ impl ConnShared {
         self.state.load(Ordering::Acquire) == OPEN
     }
 
-    /// Queues a data or ping frame, counting it against the send queue: a message larger than
-    /// the whole queue is refused with `MessageTooLarge`, one that does not fit now with
-    /// `QueueFull` (and `on_drain` follows once the queue has emptied).
+    /// Queues a data or ping frame of the plugin's, counting it against the send queue: a
+    /// message larger than the whole queue is refused with `MessageTooLarge`, one that does not
+    /// fit now with `QueueFull` (and `on_drain` follows once the queue has emptied).
     pub(crate) fn enqueue(&self, msg: Message) -> Result<(), SendError> {
         self.enqueue_tracked(msg, None)
     }
@@ -550,26 +550,43 @@ impl ConnShared {
     /// As [`ConnShared::enqueue`]; with a tag, the session reports the frame's fate
     /// (`on_sent`).
     pub(crate) fn enqueue_tracked(&self, msg: Message, tag: Option<u64>) -> Result<(), SendError> {
-        self.enqueue_with(msg, tag, true)
+        self.enqueue_with(msg, tag, true, Source::Send)
     }
 
-    fn enqueue_with(&self, msg: Message, tag: Option<u64>, wake: bool) -> Result<(), SendError> {
+    /// As [`ConnShared::enqueue`], for the host's own keepalive ping.
+    pub(crate) fn enqueue_keepalive(&self, msg: Message) -> Result<(), SendError> {
+        self.enqueue_with(msg, None, true, Source::Keepalive)
+    }
+
+    fn enqueue_with(
+        &self,
+        msg: Message,
+        tag: Option<u64>,
+        wake: bool,
+        source: Source,
+    ) -> Result<(), SendError> {
         if !self.is_open() {
             return Err(SendError::Closed);
         }
         let n = msg.len() as u64;
         if n > self.max_send_queue {
-            self.metrics.send_queue_overflows.inc();
+            self.metrics.send_refused(source.label(), "too_large");
             return Err(SendError::MessageTooLarge);
         }
         let before = self.buffered.fetch_add(n, Ordering::AcqRel);
-        if before + n > self.max_send_queue || !self.budget.take(n) {
+        let queue_full = before + n > self.max_send_queue;
+        if queue_full || !self.budget.take(n) {
             // Ask for on_drain before undoing: whoever brings the count to zero (this undo or
             // the session task) then sees the request, so the wake-up cannot be lost between them.
             self.drain_wanted.store(true, Ordering::Release);
             let left = self.release(n);
             self.drained_if_empty(left);
-            self.metrics.send_queue_overflows.inc();
+            let reason = if queue_full {
+                "queue_full"
+            } else {
+                "memory_budget"
+            };
+            self.metrics.send_refused(source.label(), reason);
             return Err(SendError::QueueFull);
         }
         self.note_level(before + n);
@@ -738,16 +755,37 @@ impl ConnShared {
     }
 }
 
+/// Whose send it is, as `wshost_send_queue_overflows_total` labels a refused one.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// The plugin's own send or ping.
+    Send,
+    /// A channel's delivery to a subscriber.
+    Publish,
+    /// The host's keepalive ping.
+    Keepalive,
+}
+
+impl Source {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Send => "send",
+            Self::Publish => "publish",
+            Self::Keepalive => "keepalive",
+        }
+    }
+}
+
 impl crate::channels::Subscriber for ConnShared {
     fn deliver(&self, msg: Message) -> bool {
-        self.enqueue(msg).is_ok()
+        self.enqueue_with(msg, None, true, Source::Publish).is_ok()
     }
     fn deliver_quietly(&self, msg: Message) -> Delivery {
         let lent = self
             .rare
             .get()
             .is_some_and(|r| r.is_lent.load(Ordering::SeqCst));
-        match self.enqueue_with(msg, None, !lent) {
+        match self.enqueue_with(msg, None, !lent, Source::Publish) {
             Ok(()) if lent => Delivery::Deferred,
             Ok(()) => Delivery::Queued,
             Err(_) => Delivery::Refused,
@@ -981,6 +1019,44 @@ mod budget_tests {
         );
         assert_eq!(c.enqueue(Message::binary(vec![0u8; 400])), Ok(()));
         assert_eq!(budget.used(), 1000);
+        let text = c.metrics().encode();
+        for (labels, n) in [
+            (r#"source="send",reason="too_large""#, 1),
+            (r#"source="send",reason="queue_full""#, 1),
+        ] {
+            let line = format!("wshost_send_queue_overflows_total{{{labels}}} {n}");
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_counted_by_source_and_reason() {
+        use crate::channels::Subscriber as _;
+        let budget = Arc::new(MemoryBudget::new(1500));
+        let c = conn(1000, &budget);
+        // A publish past the queue, a keepalive ping past it, then the budget.
+        assert!(c.deliver(Message::binary(vec![0u8; 900])));
+        assert!(!c.deliver(Message::binary(vec![0u8; 200])));
+        assert_eq!(
+            c.enqueue_keepalive(Message::Ping(bytes::Bytes::from_static(&[0; 125]))),
+            Err(SendError::QueueFull)
+        );
+        let d = conn(1000, &budget);
+        assert_eq!(
+            d.enqueue(Message::binary(vec![0u8; 700])),
+            Err(SendError::QueueFull)
+        );
+        assert!(!d.deliver(Message::binary(vec![0u8; 700])));
+        let (ct, dt) = (c.metrics().encode(), d.metrics().encode());
+        for (text, labels) in [
+            (&ct, r#"source="publish",reason="queue_full""#),
+            (&ct, r#"source="keepalive",reason="queue_full""#),
+            (&dt, r#"source="send",reason="memory_budget""#),
+            (&dt, r#"source="publish",reason="memory_budget""#),
+        ] {
+            let line = format!("wshost_send_queue_overflows_total{{{labels}}} 1");
+            assert!(text.contains(&line), "{line} in:\n{text}");
+        }
     }
 
     #[test]

@@ -537,7 +537,9 @@ impl Session {
                                 // A ping that cannot be queued still starts the pong clock:
                                 // a peer that does not read gets dropped all the same. (A
                                 // parked connection writes it without opening.)
-                                let _ = self.conn.enqueue(Message::Ping(bytes::Bytes::new()));
+                                let _ = self
+                                    .conn
+                                    .enqueue_keepalive(Message::Ping(bytes::Bytes::new()));
                                 d.awaiting_pong = Some(now);
                             }
                             d.next_ping = Some(now + interval);
