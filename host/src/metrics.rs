@@ -237,6 +237,17 @@ impl Metrics {
             m.bytes_in.clone(),
         );
         prom.register("bytes_sent", "Payload bytes sent", m.bytes_out.clone());
+        // Every series that can occur exists from the start, at zero: a rate or an alert on
+        // one needs no first refusal to see it.
+        for source in ["send", "publish", "keepalive"] {
+            for reason in ["queue_full", "memory_budget", "too_large"] {
+                if !(source == "keepalive" && reason == "too_large") {
+                    let _ = m
+                        .send_queue_overflows
+                        .get_or_create(&OverflowLabel { source, reason });
+                }
+            }
+        }
         prom.register(
             "send_queue_overflows",
             "Sends refused because a send queue or the memory budget was full, or the message \

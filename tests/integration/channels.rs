@@ -142,7 +142,7 @@ async fn a_subscriber_whose_queue_is_full_misses_publishes_and_its_handler_hears
         overflows(r#"source="publish",reason="queue_full""#),
         Some(1.0)
     );
-    assert_eq!(overflows(r#"source="send",reason="queue_full""#), None);
+    assert_eq!(overflows(r#"source="send",reason="queue_full""#), Some(0.0));
     drop(tx);
     let _reading = reader.await.unwrap();
 

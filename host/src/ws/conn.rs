@@ -1023,6 +1023,8 @@ mod budget_tests {
         for (labels, n) in [
             (r#"source="send",reason="too_large""#, 1),
             (r#"source="send",reason="queue_full""#, 1),
+            (r#"source="publish",reason="queue_full""#, 0),
+            (r#"source="keepalive",reason="memory_budget""#, 0),
         ] {
             let line = format!("wshost_send_queue_overflows_total{{{labels}}} {n}");
             assert!(text.contains(&line), "{line} in:\n{text}");
