@@ -9,6 +9,10 @@
 # bullseye's python2.7 packages unpacked (not installed) under the cache dir. Everything goes to
 # $AUTOBAHN_HOME (default ~/.cache/wshost-autobahn); only the package registries are used.
 #
+# The cases are dealt round-robin to $AUTOBAHN_JOBS fuzzing clients run side by side (default:
+# the machine's CPUs, at most 4): wstest is one Python process that keeps one core busy while
+# the server idles, and the permessage-deflate cases (12.*, 13.*) take most of the time.
+#
 # Last line: `autobahn: N passed, M failed, K skipped` (skipped: UNIMPLEMENTED cases).
 # Exit: 0 no FAILED case, 1 some FAILED case, 2 usage, 3 install or run error.
 set -euo pipefail
@@ -113,27 +117,63 @@ RUN=$(mktemp -d "${TMPDIR:-/tmp}/autobahn.XXXXXX")
 trap 'rm -rf "$RUN"' EXIT
 REPORTS=${AUTOBAHN_OUTDIR:-$RUN/reports}
 mkdir -p "$REPORTS"
-"$VENV/bin/python" - "$RUN/spec.json" "$REPORTS" "$URL" "$CASES" <<'PY'
-import json, sys
-spec, out, url, cases = sys.argv[1:]
-json.dump({"outdir": out, "servers": [{"agent": "wshost", "url": url}],
-           "cases": [c.strip() for c in cases.split(",") if c.strip()],
-           "exclude-cases": [], "exclude-agent-cases": {}}, open(spec, "w"))
+JOBS=${AUTOBAHN_JOBS:-$(nproc 2>/dev/null || echo 1)}
+[[ $JOBS =~ ^[0-9]+$ ]] || fail 2 "AUTOBAHN_JOBS must be a number; got $JOBS"
+((JOBS < 1)) && JOBS=1
+((JOBS > 4)) && JOBS=4
+# The case patterns resolved as wstest resolves them, dealt round-robin into one spec per client
+# (neighbouring cases cost alike, so every client gets its share of the slow ones).
+"$VENV/bin/python" - "$RUN" "$REPORTS" "$URL" "$CASES" "$JOBS" <<'PY' || fail 3 "no case matches $CASES"
+import json, os, sys
+from autobahntestsuite.case import Cases, CaseCategories, CaseSubCategories
+from autobahntestsuite.caseset import CaseSet
+run, out, url, cases, jobs = sys.argv[1:]
+jobs = int(jobs)
+patterns = [c.strip() for c in cases.split(",") if c.strip()]
+ids = CaseSet("fuzzing", "case", Cases, CaseCategories, CaseSubCategories).parseSpecCases(
+    {"cases": patterns})
+if not ids:
+    sys.exit(1)
+jobs = min(jobs, len(ids))
+for k in range(jobs):
+    outdir = out if jobs == 1 else os.path.join(out, "client-%d" % k)
+    json.dump({"outdir": outdir, "servers": [{"agent": "wshost", "url": url}],
+               "cases": ids[k::jobs], "exclude-cases": [], "exclude-agent-cases": {}},
+              open(os.path.join(run, "spec-%d.json" % k), "w"))
 PY
-say "running cases $CASES against $URL"
-set +e
-(cd "$RUN" && timeout "${AUTOBAHN_TIMEOUT:-1800}" "$VENV/bin/wstest" -m fuzzingclient \
-  -s "$RUN/spec.json") >"$RUN/wstest.log" 2>&1
-code=$?
-set -e
-[[ $code -eq 124 ]] && fail 3 "wstest timed out"
-[[ -f $REPORTS/index.json ]] || { tail -20 "$RUN/wstest.log" >&2; fail 3 "wstest wrote no report"; }
+specs=("$RUN"/spec-*.json)
+say "running cases $CASES against $URL with ${#specs[@]} client(s)"
+pids=()
+for spec in "${specs[@]}"; do
+  (cd "$RUN" && exec timeout "${AUTOBAHN_TIMEOUT:-1800}" "$VENV/bin/wstest" -m fuzzingclient \
+    -s "$spec") >"${spec%.json}.log" 2>&1 &
+  pids+=($!)
+done
+timed_out=0
+for pid in "${pids[@]}"; do
+  set +e
+  wait "$pid"
+  code=$?
+  set -e
+  [[ $code -eq 124 ]] && timed_out=1
+done
+((timed_out)) && fail 3 "wstest timed out"
+indexes=()
+for spec in "${specs[@]}"; do
+  index=$("$VENV/bin/python" -c 'import json,sys; print(json.load(open(sys.argv[1]))["outdir"])' \
+    "$spec")/index.json
+  [[ -f $index ]] || { tail -20 "${spec%.json}.log" >&2; fail 3 "wstest wrote no report ($spec)"; }
+  indexes+=("$index")
+done
 
 # A case passes with behaviour OK, NON-STRICT or INFORMATIONAL and a clean close; UNIMPLEMENTED
 # (a feature the server does not offer) is skipped; anything else fails.
-"$VENV/bin/python" - "$REPORTS/index.json" <<'PY'
+"$VENV/bin/python" - "${indexes[@]}" <<'PY'
 import json, sys
-index = json.load(open(sys.argv[1]))
+index = {}
+for path in sys.argv[1:]:
+    for agent, cases in json.load(open(path)).items():
+        index.setdefault(agent, {}).update(cases)
 passed = failed = skipped = strict = nonstrict = 0
 for cases in index.values():
     for case, r in sorted(cases.items()):
