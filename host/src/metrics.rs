@@ -304,6 +304,18 @@ impl Metrics {
 
     /// The exposition text.
     pub fn encode(&self) -> String {
+        // Sends that process-isolated plugins' workers refused, reported since the last scrape.
+        let (full, large) = crate::plugin::isolate::take_worker_refusals();
+        for (reason, n) in [("queue_full", full), ("too_large", large)] {
+            if n > 0 {
+                self.send_queue_overflows
+                    .get_or_create(&OverflowLabel {
+                        source: "send",
+                        reason,
+                    })
+                    .inc_by(n);
+            }
+        }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.prom)
             .expect("writing to a String cannot fail");

@@ -155,6 +155,41 @@ async fn a_queue_full_refusal_is_followed_by_on_drain() {
 }
 
 #[tokio::test]
+async fn sends_a_worker_refuses_are_counted_in_the_hosts_metrics() {
+    let host = isolated();
+    let overflows = |reason: &str| {
+        host.metric(&format!(
+            "wshost_send_queue_overflows_total{{source=\"send\",reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(overflows("too_large"), Some(0.0));
+    let mut small = connect(&host.url("/testkit?max_queue=1000")).await;
+    assert_eq!(
+        ask(&mut small, "send:5000").await,
+        "send Err(\"MessageTooLarge\")"
+    );
+    eventually_async("the worker's too-large refusal is counted", || {
+        overflows("too_large") == Some(1.0)
+    })
+    .await;
+    // A stream paced by on_drain is refused (queue full) whenever it runs ahead of the host.
+    let mut ws = connect(&host.url("/testkit?max_queue=65536")).await;
+    ws.send(Message::text(format!("stream:{}", 1 << 20)))
+        .await
+        .unwrap();
+    assert_eq!(crate::harness::receive_stream(&mut ws).await, 1 << 20);
+    eventually_async("the worker's queue-full refusals are counted", || {
+        overflows("queue_full").is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    assert_eq!(overflows("too_large"), Some(1.0));
+    assert_eq!(
+        host.metric(r#"wshost_send_queue_overflows_total{source="publish",reason="queue_full"}"#),
+        Some(0.0)
+    );
+}
+
+#[tokio::test]
 async fn a_reload_starts_a_new_worker_and_the_old_one_exits_after_its_last_connection() {
     let host = isolated();
     let mut old = connect(&host.url("/testkit")).await;

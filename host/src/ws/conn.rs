@@ -929,6 +929,8 @@ impl crate::plugin::SessionConn for ConnShared {
         }
         let n = msg.len() as u64;
         if !self.budget.take(n) {
+            self.metrics
+                .send_refused(Source::Send.label(), "memory_budget");
             tracing::warn!(
                 conn_id = self.id,
                 "a worker's send does not fit --max-buffered-total; \

@@ -7,7 +7,7 @@ pub(crate) mod proto;
 pub(crate) mod supervisor;
 pub mod worker;
 
-pub use supervisor::{all_stats, Isolation, WorkerStats};
+pub use supervisor::{all_stats, take_worker_refusals, Isolation, WorkerStats};
 pub(crate) use supervisor::{RemoteCallbacks, RemoteHandler, Supervisor};
 
 use std::time::Duration;

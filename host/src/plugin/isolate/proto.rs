@@ -91,6 +91,9 @@ pub(crate) const SET_LABEL: u8 = 53;
 pub(crate) const SEND_TEXT_TRACKED: u8 = 57;
 /// `conn.send_binary_tracked`: the tag (u64), the data.
 pub(crate) const SEND_BINARY_TRACKED: u8 = 58;
+/// Sends the worker refused since its last report, which `/metrics` counts as the host's own
+/// refusals are (id 0): queue full (u64), too large (u64).
+pub(crate) const REFUSED: u8 = 59;
 /// `host.members` (id: the call): the channel. Replied with the members as JSON.
 pub(crate) const MEMBERS: u8 = 54;
 /// `host.watch` (id: the call): the channel. Replied (1: newly watched).

@@ -1084,6 +1084,12 @@ impl WorkerLink {
                     let _ = c.ops.close(code, &reason);
                 }
             }
+            proto::REFUSED => {
+                let (full, rest) = proto::split_u64(&body);
+                let large = proto::split_u64(rest).0;
+                WORKER_REFUSED[0].fetch_add(full, Ordering::AcqRel);
+                WORKER_REFUSED[1].fetch_add(large, Ordering::AcqRel);
+            }
             proto::WANT_DRAIN => {
                 if let Some(c) = self.conn(id) {
                     c.drain_wanted.store(true, Ordering::Release);
@@ -1260,13 +1266,38 @@ async fn reader(
     let _ = dead.send(());
 }
 
-/// Frames to a worker: appended to one buffer, written by one task.
+/// Frames to a worker (or, in a worker, to the host): appended to one buffer, written by one
+/// task.
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     buf: Mutex<Vec<u8>>,
     ready: tokio::sync::Notify,
     closed: AtomicBool,
     overflowed: AtomicBool,
+    /// Sends refused (queue full, too large) and not yet reported: a worker's writer reports
+    /// them in one [`proto::REFUSED`] frame with what it writes next, so a plugin that retries
+    /// a refused send in a loop costs one frame per write, not one per refusal.
+    refused: [AtomicU64; 2],
+}
+
+/// Why a worker refused a send, as [`Outbox::note_refused`] counts it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refused {
+    QueueFull = 0,
+    TooLarge = 1,
+}
+
+/// Sends refused in worker processes and reported to this host, not yet counted in `/metrics`:
+/// queue full, too large.
+static WORKER_REFUSED: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
+
+/// Takes the counts of sends refused in worker processes since last asked: (queue full, too
+/// large).
+pub fn take_worker_refusals() -> (u64, u64) {
+    (
+        WORKER_REFUSED[0].swap(0, Ordering::AcqRel),
+        WORKER_REFUSED[1].swap(0, Ordering::AcqRel),
+    )
 }
 
 impl Outbox {
@@ -1285,6 +1316,29 @@ impl Outbox {
         if was_empty {
             self.ready.notify_one();
         }
+    }
+
+    /// Counts a send refused for `why`, to be reported with the next write.
+    pub(crate) fn note_refused(&self, why: Refused) {
+        if self.refused[why as usize].fetch_add(1, Ordering::AcqRel) == 0 {
+            // The first since the writer last looked: make sure it looks again.
+            self.ready.notify_one();
+        }
+    }
+
+    /// Appends a [`proto::REFUSED`] frame to `buf` if any refusal is unreported.
+    fn report_refused(&self, buf: &mut Vec<u8>) {
+        if self.refused.iter().all(|n| n.load(Ordering::Acquire) == 0) {
+            return;
+        }
+        let full = self.refused[0].swap(0, Ordering::AcqRel);
+        let large = self.refused[1].swap(0, Ordering::AcqRel);
+        proto::put(
+            buf,
+            proto::REFUSED,
+            0,
+            &[&full.to_le_bytes(), &large.to_le_bytes()],
+        );
     }
 
     fn close(&self) {
@@ -1309,11 +1363,13 @@ pub(crate) async fn writer(out: Arc<Outbox>, mut write: tokio::net::unix::OwnedW
         loop {
             let mut data = {
                 let mut b = out.buf.lock().unwrap_or_else(PoisonError::into_inner);
-                if b.is_empty() {
-                    break;
-                }
                 std::mem::replace(&mut *b, std::mem::take(&mut spare))
             };
+            out.report_refused(&mut data);
+            if data.is_empty() {
+                spare = data;
+                break;
+            }
             if write.write_all(&data).await.is_err() {
                 return;
             }
@@ -1439,5 +1495,27 @@ mod tests {
         assert_eq!(backoff(7), Duration::from_millis(1600));
         assert_eq!(backoff(12), Duration::from_secs(30));
         assert_eq!(backoff(1000), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn refusals_are_reported_in_one_frame_per_write() {
+        let out = Outbox::default();
+        for _ in 0..3 {
+            out.note_refused(Refused::QueueFull);
+        }
+        out.note_refused(Refused::TooLarge);
+        let mut buf = Vec::new();
+        out.report_refused(&mut buf);
+        let header: &[u8; proto::HEADER] = buf[..proto::HEADER].try_into().unwrap();
+        assert_eq!(
+            proto::header(header).map(|(kind, id, _)| (kind, id)),
+            Some((proto::REFUSED, 0))
+        );
+        let (full, rest) = proto::split_u64(&buf[proto::HEADER..]);
+        assert_eq!((full, proto::split_u64(rest).0), (3, 1));
+        // Reported once: nothing is left for the next write.
+        let before = buf.len();
+        out.report_refused(&mut buf);
+        assert_eq!(buf.len(), before);
     }
 }

@@ -23,7 +23,7 @@ use plugin_api::SendError;
 
 use super::super::{loader, Candidate, ConnOps, Handler, HostRequest, LoadError};
 use super::proto::{self, AnswerMsg};
-use super::supervisor::Outbox;
+use super::supervisor::{Outbox, Refused};
 use crate::plugin::seam::InlineCallbacks;
 
 /// What `wshost worker` is told on its command line.
@@ -668,6 +668,7 @@ impl WorkerConn {
         }
         let n = data.len() as u64;
         if n > self.max_send_queue {
+            self.out.note_refused(Refused::TooLarge);
             return Err(SendError::MessageTooLarge);
         }
         let outstanding = self
@@ -678,6 +679,7 @@ impl WorkerConn {
             if !self.drain_asked.swap(true, Ordering::AcqRel) {
                 self.out.push(proto::WANT_DRAIN, self.id, &[]);
             }
+            self.out.note_refused(Refused::QueueFull);
             return Err(SendError::QueueFull);
         }
         self.sent.fetch_add(n, Ordering::AcqRel);
