@@ -189,6 +189,30 @@ async fn sends_a_worker_refuses_are_counted_in_the_hosts_metrics() {
     );
 }
 
+/// A worker's send that the host's memory budget cannot hold closes the connection with 1013
+/// and is counted as a refused send for the budget.
+#[tokio::test]
+async fn a_workers_send_past_the_memory_budget_is_counted() {
+    let host = Host::builder()
+        .plugin("testkit")
+        .args(&["--isolation", "process", "--max-buffered-total", "100000"])
+        .start();
+    let budget = r#"wshost_send_queue_overflows_total{source="send",reason="memory_budget"}"#;
+    assert_eq!(host.metric(budget), Some(0.0));
+    // A client that reads nothing: once the sockets are full, the stream's 64 KiB messages
+    // (within the worker's 1 MiB of credit) pile up in the host against its 100,000 bytes.
+    let mut mute =
+        crate::harness::connect_with_recv_buffer(&host, &host.url("/testkit"), 4096).await;
+    mute.send(Message::text(format!("stream:{}", 32 << 20)))
+        .await
+        .unwrap();
+    host.wait_for_log(&["a worker's send does not fit --max-buffered-total"]);
+    eventually_async("the budget refusal is counted", || {
+        host.metric(budget).is_some_and(|n| n >= 1.0)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_reload_starts_a_new_worker_and_the_old_one_exits_after_its_last_connection() {
     let host = isolated();

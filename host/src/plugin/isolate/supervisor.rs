@@ -1328,11 +1328,11 @@ impl Outbox {
 
     /// Appends a [`proto::REFUSED`] frame to `buf` if any refusal is unreported.
     fn report_refused(&self, buf: &mut Vec<u8>) {
-        if self.refused.iter().all(|n| n.load(Ordering::Acquire) == 0) {
-            return;
-        }
         let full = self.refused[0].swap(0, Ordering::AcqRel);
         let large = self.refused[1].swap(0, Ordering::AcqRel);
+        if full == 0 && large == 0 {
+            return;
+        }
         proto::put(
             buf,
             proto::REFUSED,
