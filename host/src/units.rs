@@ -83,3 +83,21 @@ mod bytes_tests {
         assert!(super::bytes("5 parsecs").is_err());
     }
 }
+
+/// `d` in milliseconds, rounded to a tenth, as log lines show durations (`24.1`, not
+/// `24.067974999999997`).
+pub fn log_ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e4).round() / 10.0
+}
+
+#[cfg(test)]
+mod log_ms_tests {
+    use super::*;
+
+    #[test]
+    fn milliseconds_are_rounded_to_a_tenth() {
+        assert_eq!(log_ms(Duration::from_nanos(24_067_974)).to_string(), "24.1");
+        assert_eq!(log_ms(Duration::from_micros(2_000_040)).to_string(), "2000");
+        assert_eq!(log_ms(Duration::ZERO).to_string(), "0");
+    }
+}

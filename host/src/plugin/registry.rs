@@ -464,7 +464,7 @@ impl Registry {
                 Ok(plugin) => {
                     let plugin = Arc::new(plugin.with_closing(&self.root));
                     plugin.start_events();
-                    let load_ms = started.elapsed().as_secs_f64() * 1e3;
+                    let load_ms = crate::units::log_ms(started.elapsed());
                     let replaced = current.insert(plugin.name.clone(), Arc::clone(&plugin));
                     if let Some(old) = replaced.as_ref() {
                         retired.push(Arc::clone(old));

@@ -44,7 +44,7 @@ pub(crate) fn submit(
             let elapsed = started.elapsed();
             if elapsed >= slow() {
                 tracing::warn!(plugin = %name, generation, call = what,
-                    elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                    elapsed_ms = crate::units::log_ms(elapsed),
                     "slow plugin {what}: it ran on a retirement thread, not on the I/O threads");
             }
         });
