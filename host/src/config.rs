@@ -42,8 +42,11 @@ pub struct Config {
     /// On shutdown, how long to wait for connections to finish their close handshakes.
     /// Default 10 s.
     pub shutdown_timeout: Duration,
-    /// Data messages a connection may send per second, with a burst of as many; past it the
-    /// connection is closed with 1008. Zero disables the limit. Default 10,000.
+    /// Messages a connection may send per second, with a burst of as many: data messages,
+    /// pings and pongs (each a callback), and each continuation frame of a fragmented message
+    /// (so that empty fragments cost a client what messages would). Past it the connection is
+    /// closed with 1008, and dropped if the client still sends past it after the close. Zero
+    /// disables the limit. Default 10,000.
     pub max_message_rate: u32,
     /// A message must arrive whole within this time of its first byte; past it the connection
     /// is closed with 1008 (checked at least this often). Zero disables it. Default 60 s.

@@ -397,3 +397,100 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(status.code(), Some(130), "{status:?}");
     drop(mute);
 }
+
+/// A client frame with FIN as given, masked.
+fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [3, 1, 4, 1];
+    let mut f = vec![u8::from(fin) << 7 | opcode, 0x80 | payload.len() as u8];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads frames until a close frame; its code and reason (other frames are skipped).
+fn close_frame(s: &mut TcpStream) -> (u16, String) {
+    loop {
+        let (_, opcode, payload) = crate::compression::recv(s);
+        if opcode == 8 {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            return (code, String::from_utf8(payload[2..].to_vec()).unwrap());
+        }
+    }
+}
+
+#[test]
+fn continuation_frames_and_pings_count_against_the_message_rate() {
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--max-message-rate", "100"])
+        .start();
+    // A message in 50 fragments is well within the limit, and echoed whole.
+    let (mut s, _) = crate::compression::handshake(host.addr, "/echo", "x-none");
+    let mut fragments = client_frame(false, 1, b"a");
+    for _ in 0..48 {
+        fragments.extend(client_frame(false, 0, b"b"));
+    }
+    fragments.extend(client_frame(true, 0, b"c"));
+    s.write_all(&fragments).unwrap();
+    let (_, opcode, payload) = crate::compression::recv(&mut s);
+    assert_eq!(
+        (opcode, payload),
+        (1, [&b"a"[..], &[b'b'; 48], b"c"].concat())
+    );
+
+    // Empty fragments of a message that never ends: tungstenite delivers nothing, yet the
+    // connection is closed for the rate (not, a minute later, for the message timeout).
+    let (mut s, _) = crate::compression::handshake(host.addr, "/echo", "x-none");
+    let mut flood = client_frame(false, 1, b"a");
+    for _ in 0..5_000 {
+        flood.extend(client_frame(false, 0, b""));
+    }
+    let _ = s.write_all(&flood);
+    assert_eq!(
+        close_frame(&mut s),
+        (1008, "message rate limit exceeded".to_owned())
+    );
+
+    // Pings: each is a callback (`on_ping`) and a pong.
+    let (mut s, _) = crate::compression::handshake(host.addr, "/echo", "x-none");
+    let pings: Vec<u8> = (0..500).flat_map(|_| client_frame(true, 9, b"p")).collect();
+    let _ = s.write_all(&pings);
+    assert_eq!(
+        close_frame(&mut s),
+        (1008, "message rate limit exceeded".to_owned())
+    );
+
+    let (mut other, _) = crate::compression::handshake(host.addr, "/echo", "x-none");
+    other.write_all(&client_frame(true, 1, b"fine")).unwrap();
+    assert_eq!(
+        crate::compression::recv(&mut other),
+        (false, 1, b"fine".to_vec())
+    );
+}
+
+#[test]
+fn a_client_that_floods_on_after_the_rate_close_is_dropped_without_the_handshake() {
+    // A close timeout longer than the test waits: only the drop can end the connection.
+    let host = Host::builder()
+        .plugin("echo")
+        .args(&["--max-message-rate", "20", "--close-timeout", "120s"])
+        .start();
+    let (mut s, _) = crate::compression::handshake(host.addr, "/echo", "x-none");
+    let one = client_frame(true, 1, b"x");
+    for _ in 0..2_000 {
+        if s.write_all(&one).is_err() {
+            break; // dropped already
+        }
+    }
+    // Read to the end: a close frame may come first; what must come is the end, not a timeout.
+    let mut sink = [0u8; 4096];
+    loop {
+        match s.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("the connection was not dropped: {e}"),
+        }
+    }
+}

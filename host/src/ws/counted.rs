@@ -116,7 +116,16 @@ pub(crate) struct Counted<S> {
     watch: Utf8Watch,
     /// Invalid UTF-8 was found; the bytes before its frame were handed on, the next read fails.
     spoiled: bool,
+    /// A read answered "not yet" once for continuation frames not yet taken
+    /// ([`YIELD_AFTER_FRAGMENTS`]); cleared when the session takes their count.
+    yielded: bool,
 }
+
+/// Continuation frames after which a read answers "not yet" (once), so that the session takes
+/// their count and charges it to the message rate: tungstenite reads a fragmented message
+/// without returning until its last frame, and a client streaming empty fragments would
+/// otherwise keep it reading for as long as it likes.
+const YIELD_AFTER_FRAGMENTS: u16 = 1024;
 
 impl<S> Counted<S> {
     pub(crate) fn new(inner: S, partial: Partial) -> Self {
@@ -126,6 +135,7 @@ impl<S> Counted<S> {
             ahead: BytesMut::new(),
             watch: Utf8Watch::default(),
             spoiled: false,
+            yielded: false,
         }
     }
 
@@ -141,6 +151,12 @@ impl<S> Counted<S> {
     /// The bytes read toward the next message.
     pub(crate) fn partial(&self) -> &Partial {
         &self.partial
+    }
+
+    /// The continuation frames read since the last call ([`Utf8Watch::take_fragments`]).
+    pub(crate) fn take_fragments(&mut self) -> u16 {
+        self.yielded = false;
+        self.watch.take_fragments()
     }
 
     pub(crate) fn partial_mut(&mut self) -> &mut Partial {
@@ -231,6 +247,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let this = &mut *self;
         if this.spoiled && this.ahead.is_empty() {
             return Poll::Ready(Err(invalid_utf8()));
+        }
+        if !this.yielded && this.watch.fragments() >= YIELD_AFTER_FRAGMENTS {
+            // Once: a reader that does not take the count (none but the session does) reads on.
+            this.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
         }
         if !this.ahead.is_empty() {
             let n = this.ahead.len().min(buf.remaining());

@@ -36,6 +36,10 @@ pub(crate) struct Utf8Watch {
     /// A fragmented data message has begun and its last frame has not (control frames may
     /// come between its fragments).
     in_message: bool,
+    /// Continuation frames begun since the session last took the count (saturating): each
+    /// counts against the message rate, so that a message cut into empty fragments costs a
+    /// client what as many messages would. (Fits in the struct's padding.)
+    fragments: u16,
 }
 
 /// A text frame holds invalid UTF-8.
@@ -141,6 +145,9 @@ impl Utf8Watch {
         if opcode <= 2 {
             self.in_message = !fin;
         }
+        if opcode == 0 {
+            self.fragments = self.fragments.saturating_add(1);
+        }
         self.watching = (opcode == 1 || opcode == 0) && self.text_message;
         // A continuation frame may begin inside a character.
         self.started = opcode == 1;
@@ -148,6 +155,16 @@ impl Utf8Watch {
         self.mask = h.mask;
         self.mask_at = 0;
         self.pending_len = 0;
+    }
+
+    /// The continuation frames begun since the count was last taken.
+    pub(crate) fn fragments(&self) -> u16 {
+        self.fragments
+    }
+
+    /// The continuation frames begun since the last call.
+    pub(crate) fn take_fragments(&mut self) -> u16 {
+        std::mem::take(&mut self.fragments)
     }
 
     /// Whether every byte so far ends a whole frame and no fragmented message is under way:
@@ -275,6 +292,32 @@ mod tests {
                 frame_start: ok.len()
             })
         );
+    }
+
+    #[test]
+    fn continuation_frames_are_counted_whatever_the_reads() {
+        let mut w = Utf8Watch::default();
+        let bytes = [
+            frame(0x01, b"a", M),
+            frame(0x00, b"", M),
+            frame(0x89, b"ping", M),
+            frame(0x00, b"bc", M),
+            frame(0x80, b"", M),
+            frame(0x82, b"whole", M),
+        ]
+        .concat();
+        feed_in(&mut w, &bytes, &[1, 2, 3, 5, 7, 11]).unwrap();
+        assert_eq!(
+            w.take_fragments(),
+            3,
+            "three continuation frames; the rest are not"
+        );
+        assert_eq!(w.take_fragments(), 0, "taken");
+        let empty = frame(0x00, b"", M);
+        for _ in 0..70_000 {
+            w.feed(&empty).unwrap();
+        }
+        assert_eq!(w.take_fragments(), u16::MAX, "saturates");
     }
 
     #[test]

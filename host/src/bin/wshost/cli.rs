@@ -277,8 +277,9 @@ pub struct Settings {
         skip_serializing_if = "Option::is_none"
     )]
     pub idle_timeout: Option<Duration>,
-    /// Data messages per second a connection may send (burst as many); past it, close 1008.
-    /// 0 disables the limit.
+    /// Messages per second a connection may send (burst as many): data messages, pings, pongs,
+    /// and each continuation frame of a fragmented message; past it, close 1008 (and a client
+    /// that keeps sending is dropped without waiting for its close). 0 disables the limit.
     #[arg(long, env = "WSHOST_MAX_MESSAGE_RATE")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_rate: Option<u32>,

@@ -442,6 +442,16 @@ impl Link {
         }
     }
 
+    /// The continuation frames read since the last call (charged to the message rate).
+    pub(super) fn take_fragments(&mut self) -> u16 {
+        match self {
+            Self::Open(a) => a.ws.get_mut().get_mut().take_fragments(),
+            Self::Parked(p) => p.io.get_mut().take_fragments(),
+            Self::Lent(l) => l.with(|p| p.io.get_mut().take_fragments()),
+            Self::Moving => 0,
+        }
+    }
+
     /// How long the message now arriving has been arriving, if one is.
     pub(super) fn pending_for(&self, now: Instant) -> Option<std::time::Duration> {
         match self {

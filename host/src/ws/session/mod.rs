@@ -262,6 +262,7 @@ fn open(io: SessionIo, read_ahead: bytes::Bytes, start: Box<Start>, config: Arc<
         span: tracing::Span::none(),
         plugin,
         failed: false,
+        cut: false,
         clock_stale: false,
         host_close: None,
         counts: Counts::default(),
@@ -313,6 +314,10 @@ struct Session {
     host: Arc<Config>,
     /// A callback panicked: no more callbacks but `on_close`.
     failed: bool,
+    /// The client went on past the rate limit after the host closed for it (or after another
+    /// failure): the connection is dropped without waiting for the close handshake, which a
+    /// flooding client could otherwise stretch to `--close-timeout` of reading.
+    cut: bool,
     /// A callback other than for a data message ran: the clock the writer holds from the last
     /// one is older than that ([`Link::clock_for`]).
     clock_stale: bool,
@@ -435,7 +440,12 @@ impl Session {
                 if let Poll::Ready(item) = w.link.poll_io(cx, &self.conn) {
                     return Poll::Ready(Ok(item));
                 }
-                alarms.poll(cx).map(Err)
+                // Continuation frames read in (tungstenite shows no message for them until
+                // the last): charged to the message rate before waiting for more.
+                match w.link.take_fragments() {
+                    0 => alarms.poll(cx).map(Err),
+                    n => Poll::Ready(Ok(IoEvent::Fragments(n))),
+                }
             })
             .await;
             if w.link.take_reopened() {
@@ -446,6 +456,12 @@ impl Session {
                 Ok(item) => match item {
                     IoEvent::End => break,
                     IoEvent::Flags => {}
+                    IoEvent::Fragments(n) => {
+                        self.within_rate(rate.as_mut(), Instant::now(), u32::from(n));
+                        if self.cut {
+                            break;
+                        }
+                    }
                     IoEvent::WriteFailed => {
                         self.conn.peer_closed();
                         let _entered = self.span.enter();
@@ -471,10 +487,17 @@ impl Session {
                                     w.link.set_clock(ended);
                                 }
                             }
-                            Message::Ping(p) => self.call("on_ping", |cb| cb.on_ping(&p)),
+                            // A ping or a pong is a callback too: it counts as a message.
+                            Message::Ping(p) => {
+                                if self.within_rate(rate.as_mut(), Instant::now(), 1) {
+                                    self.call("on_ping", |cb| cb.on_ping(&p));
+                                }
+                            }
                             Message::Pong(p) => {
                                 let answered = d.awaiting_pong.take().is_some();
-                                self.call("on_pong", |cb| cb.on_pong(&p));
+                                if self.within_rate(rate.as_mut(), Instant::now(), 1) {
+                                    self.call("on_pong", |cb| cb.on_pong(&p));
+                                }
                                 if answered {
                                     w.link.park_after_pong();
                                 }
@@ -490,6 +513,9 @@ impl Session {
                                 }
                             }
                             Message::Frame(_) => {}
+                        }
+                        if self.cut {
+                            break;
                         }
                     }
                     IoEvent::Read(Err(e)) => {
@@ -628,19 +654,27 @@ impl Session {
         if self.counts.add(len) {
             self.counts.flush_in(self.conn.metrics());
         }
-        self.within_rate(rate, now)
+        self.within_rate(rate, now, 1)
     }
 
-    /// Whether a data message may be delivered under the rate limit; past it, the connection
-    /// is closed with 1008 and no more callbacks run.
-    fn within_rate(&mut self, rate: Option<&mut RateLimit>, now: Instant) -> bool {
+    /// Whether `n` more messages (a data message, a ping or a pong, continuation frames) are
+    /// within the rate limit; past it, the connection is closed with 1008 and no more
+    /// callbacks run.
+    fn within_rate(&mut self, rate: Option<&mut RateLimit>, now: Instant, n: u32) -> bool {
         let Some(r) = rate else {
             return !self.failed;
         };
-        if r.take(now) {
+        if r.take(now, n) {
             return !self.failed;
         }
-        if !self.failed {
+        if self.failed {
+            if !self.cut {
+                self.cut = true;
+                self.span().in_scope(|| {
+                    tracing::debug!("still past the rate limit after the close; dropping");
+                });
+            }
+        } else {
             let limit = r.rate;
             self.span().in_scope(|| {
                 tracing::warn!(limit, "message rate limit exceeded; closing with 1008");
@@ -755,7 +789,7 @@ impl Session {
             self.span().in_scope(|| {
                 tracing::warn!(
                     callback = name,
-                    elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                    elapsed_ms = crate::units::log_ms(elapsed),
                     "slow callback: callbacks run on the connection's task and must not block; \
                      move blocking work to a plugin thread"
                 );

@@ -250,7 +250,8 @@ pub(crate) enum CloseReason {
     InvalidUtf8,
     /// A message did not arrive whole within `--message-timeout`: 1008.
     MessageTimeout,
-    /// More data messages per second than `--max-message-rate`: 1008.
+    /// More messages per second than `--max-message-rate` (data messages, pings, pongs and
+    /// continuation frames): 1008.
     RateLimit,
     /// A message or frame over the connection's limit: 1009.
     TooBig,
@@ -315,14 +316,15 @@ impl RateLimit {
         })
     }
 
-    /// Takes one token; false if there is none.
-    pub(super) fn take(&mut self, now: Instant) -> bool {
+    /// Takes `n` tokens; false if there are fewer.
+    pub(super) fn take(&mut self, now: Instant, n: u32) -> bool {
         let rate = f64::from(self.rate);
         let refill = now.saturating_duration_since(self.at).as_secs_f64() * rate;
         self.tokens = (self.tokens + refill).min(rate);
         self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        let n = f64::from(n);
+        if self.tokens >= n {
+            self.tokens -= n;
             true
         } else {
             false
@@ -338,21 +340,31 @@ mod tests {
     fn the_rate_limit_refills_with_time() {
         let t0 = Instant::now();
         let mut r = RateLimit::new(2, t0).expect("a limit");
-        assert!(r.take(t0));
-        assert!(r.take(t0));
-        assert!(!r.take(t0), "the burst is the rate");
+        assert!(r.take(t0, 1));
+        assert!(r.take(t0, 1));
+        assert!(!r.take(t0, 1), "the burst is the rate");
         assert!(
-            r.take(t0 + Duration::from_millis(500)),
+            r.take(t0 + Duration::from_millis(500), 1),
             "half a second refills one"
         );
-        assert!(!r.take(t0 + Duration::from_millis(500)));
-        assert!(r.take(t0 + Duration::from_secs(60)));
-        assert!(r.take(t0 + Duration::from_secs(60)));
+        assert!(!r.take(t0 + Duration::from_millis(500), 1));
+        assert!(r.take(t0 + Duration::from_secs(60), 1));
+        assert!(r.take(t0 + Duration::from_secs(60), 1));
         assert!(
-            !r.take(t0 + Duration::from_secs(60)),
+            !r.take(t0 + Duration::from_secs(60), 1),
             "refills never past the burst"
         );
         assert!(RateLimit::new(0, t0).is_none(), "0 is off");
+    }
+
+    #[test]
+    fn several_tokens_are_taken_at_once_or_none() {
+        let t0 = Instant::now();
+        let mut r = RateLimit::new(10, t0).expect("a limit");
+        assert!(r.take(t0, 7));
+        assert!(!r.take(t0, 4), "three are left");
+        assert!(r.take(t0, 3), "a refused take takes nothing");
+        assert!(r.take(t0 + Duration::from_millis(500), 5));
     }
 
     #[test]

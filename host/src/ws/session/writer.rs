@@ -31,6 +31,9 @@ pub(super) enum IoEvent {
     /// queued) for the session to act on; or a parked connection was opened again.
     Flags,
     WriteFailed,
+    /// Continuation frames were read (not by `poll_io`: the session takes the count when the
+    /// socket has nothing more), to be charged to the message rate.
+    Fragments(u16),
 }
 
 /// The writing side of a session: frames taken from the connection's queue, fed to the socket
