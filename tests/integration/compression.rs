@@ -54,9 +54,15 @@ pub(crate) fn inflate(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Sends one masked frame.
+/// Sends one masked, final frame.
 pub(crate) fn send(s: &mut TcpStream, opcode: u8, rsv1: bool, payload: &[u8]) {
-    let mut f = vec![0x80 | (u8::from(rsv1) << 6) | opcode];
+    s.write_all(&client_frame(true, rsv1, opcode, payload))
+        .unwrap();
+}
+
+/// A masked frame as a client sends it, final or not.
+pub(crate) fn client_frame(fin: bool, rsv1: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![(u8::from(fin) << 7) | (u8::from(rsv1) << 6) | opcode];
     match payload.len() {
         n if n < 126 => f.push(0x80 | n as u8),
         n if n <= 0xffff => {
@@ -71,7 +77,7 @@ pub(crate) fn send(s: &mut TcpStream, opcode: u8, rsv1: bool, payload: &[u8]) {
     let mask = [7, 1, 9, 3];
     f.extend_from_slice(&mask);
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    s.write_all(&f).unwrap();
+    f
 }
 
 /// Reads one (unmasked) frame: RSV1, opcode, payload.

@@ -398,14 +398,9 @@ async fn a_second_signal_exits_at_once() {
     drop(mute);
 }
 
-/// A client frame with FIN as given, masked.
+/// A masked client frame, final or not, without RSV1.
 fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() < 126);
-    let mask = [3, 1, 4, 1];
-    let mut f = vec![u8::from(fin) << 7 | opcode, 0x80 | payload.len() as u8];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
+    crate::compression::client_frame(fin, false, opcode, payload)
 }
 
 /// Reads frames until a close frame; its code and reason (other frames are skipped).

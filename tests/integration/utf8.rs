@@ -51,15 +51,11 @@ async fn valid_text_arriving_a_byte_at_a_time_is_delivered() {
     let first = &text.as_bytes()[..101];
     let rest = &text.as_bytes()[101..];
     // Two fragments whose border falls inside a character, written a byte at a time.
-    let mut frames = Vec::new();
-    for (fin_opcode, part) in [(0x01u8, first), (0x80, rest)] {
-        let mut f = vec![fin_opcode, 0x80 | 126];
-        f.extend_from_slice(&(part.len() as u16).to_be_bytes());
-        let mask = [9u8, 200, 33, 7];
-        f.extend_from_slice(&mask);
-        f.extend(part.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        frames.extend(f);
-    }
+    let frames = [
+        crate::compression::client_frame(false, false, 1, first),
+        crate::compression::client_frame(true, false, 0, rest),
+    ]
+    .concat();
     for b in frames {
         s.write_all(&[b]).unwrap();
     }
